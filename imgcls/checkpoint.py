@@ -1,0 +1,223 @@
+"""Checkpoints and run folders: safetensors + JSON metadata, no pickle, atomic writes.
+
+A checkpoint is self-describing: the resolved recipe, the class names in
+index order and the preprocessing travel in the safetensors metadata, so
+predict/evaluate/export need nothing else. Resume state (optimizer, epoch,
+step, history) lives beside it in ``resume.pt``: only tensors and plain
+values, read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgcls.errors import CheckpointError
+
+FORMAT = "imgcls-checkpoint"
+FORMAT_VERSION = 1
+BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def save_checkpoint(path: Path, model, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = clean_state_dict(model.state_dict())
+    # safetensors refuses shared storage; weights are small, copies are fine
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    header = {"imgcls": json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **meta})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def read_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if "imgcls" not in header:
+        raise CheckpointError(
+            f"{path}: a safetensors file without imgcls metadata (not an imgcls checkpoint)"
+        )
+    meta = json.loads(header["imgcls"])
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('version')} is newer than this imgcls")
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict
+    model: Any  # nn.Module, eval mode, on CPU
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.meta["preprocessing"]
+
+    @property
+    def recipe(self):
+        from imgcls.recipe import recipe_from_dict
+
+        return recipe_from_dict(self.meta["recipe"], f"{self.path} (recipe)")
+
+    @property
+    def run_dir(self) -> Path | None:
+        parent = self.path.parent
+        return parent if (parent / "recipe.yaml").exists() else None
+
+
+def resolve_checkpoint(target: str | Path) -> Path:
+    """A .safetensors file, a run folder (its best checkpoint), or runs/<name> (latest run)."""
+    path = Path(target).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        runs = numbered_runs(path)
+        if runs:
+            return resolve_checkpoint(runs[-1])
+        raise CheckpointError(f"{path}: no {BEST} here (is it a run folder?)")
+    raise CheckpointError(f"{path}: no such checkpoint or run folder")
+
+
+def numbered_runs(folder: Path) -> list[Path]:
+    runs = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / BEST).exists()]
+    return sorted(runs, key=lambda p: int(p.name))
+
+
+def latest_run(root: Path = Path("runs")) -> Path:
+    """The most recently written best checkpoint under ``root``."""
+    found = sorted(root.glob(f"*/*/{BEST}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise CheckpointError(f"no trained model under {root}/; train one, or pass --model")
+    return found[-1]
+
+
+def build_from_meta(meta: dict, where: str):
+    """The model described by checkpoint metadata, with fresh (unloaded) weights."""
+    from imgcls.models.build import build_model
+    from imgcls.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(meta["recipe"], f"{where} (recipe)")
+    spec = recipe.model.model_copy(update={"pretrained": False})
+    return build_model(spec, tuple(meta["input_shape"]), len(meta["classes"]))
+
+
+def load_checkpoint(target: str | Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(target)
+    meta = read_meta(path)
+    model = build_from_meta(meta, str(path))
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the architecture (missing {len(missing)}, "
+            f"unexpected {len(unexpected)}, e.g. {(missing or unexpected)[0]})"
+        )
+    model.eval()
+    return Checkpoint(path, meta, model)
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """``root/name/<n>`` with n one more than the highest; created atomically."""
+    base = root / name
+    base.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
+        run = base / str(max(taken, default=0) + 1)
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+
+
+def claim_out_dir(path: Path) -> Path:
+    """An explicit --out folder: created, or empty; never overwritten."""
+    from imgcls.errors import UsageError
+
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{path}: exists and is not a folder")
+        if any(path.iterdir()):
+            raise UsageError(f"{path}: already holds files; choose a new --out (nothing is overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_resume(path: Path, state: dict) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume(path: Path) -> dict:
+    import torch
+
+    if not path.exists():
+        raise CheckpointError(f"{path.parent}: no {RESUME}; this run cannot be resumed")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable resume state ({exc})") from None
+
+
+def run_name_ok(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name))
+
+
+Log = Callable[[str], None]

@@ -1,0 +1,501 @@
+"""Commands: parse → call one library function → render.
+
+Heavy imports (torch, torchvision) happen inside the commands so that
+``imgcls --help`` stays fast. Results go to stdout, progress and logs to
+stderr. Exit codes: 0 ok, 1 failure, 2 bad usage/input, 3 partial, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imgcls import __version__
+from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ImgclsError
+
+app = typer.Typer(
+    name="imgcls",
+    help="Train, inspect and ship image classifiers from the terminal.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: write out the built-in example set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _error(message: str) -> None:
+    """One line on stderr, whatever the terminal width."""
+    from rich.markup import escape
+
+    _stderr().print(f"[red]error:[/red] {escape(message)}")
+
+
+def command(fn):
+    """Turn library errors into one line on stderr and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ImgclsError as exc:
+            if _state["debug"]:
+                raise
+            _error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            _stderr().print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # an unexpected failure: still one line
+            if _state["debug"]:
+                raise
+            _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"imgcls {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Train, inspect and ship image classifiers from the terminal.
+
+    Examples:
+
+        imgcls train recipes/quickstart.yaml
+
+        imgcls evaluate runs/quickstart/1
+
+        imgcls predict photo.jpg --model runs/quickstart/1
+
+        imgcls summarize vgg16
+    """
+    _state["debug"] = debug
+
+
+def _shape_option(value: str | None):
+    if value is None:
+        return None
+    from imgcls.recipe import parse_shape
+
+    try:
+        return parse_shape(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- train
+
+
+@app.command()
+@command
+def train(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="The recipe YAML (optional with --resume: the run's own).")
+    ] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Same as --set train.epochs=N.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder to create (default runs/<name>/<n>); must be new or empty."),
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue a stopped run folder exactly where it stopped.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final result as JSON.")] = False,
+) -> None:
+    """Fit the network a recipe declares; write runs/<name>/<n>/.
+
+    The run folder gets best.safetensors, last.safetensors, resume state,
+    metrics.csv, curves.png, the resolved recipe and the summary. Ctrl-C saves
+    the state and prints how to resume.
+
+    Examples:
+
+        imgcls train recipes/quickstart.yaml
+
+        imgcls train recipes/quickstart.yaml --epochs 3 --set train.optimizer.lr=3e-3
+
+        imgcls train recipes/cnn.yaml --set data.source=folder --set data.path=~/pets
+
+        imgcls train --resume runs/quickstart/1
+    """
+    from imgcls.recipe import load_recipe
+
+    if set_ is None:
+        set_ = []
+    overrides = list(set_)
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    if recipe is None and resume is None:
+        raise typer.BadParameter("give a recipe file, or --resume RUN_FOLDER")
+    if resume is not None and out is not None:
+        raise typer.BadParameter("--out makes a new run; --resume continues one: give one of them")
+    if recipe is None:
+        recipe_path = resume / "recipe.yaml"
+        if not recipe_path.is_file():
+            from imgcls.errors import UsageError
+
+            raise UsageError(f"{resume}: not a run folder (no recipe.yaml)")
+    else:
+        recipe_path = recipe
+    parsed = load_recipe(recipe_path, overrides)
+    from imgcls.train import train as run_training
+
+    log = (lambda message: None) if quiet else (lambda message: _stderr().print(message, markup=False))
+    result = run_training(
+        parsed,
+        base_dir=recipe_path.parent,
+        out=out,
+        resume=resume,
+        log=log,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    best = result.best
+    summary = {
+        "run_dir": str(result.run_dir),
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        **{k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc") if k in best},
+    }
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        text = f"best epoch {result.best_epoch}"
+        if "val_acc" in best:
+            text += f": val_acc {best['val_acc']:.4f}, val_loss {best['val_loss']:.4f}"
+        print(f"{text}\nrun folder: {result.run_dir}")
+
+
+# --------------------------------------------------------------------------- summarize
+
+
+@app.command()
+@command
+def summarize(
+    target: Annotated[
+        str, typer.Argument(help="A recipe file, or an architecture name (see `imgcls models`).")
+    ],
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="Input shape CxHxW, e.g. 3x224x224.")
+    ] = None,
+    classes: Annotated[int | None, typer.Option("--classes", "-c", min=1, help="Number of classes.")] = None,
+    depth: Annotated[
+        int | None, typer.Option("--depth", "-d", min=0, help="Fold modules nested deeper than N.")
+    ] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Layer-by-layer output shapes, parameters and MACs, without allocating weights.
+
+    Examples:
+
+        imgcls summarize vgg16
+
+        imgcls summarize resnet18 --input 1x64x64 --classes 10 --depth 2
+
+        imgcls summarize recipes/quickstart.yaml --json
+    """
+    from imgcls.summary import summarize_target, summary_table, totals_lines
+
+    if set_ is None:
+        set_ = []
+    summary = summarize_target(target, _shape_option(input), classes, overrides=set_)
+    if depth is not None:
+        summary = summary.fold(depth)
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    out = _stdout()
+    out.print(summary_table(summary))
+    for line in totals_lines(summary):
+        out.print(line)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@app.command()
+@command
+def models(
+    pattern: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'resnet*' or 'timm/vit*'.")] = "*",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """List the named architectures `model: {arch: NAME}` accepts.
+
+    Examples:
+
+        imgcls models
+
+        imgcls models 'efficientnet*'
+    """
+    from imgcls.models.zoo import list_archs
+
+    names = list_archs(pattern)
+    if as_json:
+        print(json.dumps(names))
+    else:
+        for name in names:
+            print(name)
+    if not names:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("shapes")
+@command
+def data_shapes(
+    out: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
+    per_class: Annotated[int, typer.Option(min=1, help="Images per class.")] = 300,
+    size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same images).")] = 0,
+) -> None:
+    """Write the built-in shapes dataset as an ImageFolder of PNGs.
+
+    Examples:
+
+        imgcls data shapes ./shapes
+
+        imgcls data shapes ./big --per-class 1000 --size 64 --seed 1
+    """
+    from imgcls.data.shapes import write_shapes
+    from imgcls.errors import UsageError
+    from imgcls.recipe import ShapesSpec
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder; choose another")
+    path = write_shapes(out, ShapesSpec(per_class=per_class, image_size=size, seed=seed))
+    _stderr().print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+@command
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A run folder or a .safetensors checkpoint.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Labelled images: a folder of class folders (or its test/ or val/), or a CSV. Default: the run's own test or val split."
+        ),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=1, help="k for top-k accuracy (capped at the class count).")
+    ] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 128,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for confusion.png and metrics.json (default <run>/eval/).")
+    ] = None,
+    misclassified: Annotated[
+        Path | None,
+        typer.Option(help="Write file,true,predicted,confidence of each wrong image to this CSV."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Accuracy, top-k, loss, per-class precision/recall/F1 and the confusion matrix.
+
+    The confusion matrix is always saved as a PNG in the output folder.
+
+    Examples:
+
+        imgcls evaluate runs/quickstart/1
+
+        imgcls evaluate runs/quickstart/1/best.safetensors ~/pets/test --misclassified wrong.csv
+
+        imgcls evaluate runs/quickstart/1 labels.csv --json
+    """
+    from imgcls.evaluate import evaluate as run_evaluate
+    from imgcls.evaluate import report_renderables
+
+    log = lambda message: _stderr().print(message, markup=False)  # noqa: E731
+    result = run_evaluate(
+        target, data, top_k=top_k, batch_size=batch_size, out=out, misclassified=misclassified, log=log
+    )
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    console = _stdout()
+    for renderable in report_renderables(result):
+        console.print(renderable)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@app.command()
+@command
+def predict(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (recursive), patterns like 'photos/*.jpg', or - for names on stdin."
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Run folder, .safetensors checkpoint, or exported .onnx/.pt/.ts (default: newest run under ./runs).",
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="A torchvision architecture, with --pretrained: ImageNet labels.")
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained", help="Use the torchvision weights of --arch (downloaded once).")
+    ] = False,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", min=1, help="Labels per file (capped at the class count).")
+    ] = 3,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Mark files whose top probability is below this as unsure."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
+) -> None:
+    """Top-k labels for each image file.
+
+    Unreadable files get an error line on stderr (and an error record in
+    --json/--csv); the others are still predicted, and the exit code is 3.
+
+    Examples:
+
+        imgcls predict photo.jpg other/*.png --model runs/quickstart/1
+
+        imgcls predict ~/photos --json > labels.jsonl
+
+        find . -name '*.jpg' | imgcls predict - --csv --top-k 1
+
+        imgcls predict cat.jpg --arch resnet18 --pretrained
+    """
+    import csv
+
+    from imgcls.errors import PartialFailure, UsageError
+    from imgcls.predict import Failure
+    from imgcls.predict import predict as run_predict
+
+    if as_json and as_csv:
+        raise UsageError("choose one of --json and --csv")
+    err = _stderr()
+    predictor, records = run_predict(
+        paths,
+        model=model,
+        arch=arch,
+        pretrained=pretrained,
+        batch_size=batch_size,
+        top_k=top_k,
+        threshold=threshold,
+        log=lambda message: err.print(message, markup=False),
+    )
+    k = max(1, min(top_k, len(predictor.classes)))
+    total = failed = 0
+    writer = None
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        extra = [col for i in range(2, k + 1) for col in (f"label_{i}", f"p_{i}")]
+        writer.writerow(["file", "label", "confidence", "unsure", *extra, "error"])
+    rows = []
+    for record in records:
+        total += 1
+        if isinstance(record, Failure):
+            failed += 1
+            err.print(f"error: {record.file}: {record.error}", markup=False)
+        if as_json:
+            print(json.dumps(record.to_dict()), flush=True)
+        elif writer is not None:
+            if isinstance(record, Failure):
+                writer.writerow([record.file, "", "", "", *[""] * (2 * (k - 1)), record.error])
+            else:
+                extra = [v for label, p in record.top_k[1:] for v in (label, f"{p:.6f}")]
+                extra += [""] * (2 * (k - 1) - len(extra))
+                writer.writerow(
+                    [
+                        record.file,
+                        record.label,
+                        f"{record.confidence:.6f}",
+                        str(record.unsure).lower(),
+                        *extra,
+                        "",
+                    ]
+                )
+            sys.stdout.flush()
+        elif not isinstance(record, Failure):
+            rows.append(record)
+    if not as_json and not as_csv and rows:
+        from rich.table import Table
+
+        table = Table()
+        table.add_column("file", overflow="fold")
+        table.add_column("label")
+        table.add_column("p", justify="right")
+        if k > 1:
+            table.add_column(f"next {k - 1}")
+        table.add_column("")
+        for r in rows:
+            cells = [r.file, r.label, f"{r.confidence:.3f}"]
+            if k > 1:
+                cells.append(", ".join(f"{label} {p:.3f}" for label, p in r.top_k[1:]))
+            cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
+            table.add_row(*cells)
+        _stdout().print(table)
+    if failed:
+        raise PartialFailure(f"{failed} of {total} files could not be read (the others were predicted)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Named architectures: torchvision's registry, our built-in classics, and timm.
+
+Names come from ``torchvision.models.list_models(module=torchvision.models)``
+(classification only), never from a list kept by hand. LeNet-5 and ZFNet,
+which torchvision lacks, are recipes shipped in ``imgcls/models/archs/``.
+``timm/NAME`` builds a timm model when the ``imgcls[timm]`` extra is installed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgcls.errors import UsageError
+
+ARCH_DIR = Path(__file__).with_name("archs")
+
+
+def builtin_archs() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
+
+
+@cache
+def torchvision_archs() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_archs(pattern: str = "*") -> list[str]:
+    """Every name ``model: {arch: NAME}`` accepts, filtered by a wildcard."""
+    names = [*builtin_archs(), *torchvision_archs()]
+    try:
+        import timm
+
+        names += [f"timm/{n}" for n in timm.list_models()]
+    except ImportError:
+        pass
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def unknown_arch(name: str) -> UsageError:
+    import difflib
+
+    known = [*builtin_archs(), *torchvision_archs()]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UsageError(f"unknown architecture '{name}'{hint} (`imgcls models` lists them)")
+
+
+def build_torchvision(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, pretrained: bool
+) -> nn.Module:
+    import torchvision
+
+    channels, height, width = input_shape
+    builder = torchvision.models.get_model_builder(name)
+    kwargs: dict = {}
+    if "aux_logits" in _model_kwargs(name):
+        # googlenet / inception_v3: auxiliary heads only matter for their
+        # original training recipe; one output keeps train/eval/export uniform
+        kwargs["aux_logits"] = False
+    if "init_weights" in _model_kwargs(name) and not pretrained:
+        kwargs["init_weights"] = True
+    if name.startswith("vit_") and (height, width) != (224, 224) and not pretrained:
+        if height != width:
+            raise UsageError(f"{name} needs a square input, got {height}x{width}")
+        kwargs["image_size"] = height
+    if name.startswith("maxvit") and not pretrained:
+        kwargs["input_size"] = (height, width)
+    if pretrained:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        model = builder(weights=weights, **kwargs)
+        if num_classes != len(weights.meta["categories"]):
+            replace_classifier(model, num_classes)
+    else:
+        model = builder(weights=None, num_classes=num_classes, **kwargs)
+    if channels != 3:
+        replace_first_conv(model, channels)
+    return model
+
+
+@cache
+def _model_kwargs(name: str) -> frozenset[str]:
+    """Constructor arguments of the model class behind a builder."""
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    module = inspect.getmodule(builder)
+    names: set[str] = set()
+    for obj in vars(module).values():
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__:
+            names |= set(inspect.signature(obj.__init__).parameters)
+    return frozenset(names)
+
+
+def replace_first_conv(model: nn.Module, channels: int) -> None:
+    """Swap the stem conv for one taking ``channels`` inputs.
+
+    Pretrained RGB filters are averaged over the colour axis (and repeated),
+    so a grayscale model starts from what the RGB one learned.
+    """
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
+                new = nn.Conv2d(
+                    channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    1,
+                    child.bias is not None,
+                    child.padding_mode,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
+                if child.weight.device.type != "meta":
+                    with torch.no_grad():
+                        mean = child.weight.mean(dim=1, keepdim=True)
+                        new.weight.copy_(mean.repeat(1, channels, 1, 1) * 3 / channels)
+                        if child.bias is not None:
+                            new.bias.copy_(child.bias)
+                setattr(parent, child_name, new)
+                return
+    raise UsageError("cannot find the first 3-channel convolution to adapt to the input channels")
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Replace the last layer producing the class scores (Linear, or 1x1 Conv)."""
+    last = None
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                last = (parent, child_name, child)
+    if last is None:
+        raise UsageError("cannot find the classifier layer to resize")
+    parent, child_name, child = last
+    if isinstance(child, nn.Linear):
+        new = nn.Linear(child.in_features, num_classes, child.bias is not None)
+    else:
+        new = nn.Conv2d(child.in_channels, num_classes, child.kernel_size, child.stride)
+    setattr(parent, child_name, new)
+
+
+def build_timm(name: str, input_shape: tuple[int, int, int], num_classes: int, pretrained: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(f"'timm/{name}' needs timm: pip install 'imgcls[timm]'") from None
+    if not timm.list_models(name, pretrained=False):
+        raise UsageError(f"timm has no model '{name}' (`imgcls models 'timm/*'` lists them)")
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=input_shape[0])

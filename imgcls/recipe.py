@@ -1,0 +1,671 @@
+"""The recipe: YAML in, typed and validated objects out, parsed once.
+
+Everything downstream receives a :class:`Recipe`; nothing handles raw dicts.
+Errors name the file, the line and the key path::
+
+    recipe.yaml:12 model.layers[3].conv.kernel: Input should be greater than 0
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from imgcls.errors import RecipeError
+
+# --------------------------------------------------------------------------- schema
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False)
+
+
+Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softmax", "none"]
+Padding = Union[Literal["valid", "same", "full"], Annotated[int, Field(ge=0)]]
+PosInt = Annotated[int, Field(gt=0)]
+Pair = Union[PosInt, tuple[PosInt, PosInt]]
+
+
+class Regularized(Strict):
+    l1: Annotated[float, Field(ge=0)] | None = None
+    l2: Annotated[float, Field(ge=0)] | None = None
+
+
+class Conv(Regularized):
+    """2-D convolution: ``filters`` kernels of ``kernel`` size."""
+
+    primary: ClassVar[str] = "filters"
+    filters: PosInt
+    kernel: Pair = 3
+    stride: Pair = 1
+    padding: Padding = "valid"
+    dilation: Pair = 1
+    groups: PosInt = 1
+    activation: Activation = "none"
+    bias: bool | None = None  # default: True, False when batch_norm
+    batch_norm: bool = False
+
+
+class Separable(Regularized):
+    """Depthwise conv (one filter per channel) then a 1x1 pointwise conv."""
+
+    primary: ClassVar[str] = "filters"
+    filters: PosInt
+    kernel: Pair = 3
+    stride: Pair = 1
+    padding: Padding = "same"
+    dilation: Pair = 1
+    depth_multiplier: PosInt = 1
+    activation: Activation = "none"
+    bias: bool | None = None
+    batch_norm: bool = False
+
+
+class Depthwise(Regularized):
+    """Depthwise conv alone: each input channel convolved with its own filters."""
+
+    kernel: Pair = 3
+    stride: Pair = 1
+    padding: Padding = "same"
+    dilation: Pair = 1
+    depth_multiplier: PosInt = 1
+    activation: Activation = "none"
+    bias: bool | None = None
+    batch_norm: bool = False
+
+
+class Pool(Strict):
+    primary: ClassVar[str] = "size"
+    size: Pair = 2
+    stride: Pair | None = None  # default: size
+    padding: Padding = "valid"
+
+
+class Empty(Strict):
+    pass
+
+
+class Dense(Regularized):
+    primary: ClassVar[str] = "units"
+    units: PosInt
+    activation: Activation = "none"
+    bias: bool = True
+
+
+class Dropout(Strict):
+    primary: ClassVar[str] = "rate"
+    rate: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
+class BatchNorm(Strict):
+    momentum: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    eps: Annotated[float, Field(gt=0)] = 1e-5
+
+
+class ActivationLayer(Strict):
+    primary: ClassVar[str] = "name"
+    name: Activation
+    negative_slope: float = 0.01  # leaky_relu
+    alpha: float = 1.0  # elu
+
+
+class Residual(Strict):
+    """``layers`` plus a shortcut; a 1x1 projection when the shapes differ."""
+
+    layers: list[Layer]
+    activation: Activation = "none"  # applied after the sum, as in ResNet
+    projection: Literal["auto", "always"] = "auto"
+
+
+class Parallel(Strict):
+    """Branches on the same input, concatenated on channels (Inception)."""
+
+    branches: Annotated[list[list[Layer]], Field(min_length=1)]
+
+
+class Repeat(Strict):
+    times: PosInt
+    layers: list[Layer]
+
+
+LAYER_KINDS: dict[str, type[Strict]] = {
+    "conv": Conv,
+    "separable": Separable,
+    "depthwise": Depthwise,
+    "maxpool": Pool,
+    "avgpool": Pool,
+    "global_avg_pool": Empty,
+    "global_max_pool": Empty,
+    "flatten": Empty,
+    "dense": Dense,
+    "dropout": Dropout,
+    "batchnorm": BatchNorm,
+    "activation": ActivationLayer,
+    "residual": Residual,
+    "parallel": Parallel,
+    "repeat": Repeat,
+}
+
+
+class Layer(Strict):
+    """One entry of a layer list: exactly one of the keys below.
+
+    YAML forms: ``- conv: {filters: 16, kernel: 3}``, ``- dense: 10`` (the
+    primary parameter alone), ``- flatten`` (a kind with no parameters).
+    """
+
+    conv: Conv | None = None
+    separable: Separable | None = None
+    depthwise: Depthwise | None = None
+    maxpool: Pool | None = None
+    avgpool: Pool | None = None
+    global_avg_pool: Empty | None = None
+    global_max_pool: Empty | None = None
+    flatten: Empty | None = None
+    dense: Dense | None = None
+    dropout: Dropout | None = None
+    batchnorm: BatchNorm | None = None
+    activation: ActivationLayer | None = None
+    residual: Residual | None = None
+    parallel: Parallel | None = None
+    repeat: Repeat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value in LAYER_KINDS:
+                return {value: {}}
+            if value in Activation.__args__:  # type: ignore[attr-defined]
+                return {"activation": {"name": value}}
+            raise ValueError(_unknown("layer kind", value, LAYER_KINDS))
+        if isinstance(value, dict):
+            if len(value) != 1:
+                keys = ", ".join(map(str, value)) or "nothing"
+                raise ValueError(f"a layer is one key (conv, dense, ...); got {keys}")
+            ((kind, params),) = value.items()
+            spec = LAYER_KINDS.get(kind)
+            if spec is None:
+                return value  # let extra="forbid" report it, with a hint
+            if params is None:
+                params = {}
+            elif not isinstance(params, (dict, BaseModel)):
+                primary = getattr(spec, "primary", None)
+                if primary is None:
+                    raise ValueError(f"{kind} takes a mapping of parameters")
+                params = {primary: params}
+            return {kind: params}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _one_key(self, handler: Any) -> dict:
+        return {self.kind: handler(self)[self.kind]}
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in LAYER_KINDS if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> Strict:
+        return getattr(self, self.kind)
+
+
+class ModelSpec(Strict):
+    """Either ``layers`` (the vocabulary) or ``arch`` (a named architecture)."""
+
+    arch: str | None = None
+    pretrained: bool = False
+    layers: list[Layer] | None = None
+    input_shape: tuple[PosInt, PosInt, PosInt] | None = None  # C, H, W
+    num_classes: PosInt | None = None
+    l1: Annotated[float, Field(ge=0)] = 0.0
+    l2: Annotated[float, Field(ge=0)] = 0.0
+    head: Literal["auto", "none"] = "auto"
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _shape_string(cls, value: Any) -> Any:
+        return parse_shape(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelSpec:
+        if (self.arch is None) == (self.layers is None):
+            raise ValueError("give either 'arch' (a named architecture) or 'layers'")
+        if self.pretrained and self.arch is None:
+            raise ValueError("'pretrained' needs 'arch'")
+        return self
+
+
+class ShapesSpec(Strict):
+    """The built-in synthetic set: shapes drawn on noisy backgrounds."""
+
+    classes: list[str] | None = None  # default: every kind we draw
+    per_class: PosInt = 300
+    image_size: PosInt = 32
+    seed: int = 0
+
+
+class RandomCrop(Strict):
+    primary: ClassVar[str] = "padding"
+    padding: Annotated[int, Field(ge=0)] = 4
+
+
+class RandomResizedCrop(Strict):
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+class ColorJitter(Strict):
+    brightness: Annotated[float, Field(ge=0)] = 0.0
+    contrast: Annotated[float, Field(ge=0)] = 0.0
+    saturation: Annotated[float, Field(ge=0)] = 0.0
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+
+
+class RandAugment(Strict):
+    num_ops: PosInt = 2
+    magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+
+
+class AugmentSpec(Strict):
+    random_crop: RandomCrop | None = None
+    random_resized_crop: RandomResizedCrop | None = None
+    hflip: bool = False
+    vflip: bool = False
+    rotation: Annotated[float, Field(ge=0, le=180)] = 0.0
+    color_jitter: ColorJitter | None = None
+    trivial_augment: bool = False
+    randaugment: RandAugment | None = None
+    random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0
+    mixup: Annotated[float, Field(ge=0)] = 0.0  # beta(alpha, alpha); 0 = off
+    cutmix: Annotated[float, Field(ge=0)] = 0.0
+
+    @field_validator("random_crop", "random_resized_crop", "color_jitter", "randaugment", mode="before")
+    @classmethod
+    def _true_means_defaults(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"padding": value}  # random_crop: 4
+        return value
+
+
+class DataSpec(Strict):
+    """Where images come from and how they are prepared.
+
+    ``source`` is ``shapes`` (built in), ``folder`` (one sub-folder per class,
+    optionally under train/ val/ test/) or ``csv`` (``file,label`` rows).
+    """
+
+    source: Literal["shapes", "folder", "csv"] = "shapes"
+    path: str | None = None  # folder or csv file; for shapes, where to write them
+    image_size: Pair = 32
+    channels: Literal[1, 3] = 3
+    resize: Literal["stretch", "center_crop", "pad"] = "stretch"
+    val_split: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    split_seed: int = 0
+    cache: Literal["auto", "ram", "disk", "none"] = "auto"
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    mean: list[float] | None = None  # default: measured on the training set
+    std: list[float] | None = None
+    shapes: ShapesSpec = ShapesSpec()
+    augment: AugmentSpec = AugmentSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        if self.source in ("folder", "csv") and not self.path:
+            raise ValueError(f"source '{self.source}' needs 'path'")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != self.channels:
+                raise ValueError(f"'{key}' needs {self.channels} values, one per channel")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("'std' values must be > 0")
+        return self
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+
+class OptimizerSpec(Strict):
+    primary: ClassVar[str] = "name"
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+
+class ScheduleSpec(Strict):
+    primary: ClassVar[str] = "name"
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    step_size: PosInt = 10  # step: epochs between decays
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    min_lr: Annotated[float, Field(ge=0)] = 0.0  # cosine floor
+    max_lr: Annotated[float, Field(gt=0)] | None = None  # onecycle peak; default optimizer.lr
+
+
+class EarlyStopping(Strict):
+    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+    patience: PosInt = 5
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class EMASpec(Strict):
+    primary: ClassVar[str] = "decay"
+    decay: Annotated[float, Field(gt=0, lt=1)] = 0.999
+
+
+class TrainSpec(Strict):
+    epochs: PosInt = 10
+    batch_size: PosInt = 64
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    seed: int = 0
+    deterministic: bool = False
+    early_stopping: EarlyStopping | None = None
+    ema: EMASpec | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
+    threads: PosInt | None = None
+    out: str = "runs"
+
+    @field_validator("optimizer", "schedule", "ema", mode="before")
+    @classmethod
+    def _scalar(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            key = {"optimizer": "name", "schedule": "name", "ema": "decay"}[info.field_name]
+            return {key: value}
+        if value is True and info.field_name == "ema":
+            return {}
+        return value
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _patience(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"patience": value}
+        return {} if value is True else (None if value is False else value)
+
+
+class Recipe(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "recipe"
+    description: str = ""
+    data: DataSpec = DataSpec()
+    model: ModelSpec
+    train: TrainSpec = TrainSpec()
+
+    def input_shape(self) -> tuple[int, int, int]:
+        if self.model.input_shape is not None:
+            return self.model.input_shape
+        h, w = self.data.size
+        return (self.data.channels, h, w)
+
+
+for _m in (Residual, Parallel, Repeat, Layer):
+    _m.model_rebuild()
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``3x224x224`` (C x H x W) -> (3, 224, 224)."""
+    parts = re.split(r"[x×, ]+", text.strip().lower())
+    try:
+        values = tuple(int(p) for p in parts if p)
+    except ValueError:
+        values = ()
+    if len(values) == 2:
+        values = (3, *values)
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"'{text}' is not a shape like 3x224x224 (channels x height x width)")
+    return values  # type: ignore[return-value]
+
+
+def _unknown(what: str, value: str, known: Any) -> str:
+    close = difflib.get_close_matches(str(value), list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown {what} '{value}'{hint}"
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader where ``1e-3`` is a float (YAML 1.2), as people expect."""
+
+
+_Loader.yaml_implicit_resolvers = copy.deepcopy(yaml.SafeLoader.yaml_implicit_resolvers)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+Path_ = tuple[Any, ...]
+
+
+def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise RecipeError(
+                    f"{where}:{line} {format_path(path + (key,))}: duplicate key "
+                    f"(first given on line {seen[key]})"
+                )
+            seen[key] = line
+            lines[path + (key,)] = line
+            _walk(value_node, path + (key,), lines, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), lines, where)
+
+
+def format_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top)"
+
+
+def read_yaml(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
+    """Parse YAML safely; return the data and a map of key path -> line."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[Path_, int] = {}
+        if node is None:
+            return None, lines
+        _walk(node, (), lines, where)
+        return loader.construct_document(node), lines
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{where}{line}: invalid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_override(raw: dict, assignment: str) -> tuple[Any, ...]:
+    """Apply ``train.epochs=3`` to a raw recipe dict; return the key path."""
+    key, sep, value_text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment}: expected key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.load(value_text, Loader=_Loader) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    parts: list[Any] = []
+    for token in key.split("."):
+        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", token)
+        if not m:
+            raise RecipeError(f"--set {key}: cannot read the key path")
+        parts.append(m.group(1))
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise RecipeError(f"--set {key}: {format_path(tuple(parts[: i + 1]))} does not exist")
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {format_path(tuple(parts[:i]))} is not a mapping")
+        if node.get(part) is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"--set {key}: index {last} does not exist")
+    elif not isinstance(node, dict):
+        raise RecipeError(f"--set {key}: {format_path(tuple(parts[:-1]))} is not a mapping")
+    node[last] = value
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_TYPE_TAG = re.compile(r"[\[\]\-]")
+_TYPE_NAMES = {"int", "float", "str", "bool", "list", "dict", "tuple"}
+
+
+def _explain(exc: ValidationError, where: str, lines: dict[Path_, int], overridden: dict) -> str:
+    err = exc.errors()[0]
+    # drop pydantic's union-member tags ("constrained-int", "literal[...]")
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (_TYPE_TAG.search(p) or p in _TYPE_NAMES))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        msg = _unknown("key", loc[-1], known)
+        if known:
+            msg += f" (allowed: {', '.join(known)})"
+    elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
+        options = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+        if options and isinstance(err.get("input"), str):
+            msg = _unknown("value", err["input"], options) + f" (choose from: {', '.join(options)})"
+    path = format_path(loc)
+    for given, text in overridden.items():
+        if given[: len(loc)] == loc or loc[: len(given)] == given:
+            return f"--set {text}: {path}: {msg}"
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{where}:{lines[loc[:n]]} {path}: {msg}"
+    return f"{where} {path}: {msg}"
+
+
+def _model_at(loc: Path_) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is Layer and part in LAYER_KINDS:
+            model = LAYER_KINDS[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def recipe_from_dict(
+    raw: Any,
+    where: str = "<recipe>",
+    lines: dict[Path_, int] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}:1: a recipe is a mapping with name, data, model, train")
+    raw = copy.deepcopy(raw)
+    overridden: dict[Path_, str] = {}
+    for assignment in overrides:
+        path = apply_override(raw, assignment)
+        overridden[path] = assignment.split("=", 1)[0].strip()
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_explain(exc, where, lines or {}, overridden)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read: {exc}") from None
+    raw, lines = read_yaml(text, str(path))
+    if raw is not None and isinstance(raw, dict) and "name" not in raw:
+        raw["name"] = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem) or "recipe"
+    return recipe_from_dict(raw, str(path), lines, overrides)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (for run folders and checkpoints)."""
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)

@@ -1,0 +1,222 @@
+"""Training: determinism, exact resume, run folders, errors a user sees."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_RECIPE
+from safetensors.torch import load_file
+
+from imgcls.errors import CheckpointError, Interrupted
+from imgcls.recipe import recipe_from_dict
+from imgcls.train import lr_at, train
+
+
+def tiny(**train_overrides) -> dict:
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    raw["train"].update(train_overrides)
+    return raw
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_deterministic_runs_give_bit_identical_weights(tmp_path):
+    raw = tiny(epochs=2, deterministic=True, optimizer="sgd")
+    raw["data"]["augment"] = {"hflip": True, "random_crop": 2}
+    recipe = recipe_from_dict(raw)
+    a = train(recipe, out=tmp_path / "a", log=quiet)
+    b = train(recipe, out=tmp_path / "b", log=quiet)
+    assert same_weights(a.run_dir / "last.safetensors", b.run_dir / "last.safetensors")
+    assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
+    # and a different seed really gives different weights (the check can fail)
+    raw["train"]["seed"] = 1
+    other = recipe_from_dict(raw)
+    c = train(other, out=tmp_path / "c", log=quiet)
+    assert not same_weights(a.run_dir / "last.safetensors", c.run_dir / "last.safetensors")
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])  # inside epoch 1, and inside epoch 2
+def test_resumed_run_ends_with_the_same_weights(tmp_path, stop_after):
+    raw = tiny(epochs=3, optimizer={"name": "adamw", "lr": 3e-3}, schedule="cosine", ema=0.9)
+    raw["model"]["layers"].insert(2, {"dropout": 0.2})
+    raw["data"]["augment"] = {"hflip": True, "mixup": 0.2}
+    recipe = recipe_from_dict(raw)
+    whole = train(recipe, out=tmp_path / "whole", log=quiet)
+
+    with pytest.raises(Interrupted, match="Resume with: imgcls train --resume"):
+        train(recipe, out=tmp_path / "parts", log=quiet, stop_after_steps=stop_after)
+    assert (tmp_path / "parts" / "resume.pt").exists()
+    parts = train(recipe, resume=tmp_path / "parts", log=quiet)
+
+    assert same_weights(whole.run_dir / "last.safetensors", parts.run_dir / "last.safetensors")
+    assert same_weights(whole.run_dir / "best.safetensors", parts.run_dir / "best.safetensors")
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in parts.history]
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    recipe = recipe_from_dict(tiny())
+    with pytest.raises(Interrupted):
+        train(recipe, out=tmp_path / "run", log=quiet, stop_after_steps=1)
+    raw = tiny()
+    raw["model"]["layers"][0]["conv"]["filters"] = 6
+    with pytest.raises(CheckpointError, match="architecture"):
+        train(recipe_from_dict(raw), resume=tmp_path / "run", log=quiet)
+
+
+def test_resume_refuses_another_class_list(tmp_path):
+    recipe = recipe_from_dict(tiny())
+    with pytest.raises(Interrupted):
+        train(recipe, out=tmp_path / "run", log=quiet, stop_after_steps=1)
+    raw = tiny()
+    raw["data"]["shapes"]["classes"] = ["circle", "square", "star"]
+    with pytest.raises(CheckpointError, match="classes"):
+        train(recipe_from_dict(raw), resume=tmp_path / "run", log=quiet)
+
+
+def test_early_stopping_stops(tmp_path):
+    recipe = recipe_from_dict(
+        tiny(
+            epochs=30,
+            optimizer={"name": "sgd", "lr": 1e-9},
+            early_stopping={"monitor": "val_loss", "patience": 2, "min_delta": 1.0},
+        )
+    )
+    result = train(recipe, out=tmp_path / "run", log=quiet)
+    assert result.stopped_early
+    assert len(result.history) == 3  # first epoch sets the best, two without improvement
+
+
+def test_schedules():
+    from imgcls.recipe import ScheduleSpec
+
+    cos = ScheduleSpec(name="cosine", warmup_epochs=1)
+    assert lr_at(0, 100, 10, 1.0, cos) == pytest.approx(0.1)  # warmup ramps
+    assert lr_at(10, 100, 10, 1.0, cos) == pytest.approx(1.0)
+    assert lr_at(99, 100, 10, 1.0, cos) < 0.01
+    step = ScheduleSpec(name="step", step_size=2, gamma=0.5)
+    assert [lr_at(s, 100, 10, 1.0, step) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
+    one = ScheduleSpec(name="onecycle")
+    peak = max(lr_at(s, 100, 10, 1.0, one) for s in range(100))
+    assert peak == pytest.approx(1.0, rel=0.05) and lr_at(0, 100, 10, 1.0, one) < 0.1
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_cli_train_writes_a_complete_run_folder(tmp_path, cli):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny(epochs=2))
+    result = cli("train", str(recipe), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    run = tmp_path / "runs" / "tiny" / "1"
+    assert Path(summary["run_dir"]) == Path("runs/tiny/1") and summary["epochs"] == 2
+    for name in (
+        "best.safetensors",
+        "last.safetensors",
+        "resume.pt",
+        "metrics.csv",
+        "curves.png",
+        "recipe.yaml",
+        "summary.txt",
+    ):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert 0 <= float(rows[-1]["val_acc"]) <= 1
+    assert not list(run.glob("*.tmp"))
+    # a second run gets the next number; nothing of the first is touched
+    before = (run / "best.safetensors").read_bytes()
+    assert cli("train", str(recipe), "-q", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "runs" / "tiny" / "2" / "best.safetensors").exists()
+    assert (run / "best.safetensors").read_bytes() == before
+
+
+def test_cli_refuses_a_non_empty_out_folder(tmp_path, cli):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny())
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    result = cli("train", str(recipe), "--out", str(out))
+    assert result.returncode == 2
+    assert "already holds files" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_cli_bad_recipe_value_names_file_line_and_key(tmp_path, cli):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        "name: bad\nmodel:\n  layers:\n    - conv: {filters: 8, kernel: 3}\ntrain:\n  epochs: -1\n"
+    )
+    result = cli("train", str(recipe))
+    assert result.returncode == 2
+    assert f"{recipe}:6 train.epochs:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_bad_override(tmp_path, cli):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny())
+    result = cli("train", str(recipe), "--set", "train.optimizer.nme=sgd", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--set train.optimizer.nme" in result.stderr and "did you mean 'name'" in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_finishes(tmp_path):
+    raw = tiny(epochs=400)
+    recipe = write_recipe(tmp_path / "tiny.yaml", raw)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgcls", "train", str(recipe), "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"imgcls train --resume {tmp_path / 'run'}" in err
+    assert (tmp_path / "run" / "resume.pt").exists()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imgcls",
+            "train",
+            "--resume",
+            str(tmp_path / "run"),
+            "--epochs",
+            "3",
+            "-q",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["epochs"] >= 3
