@@ -1,0 +1,178 @@
+"""The one safe way to turn an image file into pixels.
+
+Train, evaluate and predict all call :func:`decode_image` / :func:`load_image`,
+so a photo is seen identically everywhere. The rules:
+
+- only the formats in :data:`FORMATS` are opened (Pillow's sniffing of dozens
+  of exotic formats is a needless attack surface);
+- Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is kept, and
+  tripping it is an error, not a warning;
+- truncated files are an error (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left
+  False and ``load()`` is called while the file is open);
+- EXIF orientation is applied, so a portrait phone photo stays portrait;
+- every Pillow mode maps to the requested channels: alpha is composited on
+  white, 16-bit and 32-bit images are scaled to 8 bits (not clipped), palette
+  transparency is honoured.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgcls.errors import DataError
+
+# Pillow format names; PPM covers PBM/PGM/PPM/PNM.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# File extensions a folder scan treats as images (anything else is ignored).
+IMAGE_EXTENSIONS = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm".split()
+)
+
+Resize = Literal["stretch", "center_crop", "pad"]
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+
+
+class DecodeError(DataError):
+    """An image file that cannot be decoded: ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def decode_image(path: str | os.PathLike, channels: int) -> Image.Image:
+    """Decode ``path`` to a PIL image of mode ``L`` (channels=1) or ``RGB`` (3)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    try:
+        # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and
+        # raises above twice that; _check_pixels turns the warning zone into
+        # an error too. (warnings.catch_warnings is not thread-safe, so we do
+        # not silence the warning; decode runs in a thread pool.)
+        with Image.open(path, formats=FORMATS) as im:
+            _check_pixels(path, im.size)
+            im.load()  # truncated data raises here (OSError)
+            image = ImageOps.exif_transpose(im)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError(path, "no such file") from None
+    except IsADirectoryError:
+        raise DecodeError(path, "is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise DecodeError(path, f"not a supported image (formats: {', '.join(FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(path, f"refused, too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncation and corrupt data as OSError / SyntaxError.
+        raise DecodeError(path, f"cannot decode: {exc}") from None
+    return _to_channels(image, channels, path)
+
+
+def _check_pixels(path: str | os.PathLike, size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise DecodeError(
+            path,
+            f"refused, {size[0]}x{size[1]} exceeds Pillow's decompression-bomb limit of {limit} pixels",
+        )
+
+
+def _to_channels(im: Image.Image, channels: int, path: str | os.PathLike) -> Image.Image:
+    mode = im.mode
+    if mode == "P":
+        # Palette transparency is an alpha channel in disguise.
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode.startswith("I") or mode == "F":
+        im = Image.fromarray(_scale_to_uint8(np.asarray(im), mode))
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode not in ("L", "RGB") and mode not in _ALPHA_MODES:
+        try:
+            im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+        except ValueError as exc:
+            raise DecodeError(path, f"unsupported pixel mode {mode}: {exc}") from None
+
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba).convert("RGB")
+
+    want = "L" if channels == 1 else "RGB"
+    return im if im.mode == want else im.convert(want)
+
+
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Map 16/32-bit integer and float pixels onto 0..255 without clipping.
+
+    ``I;16*`` is 0..65535. ``I`` (32-bit) is read as 8-bit when its values fit,
+    16-bit when they fit in 16 bits (how Pillow opens many 16-bit PNG/TIFF),
+    else scaled by its maximum. ``F`` in 0..1 is scaled by 255, otherwise like I.
+    """
+    a = a.astype(np.float64)
+    a = np.maximum(a, 0)
+    top = float(a.max()) if a.size else 0.0
+    if mode.startswith("I;16"):
+        scale = 65535.0
+    elif mode == "F" and top <= 1.0:
+        scale = 1.0
+    elif top <= 255:
+        scale = 255.0
+    elif top <= 65535:
+        scale = 65535.0
+    else:
+        scale = top
+    return np.rint(a * (255.0 / scale)).clip(0, 255).astype(np.uint8)
+
+
+def resize_image(im: Image.Image, size: tuple[int, int], resize: Resize) -> Image.Image:
+    """Resize a decoded image to ``size`` = (h, w) with the recipe's policy.
+
+    stretch: plain resize (aspect ratio not kept); center_crop: scale the shorter
+    side to fit, then crop the centre; pad: scale the longer side to fit, then
+    letterbox on black. Bilinear; Pillow antialiases when shrinking.
+    """
+    h, w = size
+    src_w, src_h = im.size
+    bilinear = Image.Resampling.BILINEAR
+    if resize == "stretch" or (src_w * h == src_h * w):
+        return im if im.size == (w, h) else im.resize((w, h), bilinear)
+    if resize == "center_crop":
+        # Resize straight from the centre box: one resampling step.
+        if src_w * h > src_h * w:  # too wide
+            crop_w = src_h * w / h
+            box = ((src_w - crop_w) / 2, 0.0, (src_w + crop_w) / 2, float(src_h))
+        else:
+            crop_h = src_w * h / w
+            box = (0.0, (src_h - crop_h) / 2, float(src_w), (src_h + crop_h) / 2)
+        return im.resize((w, h), bilinear, box=box)
+    if resize == "pad":
+        scale = min(h / src_h, w / src_w)
+        new_w = max(1, min(w, round(src_w * scale)))
+        new_h = max(1, min(h, round(src_h * scale)))
+        canvas = Image.new(im.mode, (w, h), 0)
+        canvas.paste(im.resize((new_w, new_h), bilinear), ((w - new_w) // 2, (h - new_h) // 2))
+        return canvas
+    raise ValueError(f"unknown resize policy {resize!r}")
+
+
+def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int], resize: Resize) -> torch.Tensor:
+    """Decode and resize ``path`` to a uint8 tensor of shape (C, H, W)."""
+    im = resize_image(decode_image(path, channels), size, resize)
+    return image_to_tensor(im)
+
+
+def image_to_tensor(im: Image.Image) -> torch.Tensor:
+    a = np.asarray(im, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())  # copy: writable, contiguous

@@ -1,0 +1,261 @@
+"""Where the images are: a list of (file, class index) per split.
+
+Three sources, one result (:class:`Source`):
+
+- ``folder``: an ImageFolder tree, one sub-folder per class. Either flat
+  (``root/<class>/...``, split into train/val automatically) or with
+  ``train/`` and ``val/`` (and optionally ``test/``) sub-trees, whose class
+  folders must agree. With ``train/`` but no ``val/``, train is split.
+- ``csv``: rows of ``file,label`` or ``file,label,split`` (split: train, val,
+  test, or empty), paths relative to the CSV file, header row optional.
+  Without any ``val`` rows, the train rows are split automatically.
+- ``shapes``: the built-in synthetic set, written once, then read as a folder.
+
+The automatic split is stratified and seeded (``val_split``, ``split_seed``):
+each class is shuffled with its own generator seeded by (split_seed, class
+name), so adding a class leaves the other classes' splits unchanged; every
+class with at least 2 images gets at least 1 validation image.
+
+Ignored: hidden files and folders (name starting with ".") and files whose
+extension is not an image extension. A class folder with no images is an
+error, not a warning: a class with no examples cannot be learned, and
+silently dropping it would change the class indices a model is trained on.
+The dataset folder is only read, never written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgcls.data.decode import IMAGE_EXTENSIONS
+from imgcls.data.shapes import shapes_dir, write_shapes
+from imgcls.errors import DataError
+from imgcls.recipe import DataSpec
+
+Items = list[tuple[Path, int]]
+SPLITS = ("train", "val", "test")
+_VAL_NAMES = ("val", "valid", "validation")
+
+
+@dataclass
+class Source:
+    classes: list[str]
+    train: Items
+    val: Items
+    test: Items = field(default_factory=list)
+    root: Path = Path(".")
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.val) + len(self.test)
+
+
+def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".") -> Source:
+    """List the images of ``spec`` (relative paths are relative to ``base_dir``)."""
+    base_dir = Path(base_dir)
+    if spec.source == "shapes":
+        if spec.path:
+            out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
+        else:
+            out = write_shapes(shapes_dir(spec.shapes), spec.shapes)
+        return read_folder(out, spec.val_split, spec.split_seed)
+    assert spec.path is not None  # DataSpec checks this
+    path = resolve(spec.path, base_dir)
+    if spec.source == "folder":
+        return read_folder(path, spec.val_split, spec.split_seed)
+    if spec.source == "csv":
+        return read_csv(path, spec.val_split, spec.split_seed)
+    raise DataError(f"unknown data source '{spec.source}'")
+
+
+def resolve(path: str | os.PathLike, base_dir: Path) -> Path:
+    p = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    return p if p.is_absolute() else base_dir / p
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def read_folder(root: Path, val_split: float, split_seed: int) -> Source:
+    if not root.exists():
+        raise DataError(f"{root}: no such folder (check data.path)")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (data.source 'folder' wants a folder)")
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        classes, train = _scan_classes(train_dir)
+        val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
+        if val_dir is not None:
+            val = _scan_split(val_dir, classes)
+        else:
+            train, val = stratified_split(train, classes, val_split, split_seed)
+        test = _scan_split(root / "test", classes) if (root / "test").is_dir() else []
+        return Source(classes, train, val, test, root)
+    classes, items = _scan_classes(root)
+    train, val = stratified_split(items, classes, val_split, split_seed)
+    return Source(classes, train, val, [], root)
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list: {exc.strerror or exc}") from None
+    return [p for p in entries if not p.name.startswith(".") and p.is_dir()]
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursively), hidden entries skipped, sorted."""
+    found = []
+    seen: set[str] = set()  # real paths walked: a symlink loop is walked once
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _scan_classes(folder: Path) -> tuple[list[str], Items]:
+    class_dirs = _visible_dirs(folder)
+    if not class_dirs:
+        raise DataError(f"{folder}: no class folders found (expected one sub-folder of images per class)")
+    if len(class_dirs) < 2:
+        raise DataError(
+            f"{folder}: need at least 2 classes (one sub-folder each), found only '{class_dirs[0].name}'"
+        )
+    classes = [d.name for d in class_dirs]
+    items: Items = []
+    for index, d in enumerate(class_dirs):
+        files = _images_under(d)
+        if not files:
+            raise DataError(
+                f"{d}: class folder has no images (a class with no examples cannot "
+                "be learned); add images or remove the folder"
+            )
+        items.extend((f, index) for f in files)
+    return classes, items
+
+
+def _scan_split(folder: Path, classes: list[str]) -> Items:
+    """A val/ or test/ tree: its class folders must match train/'s."""
+    names = [d.name for d in _visible_dirs(folder)]
+    if names != classes:
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"not in train/: {', '.join(extra)}")
+        raise DataError(
+            f"{folder}: class folders differ from train/ ({'; '.join(parts)}); "
+            "every split needs the same class folders"
+        )
+    items: Items = []
+    for index, name in enumerate(classes):
+        items.extend((f, index) for f in _images_under(folder / name))
+    return items
+
+
+# --------------------------------------------------------------------------- split
+
+
+def stratified_split(items: Items, classes: list[str], val_split: float, seed: int) -> tuple[Items, Items]:
+    """Split per class: ``round(n * val_split)`` to val, at least 1 when n >= 2."""
+    if val_split <= 0:
+        return list(items), []
+    by_class: dict[int, list[Path]] = {}
+    for path, label in items:
+        by_class.setdefault(label, []).append(path)
+    train: Items = []
+    val: Items = []
+    for label in sorted(by_class):
+        files = sorted(by_class[label])
+        n = len(files)
+        n_val = min(max(round(n * val_split), 1), n - 1) if n >= 2 else 0
+        rng = np.random.default_rng([seed, zlib.crc32(classes[label].encode())])
+        order = rng.permutation(n)
+        val_idx = set(order[:n_val].tolist())
+        for i, f in enumerate(files):
+            (val if i in val_idx else train).append((f, label))
+    return train, val
+
+
+# --------------------------------------------------------------------------- csv
+
+
+_HEADER_FILE = {"file", "filename", "path", "image", "img"}
+_HEADER_LABEL = {"label", "class", "target", "category"}
+
+
+def read_csv(csv_path: Path, val_split: float, split_seed: int) -> Source:
+    """Read ``file,label[,split]`` rows; an error names the CSV line."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no such CSV file (check data.path)")
+    base = csv_path.parent
+    rows: list[tuple[int, Path, str, str]] = []  # line, file, label, split
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                line = reader.line_num
+                cells = [c.strip() for c in row]
+                if not any(cells) or cells[0].startswith("#"):
+                    continue
+                if not rows and _is_header(cells):
+                    continue
+                where = f"{csv_path}:{line}"
+                if len(cells) not in (2, 3):
+                    raise DataError(
+                        f"{where}: expected 'file,label' or 'file,label,split', got {len(cells)} columns"
+                    )
+                name, label = cells[0], cells[1]
+                split = cells[2].lower() if len(cells) == 3 else ""
+                if not name or not label:
+                    raise DataError(f"{where}: empty file name or label")
+                if split in _VAL_NAMES:
+                    split = "val"
+                if split not in ("", *SPLITS):
+                    raise DataError(f"{where}: split '{cells[2]}' is not train, val or test")
+                path = resolve(name, base)
+                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise DataError(f"{where}: '{name}' does not have an image file extension")
+                if not path.is_file():
+                    raise DataError(f"{where}: no such file '{name}' (relative to {base})")
+                rows.append((line, path, label, split or "train"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: cannot parse CSV: {exc}") from None
+
+    train_labels = sorted({label for _, _, label, split in rows if split == "train"})
+    if len(train_labels) < 2:
+        raise DataError(f"{csv_path}: need at least 2 classes with training rows, found {len(train_labels)}")
+    index = {label: i for i, label in enumerate(train_labels)}
+    out: dict[str, Items] = {s: [] for s in SPLITS}
+    for line, path, label, split in rows:
+        if label not in index:
+            raise DataError(
+                f"{csv_path}:{line}: label '{label}' has no training rows "
+                "(a class must appear in train to be learned)"
+            )
+        out[split].append((path, index[label]))
+    train, val = out["train"], out["val"]
+    if not val:
+        train, val = stratified_split(train, train_labels, val_split, split_seed)
+    return Source(train_labels, train, val, out["test"], csv_path)
+
+
+def _is_header(cells: list[str]) -> bool:
+    return len(cells) >= 2 and cells[0].lower() in _HEADER_FILE and cells[1].lower() in _HEADER_LABEL
