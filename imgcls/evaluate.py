@@ -1,0 +1,356 @@
+"""Metrics of a trained checkpoint over labelled images.
+
+Which images: by default the run's own held-out split, rebuilt from the
+recipe inside the checkpoint (its test split when it has one, else val).
+Given DATA, all of it: a folder of class folders (or its ``test/`` or ``val/``
+sub-tree when there is one), or a CSV of ``file,label[,split]`` rows (every
+row; paths relative to the CSV).
+
+Class names are matched by name, so data with a subset of the model's
+classes is fine; a class the model does not know is an error. Unreadable
+images are skipped with a warning and counted, as in training.
+
+Writes ``confusion.png`` and ``metrics.json`` into the output folder
+(default ``<run>/eval/``, or ``<checkpoint stem>-eval/`` beside a loose
+checkpoint), and optionally a CSV of the misclassified files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, write_text_atomic
+from imgcls.data.decode import IMAGE_EXTENSIONS
+from imgcls.errors import DataError
+from imgcls.metrics import classification_report
+from imgcls.predict import decoded_batches, images_under, normalize
+
+Log = Callable[[str], None]
+Items = list[tuple[Path, str]]  # (file, class name)
+MAX_LOGGED_BAD = 10
+MATRIX_TABLE_LIMIT = 20  # larger confusion matrices go to the PNG only
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class EvalResult:
+    checkpoint: Path
+    data: str  # what was evaluated, in words
+    report: dict  # imgcls.metrics.classification_report
+    misclassified: list[dict] = field(default_factory=list)  # file, true, predicted, confidence
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    out_dir: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)  # what was written: kind -> path
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "data": self.data,
+            **self.report,
+            "skipped": len(self.bad),
+            "misclassified": len(self.misclassified),
+            "files": self.files,
+        }
+
+
+def evaluate(
+    target: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    *,
+    top_k: int = 5,
+    batch_size: int = 128,
+    out: Path | None = None,
+    misclassified: Path | None = None,
+    log: Log = _stderr,
+) -> EvalResult:
+    """Evaluate the checkpoint ``target`` (file or run folder) on ``data``."""
+    ckpt = load_checkpoint(target)
+    items, where = labelled_items(ckpt, data)
+    index = class_index(ckpt.classes, {name for _, name in items}, where)
+    log(f"evaluating {ckpt.path} on {where}: {len(items)} images")
+
+    logits, targets, files, bad = _run(ckpt, items, index, batch_size)
+    for path, reason in bad[:MAX_LOGGED_BAD]:
+        log(f"warning: skipped {path}: {reason}")
+    if len(bad) > MAX_LOGGED_BAD:
+        log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
+    if not files:
+        raise DataError(f"{where}: none of the {len(items)} images could be read")
+
+    report = classification_report(logits, targets, ckpt.classes, top_k=top_k)
+    probs = torch.softmax(logits, dim=1)
+    conf, pred = probs.max(1)
+    wrong = [
+        {
+            "file": str(files[i]),
+            "true": ckpt.classes[int(targets[i])],
+            "predicted": ckpt.classes[int(pred[i])],
+            "confidence": float(conf[i]),
+        }
+        for i in torch.nonzero(pred != targets).flatten().tolist()
+    ]
+    result = EvalResult(ckpt.path, where, report, wrong, bad)
+
+    result.out_dir = out_dir = Path(out) if out is not None else default_out_dir(ckpt)
+    png = out_dir / "confusion.png"
+    save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
+    result.files["confusion_png"] = str(png)
+    if misclassified is not None:
+        write_misclassified(Path(misclassified), wrong)
+        result.files["misclassified_csv"] = str(misclassified)
+    metrics_json = out_dir / "metrics.json"
+    result.files["metrics_json"] = str(metrics_json)
+    write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
+    log(f"wrote {png} and {metrics_json.name}")
+    return result
+
+
+def default_out_dir(ckpt: Checkpoint) -> Path:
+    if ckpt.run_dir is not None:
+        return ckpt.run_dir / "eval"
+    return ckpt.path.parent / f"{ckpt.path.stem}-eval"
+
+
+@torch.inference_mode()
+def _run(ckpt: Checkpoint, items: Items, index: dict[str, int], batch_size: int):
+    from imgcls.predict import _logits
+
+    paths = [p for p, _ in items]
+    outputs, targets, files, bad = [], [], [], []
+    done = 0
+    for results in decoded_batches(paths, ckpt.preprocessing, batch_size):
+        batch_items = items[done : done + len(results)]
+        done += len(results)
+        good = []
+        for (path, name), r in zip(batch_items, results, strict=True):
+            if isinstance(r, torch.Tensor):
+                good.append(r)
+                targets.append(index[name])
+                files.append(path)
+            else:
+                bad.append((path, r.reason))
+        if good:
+            x = normalize(torch.stack(good), ckpt.preprocessing)
+            outputs.append(_logits(ckpt.model(x)).float())
+    n = len(ckpt.classes)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, n)
+    return logits, torch.tensor(targets, dtype=torch.int64), files, bad
+
+
+# --------------------------------------------------------------------------- which images
+
+
+def labelled_items(ckpt: Checkpoint, data: str | os.PathLike | None) -> tuple[Items, str]:
+    """(file, class name) pairs to evaluate, and a description of where from."""
+    if data is None:
+        return _run_split(ckpt)
+    path = Path(data).expanduser()
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return read_labels_csv(path), str(path)
+    if path.is_dir():
+        return read_labelled_folder(path)
+    if path.exists():
+        raise DataError(f"{path}: not a folder or a .csv file")
+    raise DataError(f"{path}: no such folder or CSV file")
+
+
+def _run_split(ckpt: Checkpoint) -> tuple[Items, str]:
+    from imgcls.data.sources import open_source
+
+    spec = ckpt.recipe.data
+    base = ckpt.run_dir or ckpt.path.parent
+    source = open_source(spec, base)
+    split, items = ("test", source.test) if source.test else ("val", source.val)
+    if not items:
+        raise DataError(
+            f"{ckpt.path}: the run has no validation or test split (data.val_split is 0); "
+            "give the images to evaluate: imgcls evaluate RUN DATA"
+        )
+    where = f"the run's {split} split ({source.root})"
+    return [(p, source.classes[label]) for p, label in items], where
+
+
+def read_labelled_folder(root: Path) -> tuple[Items, str]:
+    """Class folders under ``root``, or under its test/ (else val/) sub-tree."""
+    for name in ("test", "val", "valid", "validation"):
+        if (root / name).is_dir():
+            root = root / name
+            break
+    else:
+        if (root / "train").is_dir():
+            raise DataError(
+                f"{root}: has train/ but no test/ or val/; point evaluate at the folder to evaluate"
+            )
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders (expected one sub-folder of images per class)")
+    items: Items = []
+    for d in class_dirs:
+        items.extend((f, d.name) for f in images_under(d))
+    if not items:
+        raise DataError(f"{root}: no images in its class folders")
+    return items, str(root)
+
+
+def read_labels_csv(path: Path) -> Items:
+    """``file,label[,split]`` rows (header optional; split ignored: every row counts)."""
+    items: Items = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                cells = [c.strip() for c in row]
+                if not any(cells) or cells[0].startswith("#"):
+                    continue
+                if not items and cells[0].lower() in {"file", "filename", "path", "image", "img"}:
+                    continue  # header
+                if len(cells) < 2 or not cells[0] or not cells[1]:
+                    raise DataError(f"{path}:{reader.line_num}: expected 'file,label' or 'file,label,split'")
+                name = Path(os.path.expanduser(cells[0]))
+                file = name if name.is_absolute() else path.parent / name
+                if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise DataError(
+                        f"{path}:{reader.line_num}: '{cells[0]}' does not have an image file extension"
+                    )
+                items.append((file, cells[1]))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: cannot parse CSV: {exc}") from None
+    if not items:
+        raise DataError(f"{path}: no rows")
+    return items
+
+
+def class_index(model_classes: list[str], data_classes: set[str], where: str) -> dict[str, int]:
+    """Data class name -> model class index; an unknown class is an error naming it."""
+    index = {name: i for i, name in enumerate(model_classes)}
+    unknown = sorted(data_classes - set(index))
+    if unknown:
+        listed = ", ".join(f"'{c}'" for c in unknown)
+        raise DataError(
+            f"{where}: class {listed} is not one of the model's classes "
+            f"({', '.join(model_classes)}); evaluate needs the same class names "
+            "(a subset is fine)"
+        )
+    return index
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_misclassified(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "true", "predicted", "confidence"])
+    for r in rows:
+        writer.writerow([r["file"], r["true"], r["predicted"], f"{r['confidence']:.6f}"])
+    write_text_atomic(path, buf.getvalue())
+
+
+def save_confusion_png(path: Path, cm: list[list[int]], classes: list[str], title: str) -> None:
+    """The confusion matrix as a heat map (colour: share of the true class; text: counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(cm, dtype=torch.float64)
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    side = min(max(4.0, 0.45 * n + 2.5), 40.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    try:
+        ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+        ticks = range(n)
+        fontsize = 8 if n <= 30 else 5
+        ax.set_xticks(ticks, classes, rotation=90, fontsize=fontsize)
+        ax.set_yticks(ticks, classes, fontsize=fontsize)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title, fontsize=9)
+        if n <= 30:
+            for t in range(n):
+                for p in range(n):
+                    if counts[t, p]:
+                        color = "white" if shares[t, p] > 0.5 else "black"
+                        ax.text(
+                            p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=color
+                        )
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def report_renderables(result: EvalResult) -> list:
+    """Rich tables for people: summary, per class, confusion matrix, top confusions."""
+    from rich.table import Table
+
+    r = result.report
+    out: list = []
+    summary = Table(title=f"{result.checkpoint} on {result.data}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row(
+        "images", str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
+    )
+    summary.add_row("accuracy", f"{r['accuracy']:.4f}")
+    summary.add_row(f"top-{r['top_k']} accuracy", f"{r['top_k_accuracy']:.4f}")
+    summary.add_row("loss", f"{r['loss']:.4f}")
+    for kind in ("macro", "weighted"):
+        a = r[kind]
+        summary.add_row(f"{kind} P / R / F1", f"{a['precision']:.4f} / {a['recall']:.4f} / {a['f1']:.4f}")
+    out.append(summary)
+
+    per = Table(title="per class", title_justify="left")
+    per.add_column("class")
+    for col in ("precision", "recall", "f1", "support"):
+        per.add_column(col, justify="right")
+    for row in r["per_class"]:
+        per.add_row(
+            row["class"],
+            f"{row['precision']:.4f}",
+            f"{row['recall']:.4f}",
+            f"{row['f1']:.4f}",
+            str(row["support"]),
+        )
+    out.append(per)
+
+    classes = r["classes"]
+    if len(classes) <= MATRIX_TABLE_LIMIT:
+        cm = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+        cm.add_column("")
+        for name in classes:
+            cm.add_column(name, justify="right")
+        for i, (name, row) in enumerate(zip(classes, r["confusion"], strict=True)):
+            cells = [f"[bold]{v}[/bold]" if i == j else (str(v) if v else "·") for j, v in enumerate(row)]
+            cm.add_row(name, *cells)
+        out.append(cm)
+
+    if r["confused_pairs"]:
+        pairs = Table(title="most confused (true → predicted)", title_justify="left")
+        for col, justify in (
+            ("true", "left"),
+            ("predicted", "left"),
+            ("count", "right"),
+            ("share of true", "right"),
+        ):
+            pairs.add_column(col, justify=justify)
+        for p in r["confused_pairs"]:
+            pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{p['share']:.1%}")
+        out.append(pairs)
+    return out

@@ -1,0 +1,138 @@
+"""Classification metrics as pure tensor functions: logits and labels in, numbers out.
+
+No I/O and no model: evaluate feeds the logits, these count. Conventions
+(the same as scikit-learn's ``zero_division=0``): a class never predicted
+has precision 0, a class absent from the labels has recall 0 and support 0;
+macro averages weigh every class equally, weighted averages by support.
+The confusion matrix is ``cm[true, predicted]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """int64 (num_classes, num_classes): rows are true classes, columns predictions."""
+    index = target.long() * num_classes + pred.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    if len(target) == 0:
+        return 0.0
+    return float((logits.argmax(1) == target).float().mean())
+
+
+def top_k_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """Share of samples whose true class is among the ``k`` highest logits."""
+    if len(target) == 0:
+        return 0.0
+    k = max(1, min(k, logits.shape[1]))
+    top = logits.topk(k, dim=1).indices
+    return float((top == target.view(-1, 1)).any(1).float().mean())
+
+
+def mean_loss(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean cross entropy (natural log)."""
+    if len(target) == 0:
+        return 0.0
+    return float(F.cross_entropy(logits.float(), target.long()))
+
+
+def per_class(cm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision, recall, F1 and support per class from a confusion matrix."""
+    cm = cm.double()
+    tp = cm.diag()
+    predicted = cm.sum(0)
+    support = cm.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), torch.zeros_like(tp))
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support.long(),
+        "predicted": predicted.long(),
+    }
+
+
+def averages(stats: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Macro (plain mean over classes) and weighted (by support) P/R/F1.
+
+    The macro mean runs over the classes that occur in the labels or the
+    predictions (scikit-learn's default), so evaluating on data with a subset
+    of the model's classes is not dragged down by classes that are not there.
+    """
+    support = stats["support"].double()
+    present = (stats["support"] > 0) | (stats["predicted"] > 0)
+    total = float(support.sum())
+    out: dict[str, dict[str, float]] = {"macro": {}, "weighted": {}}
+    for key in ("precision", "recall", "f1"):
+        values = stats[key]
+        out["macro"][key] = float(values[present].mean()) if bool(present.any()) else 0.0
+        out["weighted"][key] = float((values * support).sum() / total) if total else 0.0
+    return out
+
+
+def confused_pairs(cm: torch.Tensor, classes: Sequence[str], limit: int = 10) -> list[dict]:
+    """The most frequent mistakes, true→predicted, largest first.
+
+    ``share`` is the fraction of the true class's samples that went to that
+    prediction (how often a circle is called a square).
+    """
+    support = cm.sum(1)
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    pairs = []
+    for flat in torch.argsort(off.flatten(), descending=True, stable=True).tolist():
+        t, p = divmod(flat, cm.shape[1])
+        count = int(off[t, p])
+        if count == 0 or len(pairs) >= limit:
+            break
+        pairs.append(
+            {"true": classes[t], "predicted": classes[p], "count": count, "share": count / int(support[t])}
+        )
+    return pairs
+
+
+def classification_report(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    classes: Sequence[str],
+    top_k: int = 5,
+    pairs: int = 10,
+) -> dict:
+    """Every metric evaluate prints, as plain JSON-ready values."""
+    n = len(classes)
+    k = max(1, min(top_k, n))
+    cm = confusion_matrix(logits.argmax(1), target, n)
+    stats = per_class(cm)
+    avg = averages(stats)
+    return {
+        "samples": len(target),
+        "accuracy": accuracy(logits, target),
+        "top_k": k,
+        "top_k_accuracy": top_k_accuracy(logits, target, k),
+        "loss": mean_loss(logits, target),
+        "macro": avg["macro"],
+        "weighted": avg["weighted"],
+        "per_class": [
+            {
+                "class": name,
+                "precision": float(stats["precision"][i]),
+                "recall": float(stats["recall"][i]),
+                "f1": float(stats["f1"][i]),
+                "support": int(stats["support"][i]),
+            }
+            for i, name in enumerate(classes)
+        ],
+        "classes": list(classes),
+        "confusion": cm.tolist(),
+        "confused_pairs": confused_pairs(cm, classes, pairs),
+    }

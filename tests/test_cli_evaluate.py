@@ -1,0 +1,57 @@
+"""`imgcls evaluate` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+
+def test_json_default_split_and_png(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    r = cli("evaluate", str(tiny_checkpoint), "--json", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for key in (
+        "accuracy",
+        "top_k_accuracy",
+        "loss",
+        "macro",
+        "weighted",
+        "per_class",
+        "confusion",
+        "confused_pairs",
+        "files",
+    ):
+        assert key in result
+    assert result["top_k"] == 3
+    assert (out / "confusion.png").is_file()
+    assert str(out / "confusion.png") in r.stderr  # says where
+
+
+def test_table_on_a_folder_with_misclassified(cli, tiny_checkpoint, shapes_folder, tmp_path):
+    wrong = tmp_path / "wrong.csv"
+    r = cli(
+        "evaluate",
+        str(tiny_checkpoint),
+        str(shapes_folder),
+        "--misclassified",
+        str(wrong),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert r.returncode == 0, r.stderr
+    for text in ("accuracy", "per class", "confusion", "circle", "triangle"):
+        assert text in r.stdout
+    rows = list(csv.DictReader(wrong.open()))
+    assert rows and set(rows[0]) == {"file", "true", "predicted", "confidence"}
+    assert all(row["true"] != row["predicted"] for row in rows)
+
+
+def test_unknown_class_exit_2(cli, tiny_checkpoint, shapes_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_folder, data)
+    shutil.copytree(data / "circle", data / "hexagon")
+    r = cli("evaluate", str(tiny_checkpoint), str(data), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "hexagon" in r.stderr and "Traceback" not in r.stderr
