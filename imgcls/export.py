@@ -1,0 +1,709 @@
+"""Export a checkpoint to ONNX, TorchScript or plain safetensors, parity-checked.
+
+Every export is written to a temporary file beside the target, loaded back
+the way a consumer would load it (onnxruntime, ``torch.jit.load``,
+``safetensors``), run on check images and compared with the PyTorch model in
+eval mode; only an export that agrees is renamed into place. One that does
+not is an :class:`ImgclsError` and leaves no file behind.
+
+The file carries what a consumer needs to feed it: class names in index
+order, input shape, channels, mean/std and resize policy (the checkpoint's
+``preprocessing``), as one JSON document under the key ``imgcls``: in ONNX
+``metadata_props``, in TorchScript the extra file ``imgcls.json``, in
+safetensors the header metadata (beside the checkpoint's own ``imgcls`` key,
+so the exported weights are also a loadable imgcls checkpoint).
+
+:func:`load_exported` opens such a file for inference; for ONNX it needs only
+onnxruntime, never the torch model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgcls.errors import CheckpointError, ImgclsError, UsageError
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "safetensors": (".safetensors",)}
+EXPORT_FORMAT = "imgcls-export"
+EXPORT_VERSION = 1
+META_KEY = "imgcls"  # ONNX metadata_props key / safetensors header key
+TS_META_FILE = "imgcls.json"  # TorchScript _extra_files name
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+ONNX_MISSING = "ONNX export needs onnx and onnxruntime: pip install 'imgcls[onnx]'"
+NOISE_IMAGES = 4  # synthetic check images (always)
+DATA_IMAGES = 4  # check images taken from the run's own data, when it is on disk
+MAX_CHECK_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an export's outputs may drift from PyTorch's and still pass.
+
+    The exported graph runs other kernels (onnxruntime fuses conv+batchnorm,
+    sums in another order, picks other conv algorithms), so bitwise equality
+    is not expected. float32 rounding is ~6e-8 per operation and grows with
+    the size of the terms summed, not of the result; through ~100 layers of
+    sums of 1e3-1e4 terms it stays near 1e-5 of the activations' scale. So:
+
+    - logits: ``|export - torch| <= logit_atol + logit_rtol * max|torch logits|``
+      per image. The relative part is scaled by the image's largest logit
+      (a near-zero logit inherits the rounding of its large neighbours);
+      1e-3 leaves ~100x headroom over honest rounding, while real export bugs
+      (batchnorm in train mode, a dropped layer, wrong padding, a graph
+      frozen to the example batch) give errors of order 1. ``logit_atol``
+      covers rows whose logits are all near zero (untrained heads).
+    - probabilities (softmax): ``prob_atol`` absolute, i.e. the first four
+      decimals a person reads in ``imgcls predict`` are the same.
+    - top-1: identical on every image, unless torch's own top-2 margin is
+      within twice the logit tolerance (a near-tie that rounding may flip).
+    """
+
+    logit_rtol: float = 1e-3
+    logit_atol: float = 1e-4
+    prob_atol: float = 1e-4
+
+
+TOLERANCE = Tolerance()
+
+
+@dataclass
+class ParityCheck:
+    """One comparison of the export with PyTorch at one batch size."""
+
+    batch_size: int
+    images: int
+    max_logit_diff: float
+    max_prob_diff: float
+    top1_agree: int
+    ok: bool
+    problem: str = ""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    source: Path  # the checkpoint exported
+    exporter: str  # e.g. "torch.onnx (dynamo)", "torch.jit.trace", "safetensors"
+    opset: int | None
+    dynamic_batch: bool
+    batch_size: int | None  # the fixed batch size of a --static-batch export
+    check_images: dict[str, int]  # how many of each kind: given, data, noise
+    checks: list[ParityCheck] = field(default_factory=list)
+    seconds: float = 0.0
+    tolerance: Tolerance = TOLERANCE
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["path"], out["source"] = str(self.path), str(self.source)
+        return out
+
+
+# --------------------------------------------------------------------------- export
+
+
+def default_out(checkpoint: Path, fmt: str, in_run: bool) -> Path:
+    """``<run>/model.onnx`` for a run's checkpoint, else ``<stem>.onnx`` beside the file."""
+    suffix = SUFFIXES[fmt][0]
+    out = checkpoint.with_name(f"model{suffix}" if in_run else f"{checkpoint.stem}{suffix}")
+    if out == checkpoint:  # safetensors next to a loose safetensors checkpoint
+        out = checkpoint.with_name(f"{checkpoint.stem}.export{suffix}")
+    return out
+
+
+def format_from_suffix(path: Path) -> str | None:
+    return next((fmt for fmt, sufs in SUFFIXES.items() if path.suffix.lower() in sufs), None)
+
+
+def export_model(
+    target: str | Path,
+    fmt: str | None = None,
+    out: Path | None = None,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    batch_size: int = 1,
+    force: bool = False,
+    images: Sequence[Path] = (),
+    log: Callable[[str], None] = lambda message: None,
+) -> ExportResult:
+    """Export the checkpoint ``target`` (file, run folder, runs/<name>) as ``fmt``.
+
+    ``dynamic_batch`` leaves the batch axis free (checked at batch 1 and 3);
+    otherwise the file takes exactly ``batch_size`` images (checked at that
+    size). ``images`` are extra check images (files or folders). An existing
+    ``out`` is replaced only with ``force``, and only once the new export
+    has passed its check.
+    """
+    from imgcls.checkpoint import load_checkpoint
+
+    started = time.perf_counter()
+    if out is not None and fmt is None:
+        fmt = format_from_suffix(Path(out))
+    if fmt is None:
+        raise UsageError("give --format (onnx, torchscript or safetensors)")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
+    if batch_size < 1:
+        raise UsageError("the batch size must be at least 1")
+    if opset is not None and fmt != "onnx":
+        raise UsageError("--opset applies to --format onnx only")
+
+    ckpt = load_checkpoint(target)
+    out = Path(out).expanduser() if out is not None else default_out(ckpt.path, fmt, ckpt.run_dir is not None)
+    if out.suffix.lower() not in SUFFIXES[fmt]:
+        raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
+    if out.resolve() == ckpt.path.resolve():
+        raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; give a file name")
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+
+    x, counts = check_batch(ckpt, images)
+    model = ckpt.model.eval()
+    meta = export_meta(ckpt, None if dynamic_batch or fmt == "safetensors" else batch_size)
+    result = ExportResult(
+        path=out,
+        format=fmt,
+        source=ckpt.path,
+        exporter="",
+        opset=None,
+        dynamic_batch=dynamic_batch if fmt != "safetensors" else True,
+        batch_size=None if dynamic_batch or fmt == "safetensors" else batch_size,
+        check_images=counts,
+    )
+    sizes = [1, 3] if dynamic_batch or fmt == "safetensors" else [batch_size]
+    log(f"exporting {ckpt.path} as {fmt} to {out}")
+    ref = reference_logits(model, x)
+    if float((ref - ref.mean(0)).abs().max()) < 1e-6:
+        log("note: the model's outputs do not depend on the input (untrained?), so the check proves little")
+
+    from imgcls.checkpoint import atomic_path
+
+    with atomic_path(out) as tmp:
+        if fmt == "onnx":
+            result.exporter, result.opset = write_onnx(
+                model, tmp, meta, x, opset, dynamic_batch, batch_size, log
+            )
+        elif fmt == "torchscript":
+            result.exporter = write_torchscript(model, tmp, meta, x, dynamic_batch, batch_size)
+        else:
+            result.exporter = write_safetensors(ckpt.path, tmp, meta)
+        log(f"checking against PyTorch on {len(x)} images at batch size {' and '.join(map(str, sizes))}")
+        exported = load_exported(tmp, kind=fmt)
+        result.checks = parity_checks(model, exported, x, sizes, TOLERANCE)
+        failed = [c for c in result.checks if not c.ok]
+        if failed:
+            raise ImgclsError(
+                f"the {fmt} export does not match PyTorch ({failed[0].problem}); nothing was written"
+            )
+        if exported.meta != meta:
+            raise ImgclsError(f"the {fmt} export lost its metadata on reload; nothing was written")
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def export_meta(ckpt, batch_size: int | None = None) -> dict:
+    """The JSON document stored inside every export (``batch_size``: None
+    for a free batch axis, else the one size the file accepts)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "classes": list(ckpt.classes),
+        "preprocessing": dict(ckpt.preprocessing),
+        "input_shape": list(ckpt.meta["input_shape"]),
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "batch_size": batch_size,
+        "model": ckpt.meta.get("recipe", {}).get("model"),
+    }
+
+
+def main_logits(model, x):
+    """``model`` itself, or, when its forward returns a tuple / namedtuple
+    (googlenet or inception_v3 built with aux heads), a wrapper returning
+    only the main logits (``.logits``, else the first element)."""
+    import torch
+
+    with torch.no_grad():
+        y = model(x[:2])
+    if isinstance(y, torch.Tensor):
+        return model
+
+    class MainLogits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y.logits if hasattr(y, "logits") else y[0]
+
+    return MainLogits(model).eval()
+
+
+def example_input(x, dynamic_batch: bool, batch_size: int):
+    """The tracing example: 2 images for a free batch axis (torch.export
+    specialises a size-1 axis to a constant), else exactly ``batch_size``."""
+    n = 2 if dynamic_batch else batch_size
+    return x[[i % len(x) for i in range(n)]]
+
+
+def write_onnx(
+    model,
+    path: Path,
+    meta: dict,
+    x,
+    opset: int | None,
+    dynamic_batch: bool,
+    batch_size: int,
+    log: Callable[[str], None] = lambda message: None,
+):
+    """ONNX through ``torch.onnx.export(dynamo=True)``, the exporter torch
+    2.9+ defaults to and maintains (the TorchScript-based one warns that it
+    is deprecated). Should it fail on a model, the TorchScript-based exporter
+    is tried before giving up, since it still covers graphs torch.export
+    cannot capture. Returns (exporter used, opset)."""
+    import onnx
+
+    model = main_logits(model, x)
+    example = example_input(x, dynamic_batch, batch_size)
+    errors = []
+    proto = None
+    for dynamo in (True, False):
+        try:
+            proto = _onnx_proto(model, example, opset, dynamic_batch, dynamo)
+            exporter = "torch.onnx (dynamo)" if dynamo else "torch.onnx (torchscript)"
+            break
+        except Exception as exc:  # the exporters raise many types; report the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors.append(
+                f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {first}"[:400]
+            )
+            if dynamo:
+                log(f"the dynamo ONNX exporter failed ({errors[-1]}); trying the TorchScript-based one")
+    if proto is None:
+        raise ImgclsError(f"torch.onnx cannot export this model ({'; '.join(errors)})")
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    proto.producer_name = "imgcls"
+    proto.doc_string = (
+        f"imgcls classifier: {len(meta['classes'])} classes, input {INPUT_NAME} NCHW float32 normalized"
+    )
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ImgclsError(f"the ONNX graph is invalid: {exc}") from None
+    onnx.save(proto, str(path))
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return exporter, opset_used
+
+
+def _onnx_proto(model, example, opset: int | None, dynamic_batch: bool, dynamo: bool):
+    import io
+
+    import onnx
+    import torch
+
+    kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "verbose": False}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and tracer chatter; the parity check judges
+        if dynamo:
+            if dynamic_batch:
+                kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=65536)},)
+            program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=True, **kwargs)
+            return program.model_proto
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (example,), buffer, dynamo=False, **kwargs)
+        return onnx.load_from_string(buffer.getvalue())
+
+
+def write_torchscript(model, path: Path, meta: dict, x, dynamic_batch: bool, batch_size: int) -> str:
+    """TorchScript by tracing (plain nn.Modules, torchvision's included, trace
+    cleanly; scripting rejects much ordinary Python). torch 2.10+ marks
+    torch.jit deprecated with a FutureWarning; it still works, is still what
+    C++ libtorch and older runtimes load, and the warnings are silenced here.
+    Tracer warnings are silenced too: the parity check at a second batch size
+    catches what they warn about (shapes frozen into the graph)."""
+    import torch
+
+    model = main_logits(model, x)
+    example = example_input(x, dynamic_batch, batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(model, example, check_trace=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ImgclsError(
+                f"torch.jit.trace cannot export this model ({type(exc).__name__}: {first})"
+            ) from None
+        torch.jit.save(traced, str(path), _extra_files={TS_META_FILE: json.dumps(meta)})
+    return "torch.jit.trace"
+
+
+def write_safetensors(checkpoint: Path, path: Path, meta: dict) -> str:
+    """The checkpoint's own tensors, byte for byte, with its metadata plus the
+    export document: for consumers with their own model code."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        header = dict(f.metadata() or {})
+    header[f"{META_KEY}.export"] = json.dumps(meta)
+    save_file(load_file(str(checkpoint)), str(path), metadata=header)
+    return "safetensors"
+
+
+# --------------------------------------------------------------------------- check images
+
+
+def check_batch(ckpt, images: Sequence[Path] = ()):
+    """Normalised float images to check an export on, and how many of each kind.
+
+    Given images first (files, or the image files in given folders), then a
+    few of the run's own images when its data is on disk, then deterministic
+    noise (always, so a checkpoint with no data around is still checked).
+    """
+    import torch
+
+    from imgcls.data.decode import load_image
+
+    pre = ckpt.preprocessing
+    channels, (h, w) = int(pre["channels"]), tuple(pre["image_size"])
+    given = list_images(images, MAX_CHECK_IMAGES)
+    if images and not given:
+        raise UsageError(f"no image files in {', '.join(map(str, images))}")
+    data = data_images(ckpt, DATA_IMAGES) if not given else []
+    pixels = [load_image(p, channels, (h, w), pre.get("resize", "stretch")) for p in [*given, *data]]
+    gen = torch.Generator().manual_seed(0)
+    pixels += list(torch.randint(0, 256, (NOISE_IMAGES, channels, h, w), generator=gen, dtype=torch.uint8))
+    x = torch.stack(pixels).float() / 255.0
+    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean) / std, {"given": len(given), "data": len(data), "noise": NOISE_IMAGES}
+
+
+def list_images(paths: Sequence[Path], limit: int) -> list[Path]:
+    from imgcls.data.decode import IMAGE_EXTENSIONS
+
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )[: limit - len(found)]
+        elif path.exists():
+            found.append(path)
+        else:
+            raise UsageError(f"{path}: no such image file or folder")
+    return found[:limit]
+
+
+def data_images(ckpt, limit: int) -> list[Path]:
+    """A few images of the run's own data, if it is where the recipe says
+    (the built-in shapes set in the cache, or a folder); never writes anything."""
+    data = (ckpt.meta.get("recipe") or {}).get("data") or {}
+    try:
+        if data.get("source") == "shapes" and not data.get("path"):
+            from imgcls.data.shapes import is_complete, shapes_dir
+            from imgcls.recipe import ShapesSpec
+
+            spec = ShapesSpec(**(data.get("shapes") or {}))
+            root = shapes_dir(spec)
+            if not is_complete(root, spec):
+                return []
+        elif data.get("path"):
+            root = Path(data["path"]).expanduser()
+            if not root.is_absolute() and ckpt.run_dir is not None and not root.exists():
+                return []
+            if not root.is_dir():
+                return []
+        else:
+            return []
+        per_class = [
+            sorted(d.iterdir()) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+        ]
+        picks = [files[0] for files in per_class if files]  # one per class, then the rest
+        return list_images(picks, limit)
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def reference_logits(model, x):
+    """PyTorch's eval-mode logits for ``x``: what every export is held to."""
+    import torch
+
+    with torch.no_grad():
+        ref = model.eval()(x)
+    if not isinstance(ref, torch.Tensor):
+        ref = ref.logits if hasattr(ref, "logits") else ref[0]
+    return ref
+
+
+def parity_checks(model, exported, x, sizes: Sequence[int], tol: Tolerance) -> list[ParityCheck]:
+    """Run PyTorch and the export on ``x`` in the same batches of each size; compare.
+
+    Like for like: PyTorch's own outputs shift with the batch size (other
+    kernels, other summation order), so each batch size gets its own
+    reference rather than one computed at another size.
+    """
+    import torch
+
+    checks = []
+    for size in sizes:
+        # pad to whole batches by repeating images (a static export needs full ones)
+        n = -(-len(x) // size) * size
+        index = [i % len(x) for i in range(n)]
+        batches = [x[index[i : i + size]] for i in range(0, n, size)]
+        ref = torch.cat([reference_logits(model, b) for b in batches])[: len(x)]
+        try:
+            got = torch.cat([exported(b) for b in batches])[: len(x)]
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            checks.append(
+                ParityCheck(size, len(x), float("inf"), float("inf"), 0, False, f"batch {size}: {first}")
+            )
+            continue
+        checks.append(compare(ref, got, size, tol))
+    return checks
+
+
+def compare(ref, got, batch_size: int, tol: Tolerance) -> ParityCheck:
+    """Compare logits ``got`` with the reference ``ref`` (both N x classes)."""
+    import torch
+
+    ref, got = ref.double(), got.double()
+    if got.shape != ref.shape:
+        return ParityCheck(
+            batch_size, len(ref), float("inf"), float("inf"), 0, False,
+            f"batch {batch_size}: output shape {tuple(got.shape)}, expected {tuple(ref.shape)}",
+        )  # fmt: skip
+    if not torch.isfinite(got).all():
+        return ParityCheck(
+            batch_size,
+            len(ref),
+            float("inf"),
+            float("inf"),
+            0,
+            False,
+            f"batch {batch_size}: non-finite outputs",
+        )
+    diff = (got - ref).abs()
+    allowed = tol.logit_atol + tol.logit_rtol * ref.abs().amax(dim=1, keepdim=True)
+    prob_diff = (got.softmax(1) - ref.softmax(1)).abs()
+    top1_ref, top1_got = ref.argmax(1), got.argmax(1)
+    if ref.shape[1] > 1:
+        top2 = ref.topk(2, dim=1).values
+        near_tie = (top2[:, 0] - top2[:, 1]) <= 2 * allowed[:, 0]
+    else:
+        near_tie = torch.ones(len(ref), dtype=torch.bool)
+    agree = top1_ref == top1_got
+    check = ParityCheck(
+        batch_size=batch_size,
+        images=len(ref),
+        max_logit_diff=float(diff.max()),
+        max_prob_diff=float(prob_diff.max()),
+        top1_agree=int(agree.sum()),
+        ok=True,
+    )
+    worst = int((diff - allowed).amax(dim=1).argmax())
+    if bool((diff > allowed).any()):
+        check.ok = False
+        check.problem = (
+            f"batch {batch_size}: logits differ by up to {check.max_logit_diff:.3g}, "
+            f"allowed {float(allowed[worst]):.3g} (image {worst})"
+        )
+    elif check.max_prob_diff > tol.prob_atol:
+        check.ok = False
+        check.problem = f"batch {batch_size}: probabilities differ by up to {check.max_prob_diff:.3g}, allowed {tol.prob_atol:g}"
+    elif bool((~agree & ~near_tie).any()):
+        check.ok = False
+        check.problem = (
+            f"batch {batch_size}: top-1 class differs on {int((~agree).sum())} of {len(ref)} images"
+        )
+    return check
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def require_onnx():
+    """Import onnx and onnxruntime, or say in one line how to get them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise UsageError(ONNX_MISSING) from None
+    return onnx, onnxruntime
+
+
+@dataclass
+class ExportedModel:
+    """An exported classifier ready for inference.
+
+    ``model(x)`` takes a float32 NCHW tensor, normalised with
+    ``preprocessing['mean'/'std']``, and returns the logits (N x classes).
+    """
+
+    path: Path
+    meta: dict
+    kind: str  # "onnx", "torchscript" or "safetensors"
+    runner: Callable[[Any], Any]
+    batch_size: int | None = None  # a static export's fixed batch size
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.meta["preprocessing"]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input_shape"])
+
+    def __call__(self, x):
+        import torch
+
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        fixed = self.batch_size
+        if fixed is None or len(x) == fixed:
+            return self.runner(x)
+        # a static-batch file: feed whole batches, padding the last with copies
+        n = len(x)
+        index = [i % n for i in range(-(-n // fixed) * fixed)]
+        parts = [self.runner(x[index[i : i + fixed]]) for i in range(0, len(index), fixed)]
+        return torch.cat(parts)[:n]
+
+
+def load_exported(path: str | Path, kind: str | None = None) -> ExportedModel:
+    """Open an export (.onnx, .pt/.ts, .safetensors) for inference.
+
+    ``kind`` overrides the guess from the suffix. ONNX runs in onnxruntime on
+    the CPU without building the torch model; TorchScript through
+    ``torch.jit.load``; safetensors rebuilds the model from its recipe.
+    """
+    path = Path(path).expanduser()
+    kind = kind or format_from_suffix(path)
+    if kind is None:
+        raise UsageError(f"{path}: not an export (.onnx, .pt, .ts or .safetensors)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if kind == "onnx":
+        return _load_onnx(path)
+    if kind == "torchscript":
+        return _load_torchscript(path)
+    return _load_safetensors(path)
+
+
+def _read_meta(path: Path, raw: str | bytes | None) -> dict:
+    if not raw:
+        raise CheckpointError(f"{path}: no imgcls metadata (not exported by imgcls)")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: unreadable imgcls metadata") from None
+    if meta.get("format") != EXPORT_FORMAT or meta.get("version", 0) > EXPORT_VERSION:
+        raise CheckpointError(f"{path}: export format {meta.get('version')} is not one this imgcls reads")
+    return meta
+
+
+def _load_onnx(path: Path) -> ExportedModel:
+    _, ort = require_onnx()
+    import numpy as np
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0]})"
+        ) from None
+    meta = _read_meta(path, session.get_modelmeta().custom_metadata_map.get(META_KEY))
+    first = session.get_inputs()[0]
+    input_name, output_name = first.name, session.get_outputs()[0].name
+    batch = first.shape[0] if isinstance(first.shape[0], int) else None
+
+    def run(x):
+        import torch
+
+        (y,) = session.run([output_name], {input_name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        return torch.from_numpy(y)
+
+    return ExportedModel(path, meta, "onnx", run, batch)
+
+
+def _load_torchscript(path: Path) -> ExportedModel:
+    import torch
+
+    files = {TS_META_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is marked deprecated in 2.10+
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path}: not a TorchScript file ({str(exc).strip().splitlines()[0]})"
+            ) from None
+    meta = _read_meta(path, files[TS_META_FILE])
+    module.eval()
+    batch = meta.get("batch_size")
+
+    def run(x):
+        with torch.no_grad():
+            return module(x)
+
+    return ExportedModel(path, meta, "torchscript", run, batch)
+
+
+def _load_safetensors(path: Path) -> ExportedModel:
+    import torch
+    from safetensors import safe_open
+
+    from imgcls.checkpoint import load_checkpoint
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(f"{META_KEY}.export")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if raw is None:  # a plain checkpoint works too
+        ckpt = load_checkpoint(path)
+        from types import SimpleNamespace
+
+        meta = export_meta(
+            SimpleNamespace(classes=ckpt.classes, preprocessing=ckpt.preprocessing, meta=ckpt.meta)
+        )
+    else:
+        meta = _read_meta(path, raw)
+        ckpt = load_checkpoint(path)
+    model = ckpt.model.eval()
+
+    def run(x):
+        with torch.no_grad():
+            y = model(x)
+        return y if isinstance(y, torch.Tensor) else (y.logits if hasattr(y, "logits") else y[0])
+
+    return ExportedModel(path, meta, "safetensors", run)

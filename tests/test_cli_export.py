@@ -1,0 +1,89 @@
+"""`imgcls export` end to end: files, exit codes, --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+
+def invoke(*args: str):
+    """Run the command in-process (for monkeypatched cases and quick usage errors)."""
+    from typer.testing import CliRunner
+
+    from imgcls.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_export_torchscript_json(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "deploy" / "model.pt"
+    result = cli("export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout holds only the JSON; progress went to stderr
+    assert report["path"] == str(out) and out.is_file()
+    assert report["format"] == "torchscript" and report["exporter"] == "torch.jit.trace"
+    assert [c["batch_size"] for c in report["checks"]] == [1, 3]
+    assert all(c["ok"] and c["top1_agree"] == c["images"] for c in report["checks"])
+    assert report["tolerance"] == {"logit_rtol": 1e-3, "logit_atol": 1e-4, "prob_atol": 1e-4}
+    assert "checking against PyTorch" in result.stderr
+
+
+def test_export_onnx_static_batch_human_output(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = cli(
+        "export", str(tiny_checkpoint), "--out", str(out), "--static-batch", "--batch-size", "2", "--opset", "18", "-q"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"wrote {out} (torch.onnx (dynamo), opset 18, batch 2)"
+    assert lines[1].startswith("matches PyTorch on ") and "at batch size 2:" in lines[1]
+
+
+def test_existing_file_is_refused_with_exit_2(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_text("mine")
+    result = cli("export", str(tiny_checkpoint), "-f", "torchscript", "--out", str(out))
+    assert result.returncode == 2
+    assert "already exists; pass --force" in result.stderr and "Traceback" not in result.stderr
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-f", "tflite"], "unknown export format"),
+        ([], "give --format"),
+        (["-f", "onnx", "--out", "x.pt"], "must end in .onnx"),
+    ],
+)
+def test_bad_usage_exit_2(tiny_checkpoint, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("export", str(tiny_checkpoint), *args)
+    assert result.exit_code == 2 and message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_checkpoint_exit_2(tmp_path):
+    result = invoke("export", str(tmp_path / "nope"), "-f", "onnx")
+    assert result.exit_code == 2 and "no such checkpoint" in result.output
+
+
+def test_failed_parity_exit_1_and_no_file(tiny_checkpoint, tmp_path, monkeypatch):
+    from imgcls import export as ex
+
+    monkeypatch.setattr(ex, "TOLERANCE", ex.Tolerance(logit_rtol=-1, logit_atol=-1, prob_atol=-1))
+    out = tmp_path / "m.pt"
+    result = invoke("export", str(tiny_checkpoint), "-f", "torchscript", "--out", str(out))
+    assert result.exit_code == 1
+    assert "does not match PyTorch" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx_extra_exit_2(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    result = invoke("export", str(tiny_checkpoint), "-f", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert result.exit_code == 2
+    assert "ONNX export needs onnx and onnxruntime: pip install 'imgcls[onnx]'" in result.output
