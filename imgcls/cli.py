@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,6 @@ from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ImgclsError
 
 app = typer.Typer(
     name="imgcls",
-    help="Train, inspect and ship image classifiers from the terminal.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -65,6 +65,8 @@ def command(fn):
                 raise
             _error(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            raise
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
@@ -143,7 +145,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final result as JSON.")] = False,
 ) -> None:
-    """Fit the network a recipe declares; write runs/<name>/<n>/.
+    """Fit the network a recipe declares; write the run folder `runs/NAME/N/`.
 
     The run folder gets best.safetensors, last.safetensors, resume state,
     metrics.csv, curves.png, the resolved recipe and the summary. Ctrl-C saves
@@ -155,7 +157,7 @@ def train(
 
         imgcls train recipes/quickstart.yaml --epochs 3 --set train.optimizer.lr=3e-3
 
-        imgcls train recipes/cnn.yaml --set data.source=folder --set data.path=~/pets
+        imgcls train recipes/quickstart.yaml --set data.source=folder --set data.path=~/pets
 
         imgcls train --resume runs/quickstart/1
     """
@@ -493,8 +495,103 @@ def predict(
         raise PartialFailure(f"{failed} of {total} files could not be read (the others were predicted)")
 
 
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+@command
+def export(
+    target: Annotated[
+        str, typer.Argument(help="A run folder, runs/<name> (its latest run) or a .safetensors checkpoint.")
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", "-f", help="onnx, torchscript or safetensors (default: from --out's suffix)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="File to write (default: beside the checkpoint, e.g. <run>/model.onnx)."),
+    ] = None,
+    opset: Annotated[
+        int | None, typer.Option(min=7, help="ONNX opset version (default: the exporter's).")
+    ] = None,
+    dynamic_batch: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic-batch/--static-batch", help="Leave the batch size free, or fix it to --batch-size."
+        ),
+    ] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="The batch size of a --static-batch export.")] = 1,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="An image file or folder to check the export on (repeatable)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace an existing file (only once the new export passed its check)."),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write a model file for other runtimes, checked against PyTorch first.
+
+    The export is run (onnxruntime, torch.jit.load, safetensors) on check
+    images: yours (--image), a few of the run's own when they are on disk,
+    and fixed noise. It is kept only if its outputs match PyTorch's; class
+    names and preprocessing travel inside the file.
+
+    Examples:
+
+        imgcls export runs/quickstart/1 --format onnx
+
+        imgcls export runs/quickstart/1 --format torchscript --out deploy/model.pt
+
+        imgcls export runs/quickstart --format onnx --static-batch --batch-size 8 --opset 17
+
+        imgcls export best.safetensors --out model.onnx --image photos/ --json
+    """
+    from imgcls.export import export_model
+
+    log = (lambda message: None) if quiet else (lambda message: _stderr().print(message, markup=False))
+    result = export_model(
+        target,
+        fmt,
+        out,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        batch_size=batch_size,
+        force=force,
+        images=image or [],
+        log=log,
+    )
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    checks = result.checks
+    details = [result.exporter]
+    if result.opset is not None:
+        details.append(f"opset {result.opset}")
+    if result.format != "safetensors":
+        details.append("dynamic batch" if result.dynamic_batch else f"batch {result.batch_size}")
+    print(f"wrote {result.path} ({', '.join(details)})")
+    print(
+        f"matches PyTorch on {checks[0].images} images at batch size "
+        f"{' and '.join(str(c.batch_size) for c in checks)}: "
+        f"max |logit diff| {max(c.max_logit_diff for c in checks):.2g}, "
+        f"max |prob diff| {max(c.max_prob_diff for c in checks):.2g}"
+    )
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:
+        # the reader went away (`imgcls ... | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

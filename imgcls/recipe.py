@@ -253,7 +253,7 @@ class ModelSpec(Strict):
 class ShapesSpec(Strict):
     """The built-in synthetic set: shapes drawn on noisy backgrounds."""
 
-    classes: list[str] | None = None  # default: every kind we draw
+    classes: list[str] | None = None  # default: circle ring square triangle star cross
     per_class: PosInt = 300
     image_size: PosInt = 32
     seed: int = 0
