@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--precision", action="store_true", help="also compare fp32 / bf16 / channels_last")
     parser.add_argument("--no-imagefolder", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     recipe = load_recipe(
@@ -129,13 +130,19 @@ def main() -> None:
 
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(recipe, out=Path(tmp) / "run", log=lambda m: None)
-    ours = result.history[-1]["img_per_s"]
-    hand = hand_loop(recipe, x, y, args.epochs)
+    def ours_once() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train(recipe, out=Path(tmp) / "run", log=lambda m: None)
+        return result.history[-1]["img_per_s"]
+
+    # interleaved rounds, best of each: the order of runs must not decide the ratio
+    ours, hand = 0.0, 0.0
+    for _ in range(args.rounds):
+        ours = max(ours, ours_once())
+        hand = max(hand, hand_loop(recipe, x, y, args.epochs))
     print(f"imgcls train        {ours:8.0f} img/s")
     print(f"hand-written loop   {hand:8.0f} img/s")
-    print(f"ratio imgcls / hand loop: {ours / hand:.3f}   (target >= 0.9)")
+    print(f"ratio imgcls / hand loop: {ours / hand:.3f}   (target >= 0.9; best of {args.rounds} interleaved rounds)")
 
     if not args.no_imagefolder:
         folder = data.source.root if data.source is not None else None
