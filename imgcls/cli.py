@@ -58,8 +58,8 @@ def command(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise  # usage errors: click prints them with the usage line, exit 2
         except ImgclsError as exc:
             if _state["debug"]:
                 raise

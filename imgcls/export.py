@@ -52,15 +52,29 @@ class Tolerance:
     the size of the terms summed, not of the result; through ~100 layers of
     sums of 1e3-1e4 terms it stays near 1e-5 of the activations' scale. So:
 
-    - logits: ``|export - torch| <= logit_atol + logit_rtol * max|torch logits|``
-      per image. The relative part is scaled by the image's largest logit
-      (a near-zero logit inherits the rounding of its large neighbours);
-      1e-3 leaves ~100x headroom over honest rounding, while real export bugs
-      (batchnorm in train mode, a dropped layer, wrong padding, a graph
-      frozen to the example batch) give errors of order 1. ``logit_atol``
-      covers rows whose logits are all near zero (untrained heads).
+    - logits: ``|export - torch| <= logit_atol + logit_rtol * max|torch logits|
+      + fp32_factor * |torch - torch in float64|`` per image. The relative
+      part is scaled by the image's largest logit (a near-zero logit
+      inherits the rounding of its large neighbours); 1e-3 leaves ~100x
+      headroom over honest rounding, while real export bugs (batchnorm in
+      train mode, a dropped layer, wrong padding, a graph frozen to the
+      example batch) give errors of order 1. ``logit_atol`` covers rows
+      whose logits are all near zero (untrained heads).
+    - the last term is PyTorch's own float32 error on that image, measured
+      against the same model run in float64. A well-conditioned model's is
+      ~1e-6 of its logits and changes nothing. An ill-conditioned one
+      amplifies rounding: torchvision's efficientnet_b3 at 64x64 with
+      batchnorm statistics taken from noise has logits up to ~3e3, and
+      PyTorch float32 itself is off from float64 by up to 3.8 (1.2e-3 of the
+      logits; by 4.8 between batch sizes 1 and 6 of the same model), while
+      the ONNX export is off from float64 by 2.4, i.e. as accurate as
+      PyTorch. Two float32 runs each within e of the exact answer can be 2e
+      apart; ``fp32_factor`` = 4 allows that twice over, and is still far
+      below the order-1 relative errors of real bugs in a well-conditioned
+      model.
     - probabilities (softmax): ``prob_atol`` absolute, i.e. the first four
-      decimals a person reads in ``imgcls predict`` are the same.
+      decimals a person reads in ``imgcls predict`` are the same (or
+      ``fp32_factor`` times PyTorch's own float32 error in them, if larger).
     - top-1: identical on every image, unless torch's own top-2 margin is
       within twice the logit tolerance (a near-tie that rounding may flip).
     """
@@ -68,6 +82,7 @@ class Tolerance:
     logit_rtol: float = 1e-3
     logit_atol: float = 1e-4
     prob_atol: float = 1e-4
+    fp32_factor: float = 4.0
 
 
 TOLERANCE = Tolerance()
@@ -84,6 +99,7 @@ class ParityCheck:
     top1_agree: int
     ok: bool
     problem: str = ""
+    torch_fp32_error: float = 0.0  # max |PyTorch float32 - PyTorch float64| logit on these images
 
 
 @dataclass
@@ -202,6 +218,12 @@ def export_model(
         log(f"checking against PyTorch on {len(x)} images at batch size {' and '.join(map(str, sizes))}")
         exported = load_exported(tmp, kind=fmt)
         result.checks = parity_checks(model, exported, x, sizes, TOLERANCE)
+        fp32_error, scale = max(c.torch_fp32_error for c in result.checks), float(ref.abs().max())
+        if fp32_error > 1e-4 * scale:
+            log(
+                f"note: this model amplifies rounding: PyTorch's own float32 logits are off by up to "
+                f"{fp32_error:.3g} (largest logit {scale:.3g}) from float64; the export is held to that"
+            )
         failed = [c for c in result.checks if not c.ok]
         if failed:
             raise ImgclsError(
@@ -471,6 +493,7 @@ def parity_checks(model, exported, x, sizes: Sequence[int], tol: Tolerance) -> l
     """
     import torch
 
+    exact = exact_logits(model, x)
     checks = []
     for size in sizes:
         # pad to whole batches by repeating images (a static export needs full ones)
@@ -486,12 +509,29 @@ def parity_checks(model, exported, x, sizes: Sequence[int], tol: Tolerance) -> l
                 ParityCheck(size, len(x), float("inf"), float("inf"), 0, False, f"batch {size}: {first}")
             )
             continue
-        checks.append(compare(ref, got, size, tol))
+        checks.append(compare(ref, got, size, tol, exact))
     return checks
 
 
-def compare(ref, got, batch_size: int, tol: Tolerance) -> ParityCheck:
-    """Compare logits ``got`` with the reference ``ref`` (both N x classes)."""
+def exact_logits(model, x):
+    """The model's logits for ``x`` computed in float64 (a copy of the model),
+    the yardstick for PyTorch's own float32 rounding; None if it cannot run
+    in float64."""
+    import copy
+
+    import torch
+
+    try:
+        wide = copy.deepcopy(model).double()
+        return reference_logits(wide, x.double())
+    except Exception:  # an op without a float64 kernel: fall back to the fixed tolerance
+        return None
+
+
+def compare(ref, got, batch_size: int, tol: Tolerance, exact=None) -> ParityCheck:
+    """Compare logits ``got`` with the reference ``ref`` (both N x classes);
+    ``exact``, the float64 logits, widens the tolerance by PyTorch's own
+    float32 error (see :class:`Tolerance`)."""
     import torch
 
     ref, got = ref.double(), got.double()
@@ -512,6 +552,14 @@ def compare(ref, got, batch_size: int, tol: Tolerance) -> ParityCheck:
         )
     diff = (got - ref).abs()
     allowed = tol.logit_atol + tol.logit_rtol * ref.abs().amax(dim=1, keepdim=True)
+    prob_allowed = torch.full((len(ref), 1), tol.prob_atol, dtype=torch.float64)
+    fp32_error = torch.zeros(len(ref), 1, dtype=torch.float64)
+    if exact is not None and exact.shape == ref.shape:
+        exact = exact.double()
+        fp32_error = (ref - exact).abs().amax(dim=1, keepdim=True)
+        allowed = allowed + tol.fp32_factor * fp32_error
+        prob_error = (ref.softmax(1) - exact.softmax(1)).abs().amax(dim=1, keepdim=True)
+        prob_allowed = torch.maximum(prob_allowed, tol.fp32_factor * prob_error)
     prob_diff = (got.softmax(1) - ref.softmax(1)).abs()
     top1_ref, top1_got = ref.argmax(1), got.argmax(1)
     if ref.shape[1] > 1:
@@ -527,6 +575,7 @@ def compare(ref, got, batch_size: int, tol: Tolerance) -> ParityCheck:
         max_prob_diff=float(prob_diff.max()),
         top1_agree=int(agree.sum()),
         ok=True,
+        torch_fp32_error=float(fp32_error.max()),
     )
     worst = int((diff - allowed).amax(dim=1).argmax())
     if bool((diff > allowed).any()):
@@ -535,9 +584,12 @@ def compare(ref, got, batch_size: int, tol: Tolerance) -> ParityCheck:
             f"batch {batch_size}: logits differ by up to {check.max_logit_diff:.3g}, "
             f"allowed {float(allowed[worst]):.3g} (image {worst})"
         )
-    elif check.max_prob_diff > tol.prob_atol:
+    elif bool((prob_diff.amax(dim=1, keepdim=True) > prob_allowed).any()):
         check.ok = False
-        check.problem = f"batch {batch_size}: probabilities differ by up to {check.max_prob_diff:.3g}, allowed {tol.prob_atol:g}"
+        check.problem = (
+            f"batch {batch_size}: probabilities differ by up to {check.max_prob_diff:.3g}, "
+            f"allowed {float(prob_allowed.max()):.3g}"
+        )
     elif bool((~agree & ~near_tie).any()):
         check.ok = False
         check.problem = (
