@@ -33,6 +33,7 @@ from typing import TextIO
 import torch
 
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, image_to_tensor, load_image
+from imgcls.data.sources import images_under
 from imgcls.errors import CheckpointError, UsageError
 
 Log = Callable[[str], None]
@@ -75,23 +76,6 @@ class Failure:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def images_under(folder: Path) -> list[Path]:
-    """Image files below ``folder``, recursively; hidden entries skipped; sorted."""
-    found: list[Path] = []
-    seen: set[str] = set()  # a symlink loop is walked once
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-    return found
 
 
 def collect_inputs(args: Sequence[str], stdin: TextIO | None = None) -> tuple[list[Path], list[Failure]]:

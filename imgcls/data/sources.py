@@ -109,7 +109,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return [p for p in entries if not p.name.startswith(".") and p.is_dir()]
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     """Image files below ``folder`` (recursively), hidden entries skipped, sorted."""
     found = []
     seen: set[str] = set()  # real paths walked: a symlink loop is walked once
@@ -137,7 +137,7 @@ def _scan_classes(folder: Path) -> tuple[list[str], Items]:
     classes = [d.name for d in class_dirs]
     items: Items = []
     for index, d in enumerate(class_dirs):
-        files = _images_under(d)
+        files = images_under(d)
         if not files:
             raise DataError(
                 f"{d}: class folder has no images (a class with no examples cannot "
@@ -164,7 +164,7 @@ def _scan_split(folder: Path, classes: list[str]) -> Items:
         )
     items: Items = []
     for index, name in enumerate(classes):
-        items.extend((f, index) for f in _images_under(folder / name))
+        items.extend((f, index) for f in images_under(folder / name))
     return items
 
 
