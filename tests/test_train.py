@@ -220,3 +220,35 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["epochs"] >= 3
+
+
+def _folder_with_a_bad_file(tmp_path: Path, shapes_folder: Path) -> Path:
+    import shutil
+
+    data = tmp_path / "photos"
+    shutil.copytree(shapes_folder, data)
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return data
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_too_many_bad_files_and_leaves_everything_as_it_was(tmp_path, cli, shapes_folder):
+    data = _folder_with_a_bad_file(tmp_path, shapes_folder)
+    before = _tree(data)
+    raw = tiny()
+    raw["data"] = {"source": "folder", "path": str(data), "image_size": 16, "max_bad_fraction": 0.0}
+    recipe = write_recipe(tmp_path / "photos.yaml", raw)
+    result = cli("train", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "broken.png" in result.stderr and "max_bad_fraction" in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+    assert _tree(data) == before  # the dataset is never modified
+
+    # allowed a few bad files, training skips it with a warning and goes on
+    result = cli("train", str(recipe), "--set", "data.max_bad_fraction=0.1", "-q", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["epochs"] == 1
+    assert _tree(data) == before
