@@ -175,20 +175,28 @@ def _model_with_weights(meta: dict, state: dict, where: str):
     try:
         with torch.device("meta"):
             model = build_from_meta(meta, where)
-        model.load_state_dict(state, strict=True, assign=True)
+        load_weights(model, state, assign=True)
         tensors = [*model.parameters(), *model.buffers()]
         if not any(t.is_meta for t in tensors):
             return model
     except (RuntimeError, NotImplementedError):
         pass
     model = build_from_meta(meta, where)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: weights do not fit the architecture (missing {len(missing)}, "
-            f"unexpected {len(unexpected)}, e.g. {(missing or unexpected)[0]})"
-        )
+    try:
+        load_weights(model, state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{where}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
     return model
+
+
+def load_weights(model, state: dict, assign: bool = False) -> None:
+    """``load_state_dict`` with the module versions a plain safetensors dict lacks
+    (torchvision's MNASNet, for one, reads its version from them)."""
+    from collections import OrderedDict
+
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 # --------------------------------------------------------------------------- run folders

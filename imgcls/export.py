@@ -519,8 +519,6 @@ def exact_logits(model, x):
     in float64."""
     import copy
 
-    import torch
-
     try:
         wide = copy.deepcopy(model).double()
         return reference_logits(wide, x.double())

@@ -290,7 +290,7 @@ def train(
         run_dir = resume
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(resume / ck.LAST)))
+        ck.load_weights(model, load_file(str(resume / ck.LAST)))
         saved_state = ck.load_resume(resume / ck.RESUME)
         optimizer.load_state_dict(saved_state["optimizer"])
         if ema is not None and "ema" in saved_state:

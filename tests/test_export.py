@@ -378,3 +378,32 @@ def test_compare_tolerance_rules():
     assert ex.compare(big, big + 0.5, 1, tol).ok
     bad = ex.compare(ref, ref[:, :2], 3, tol)
     assert not bad.ok and "output shape" in bad.problem
+
+
+def test_tolerance_widens_by_pytorchs_own_float32_error():
+    """An ill-conditioned model (logits ~3e3, PyTorch float32 itself 3 off from
+    float64) may differ from PyTorch by that much, times fp32_factor; no more."""
+    tol = ex.Tolerance()
+    ref = torch.tensor([[3000.0, 2900.0, 0.0]])
+    exact = ref + torch.tensor([[3.0, -2.0, 0.0]])  # float64: PyTorch's own error is 3
+    got = ref + torch.tensor([[-5.0, 4.0, 0.0]])  # the export: 5 from PyTorch, 8 from float64
+    alone = ex.compare(ref, got, 1, tol)
+    assert not alone.ok and "allowed 3" in alone.problem  # 1e-4 + 1e-3 * 3000
+    check = ex.compare(ref, got, 1, tol, exact)
+    assert check.ok and check.torch_fp32_error == 3.0
+    assert not ex.compare(ref, ref + 20, 1, tol, exact).ok  # beyond 3 + 4 * 3
+    # a well-conditioned model's float64 answer changes nothing
+    small = torch.tensor([[2.0, 1.0, 0.0]])
+    assert not ex.compare(small, small + 0.01, 1, tol, small.double() + 1e-7).ok
+
+
+def test_exact_logits_are_float64_and_leave_the_model_alone(tiny_checkpoint):
+    from imgcls.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint).model
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    exact = ex.exact_logits(model, x)
+    assert exact.dtype == torch.float64 and exact.shape == (3, 3)
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(model(x).double(), exact, atol=1e-5)
