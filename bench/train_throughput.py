@@ -142,7 +142,9 @@ def main() -> None:
         hand = max(hand, hand_loop(recipe, x, y, args.epochs))
     print(f"imgcls train        {ours:8.0f} img/s")
     print(f"hand-written loop   {hand:8.0f} img/s")
-    print(f"ratio imgcls / hand loop: {ours / hand:.3f}   (target >= 0.9; best of {args.rounds} interleaved rounds)")
+    print(
+        f"ratio imgcls / hand loop: {ours / hand:.3f}   (target >= 0.9; best of {args.rounds} interleaved rounds)"
+    )
 
     if not args.no_imagefolder:
         folder = data.source.root if data.source is not None else None

@@ -185,7 +185,9 @@ def _model_with_weights(meta: dict, state: dict, where: str):
     try:
         load_weights(model, state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{where}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{where}: weights do not fit the architecture ({str(exc).splitlines()[0]})"
+        ) from None
     return model
 
 
