@@ -576,7 +576,9 @@ _TYPE_NAMES = {"int", "float", "str", "bool", "list", "dict", "tuple"}
 
 
 def _explain(exc: ValidationError, where: str, lines: dict[Path_, int], overridden: dict) -> str:
-    err = exc.errors()[0]
+    # a typo gives "unknown key" and "field required" at once: the first explains both
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     # drop pydantic's union-member tags ("constrained-int", "literal[...]")
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (_TYPE_TAG.search(p) or p in _TYPE_NAMES))
     msg = err["msg"].removeprefix("Value error, ")

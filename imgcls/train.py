@@ -302,6 +302,8 @@ def train(
         ck.write_text_atomic(run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
         _write_summary(run_dir, model, input_shape)
         log(f"run folder: {run_dir}")
+    precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
 
     augment, mix = _augmentation(recipe, len(classes))
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -344,11 +346,15 @@ def train(
             {
                 "optimizer": optimizer.state_dict(),
                 "ema": ema.model.state_dict() if ema else {},
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "state": state.__dict__,
             },
         )
 
     autocast = dtype != torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if resume is not None and saved_state.get("scaler"):
+        scaler.load_state_dict(saved_state["scaler"])
     steps_done = 0
     bar = _Progress(progress, spec.epochs, steps_per_epoch)
     stopped_early = False
@@ -381,10 +387,12 @@ def train(
                 if penalties:
                     loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in penalties)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()  # fp16 only: loss scaling against underflow
                 if spec.grad_clip:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 if ema is not None:
                     ema.update(model)
                 labels = yb if target.ndim == 1 else target.argmax(1)
