@@ -252,3 +252,17 @@ def test_cli_refuses_too_many_bad_files_and_leaves_everything_as_it_was(tmp_path
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["epochs"] == 1
     assert _tree(data) == before
+
+
+def test_l2_and_l1_shrink_the_weights(tmp_path):
+    def conv_norm(raw: dict, name: str) -> float:
+        run = train(recipe_from_dict(raw), out=tmp_path / name, log=quiet).run_dir
+        return float(weights(run / "last.safetensors")["conv1.conv.weight"].norm())
+
+    plain = conv_norm(tiny(epochs=2, optimizer={"name": "sgd", "lr": 0.05}), "plain")
+    global_l2 = tiny(epochs=2, optimizer={"name": "sgd", "lr": 0.05})
+    global_l2["model"]["l2"] = 1.0
+    layer_l1 = tiny(epochs=2, optimizer={"name": "sgd", "lr": 0.05})
+    layer_l1["model"]["layers"][0]["conv"]["l1"] = 0.5
+    assert conv_norm(global_l2, "l2") < 0.5 * plain
+    assert conv_norm(layer_l1, "l1") < 0.7 * plain
