@@ -28,7 +28,7 @@ from torch import nn
 from imgcls import __version__
 from imgcls import checkpoint as ck
 from imgcls.errors import CheckpointError, DataError, Interrupted, RecipeError, UsageError
-from imgcls.models.build import build_model
+from imgcls.models.build import build_model, main_logits
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 
 Log = Callable[[str], None]
@@ -382,7 +382,7 @@ def train(
                 if mix is not None:
                     xb, target = mix(xb, yb, gen)
                 with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                    logits = _logits(model(xb))
+                    logits = main_logits(model(xb))
                     loss = F.cross_entropy(logits.float(), target, label_smoothing=spec.label_smoothing)
                 if penalties:
                     loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in penalties)
@@ -455,13 +455,6 @@ def train(
     return TrainResult(run_dir, state.history, state.best_epoch, best, stopped_early)
 
 
-def _logits(output) -> torch.Tensor:
-    """Main logits of models that return extras (e.g. torchvision's aux outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.logits if hasattr(output, "logits") else output[0]
-
-
 @torch.no_grad()
 def evaluate_tensors(model, x, y, to_input, device, dtype, batch_size: int) -> dict:
     model.eval()
@@ -469,7 +462,7 @@ def evaluate_tensors(model, x, y, to_input, device, dtype, batch_size: int) -> d
     for i in range(0, len(y), batch_size):
         xb, yb = to_input(x[i : i + batch_size]), y[i : i + batch_size].to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = _logits(model(xb)).float()
+            logits = main_logits(model(xb)).float()
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += int((logits.argmax(1) == yb).sum())
     return {"loss": loss / len(y), "acc": correct / len(y)}

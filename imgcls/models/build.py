@@ -92,3 +92,13 @@ def resolve_num_classes(recipe: r.Recipe, given: int | None = None) -> int:
         if last.kind == "dense":
             return last.spec.units
     raise RecipeError("the class count comes from the data; give --classes N or model.num_classes")
+
+
+def main_logits(output):
+    """The class scores of a model's output: torchvision's aux-head namedtuples
+    (``.logits``), tuples (first element) and plain tensors alike."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.logits if hasattr(output, "logits") else output[0]
