@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,10 +245,3 @@ def load_resume(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: unreadable resume state ({exc})") from None
-
-
-def run_name_ok(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name))
-
-
-Log = Callable[[str], None]

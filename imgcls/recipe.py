@@ -296,13 +296,17 @@ class AugmentSpec(Strict):
 
     @field_validator("random_crop", "random_resized_crop", "color_jitter", "randaugment", mode="before")
     @classmethod
-    def _true_means_defaults(cls, value: Any) -> Any:
+    def _true_means_defaults(cls, value: Any, info: Any) -> Any:
         if value is True:
             return {}
         if value is False:
             return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return {"padding": value}  # random_crop: 4
+        if isinstance(value, (int, float)):
+            # a number sets the main parameter where there is one (random_crop: 4)
+            primary = getattr(_inner_model(cls.model_fields[info.field_name].annotation), "primary", None)
+            if primary is None:
+                raise ValueError("give a mapping of parameters, or true for the defaults")
+            return {primary: value}
         return value
 
 
@@ -399,8 +403,8 @@ class TrainSpec(Strict):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             key = {"optimizer": "name", "schedule": "name", "ema": "decay"}[info.field_name]
             return {key: value}
-        if value is True and info.field_name == "ema":
-            return {}
+        if info.field_name == "ema" and isinstance(value, bool):
+            return {} if value else None
         return value
 
     @field_validator("early_stopping", mode="before")

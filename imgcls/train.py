@@ -27,7 +27,7 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls import checkpoint as ck
-from imgcls.errors import CheckpointError, DataError, Interrupted, RecipeError, UsageError
+from imgcls.errors import CheckpointError, Interrupted, RecipeError, UsageError
 from imgcls.models.build import build_model, main_logits
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 
@@ -135,6 +135,8 @@ def regularized_weights(model: nn.Module, l1: float, l2: float) -> list[tuple[to
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
             continue
+        # recipe stacks tag every weight they regularise (0, 0 opts out);
+        # named architectures have no tags and take the global values
         a, b = tag if tag is not None else (l1, l2)
         if a or b:
             out.append((weight, a, b))
@@ -197,15 +199,6 @@ def _is_better(value: float, best: float | None, monitor: str, min_delta: float)
     return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
 
 
-def prepare(recipe: Recipe, base_dir: Path, log: Log):
-    from imgcls.data import prepare_data
-
-    data = prepare_data(recipe.data, base_dir, None, log)
-    if len(data.train.y) == 0:
-        raise DataError("the training split is empty")
-    return data
-
-
 def train(
     recipe: Recipe,
     *,
@@ -230,6 +223,8 @@ def train(
     dtype = choose_precision(spec.precision, device)
     channels_last = choose_channels_last(spec.channels_last, device)
 
+    if out is not None and resume is None:
+        ck.claim_out_dir(out)  # a usage error before minutes of decoding, not after
     saved_meta = None
     if resume is not None:
         saved_meta = ck.read_meta(resume / ck.LAST) if (resume / ck.LAST).exists() else None
@@ -241,7 +236,9 @@ def train(
                 f"{resume}: the recipe's model differs from the run's; resume refuses to change the architecture"
             )
 
-    data = prepare(recipe, base_dir, log)
+    from imgcls.data import prepare_data
+
+    data = prepare_data(recipe.data, base_dir, None, log)
     classes = data.classes
     if saved_meta is not None and saved_meta["classes"] != classes:
         raise CheckpointError(
@@ -270,7 +267,9 @@ def train(
     # the resolved recipe: data.path made absolute so evaluate finds the data from anywhere
     resolved = recipe_to_dict(recipe)
     if recipe.data.path:
-        resolved["data"]["path"] = str((base_dir / Path(recipe.data.path).expanduser()).resolve())
+        from imgcls.data.sources import resolve
+
+        resolved["data"]["path"] = str(resolve(recipe.data.path, base_dir).resolve())
     resolved_recipe = recipe_from_dict(resolved)
     meta = {
         "recipe": resolved,
@@ -293,12 +292,16 @@ def train(
         ck.load_weights(model, load_file(str(resume / ck.LAST)))
         saved_state = ck.load_resume(resume / ck.RESUME)
         optimizer.load_state_dict(saved_state["optimizer"])
-        if ema is not None and "ema" in saved_state:
+        if (ema is not None) != bool(saved_state.get("ema")):
+            raise CheckpointError(f"{resume}: train.ema differs from the run's; resume cannot switch EMA on or off")
+        if ema is not None:
             ema.model.load_state_dict(saved_state["ema"])
+        # the resumed recipe may extend epochs etc.: the folder describes what runs now
+        ck.write_text_atomic(run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
         state = State(**saved_state["state"])
         log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
     else:
-        run_dir = ck.claim_out_dir(out) if out is not None else ck.new_run_dir(Path(spec.out), recipe.name)
+        run_dir = out if out is not None else ck.new_run_dir(Path(spec.out), recipe.name)
         ck.write_text_atomic(run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
         _write_summary(run_dir, model, input_shape)
         log(f"run folder: {run_dir}")

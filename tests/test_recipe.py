@@ -114,3 +114,11 @@ def test_parse_shape():
     assert parse_shape("64x64") == (3, 64, 64)
     with pytest.raises(ValueError):
         parse_shape("3x0x4")
+
+
+def test_switches_and_numbers_in_the_wrong_place():
+    recipe = recipe_from_dict({"model": {"arch": "vgg16"}, "train": {"ema": False, "early_stopping": False}})
+    assert recipe.train.ema is None and recipe.train.early_stopping is None
+    assert recipe_from_dict({"model": {"arch": "vgg16"}, "train": {"ema": True}}).train.ema.decay == 0.999
+    with pytest.raises(RecipeError, match="data.augment.color_jitter: give a mapping"):
+        recipe_from_dict({"model": {"arch": "vgg16"}, "data": {"augment": {"color_jitter": 0.4}}})

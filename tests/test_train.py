@@ -161,6 +161,7 @@ def test_cli_refuses_a_non_empty_out_folder(tmp_path, cli):
     result = cli("train", str(recipe), "--out", str(out))
     assert result.returncode == 2
     assert "already holds files" in result.stderr
+    assert "data:" not in result.stderr  # refused before any decoding
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
@@ -266,3 +267,37 @@ def test_l2_and_l1_shrink_the_weights(tmp_path):
     layer_l1["model"]["layers"][0]["conv"]["l1"] = 0.5
     assert conv_norm(global_l2, "l2") < 0.5 * plain
     assert conv_norm(layer_l1, "l1") < 0.7 * plain
+
+
+def test_a_layer_can_opt_out_of_global_regularisation():
+    from imgcls.models.build import build_model
+    from imgcls.train import regularized_weights
+
+    raw = tiny()
+    raw["model"]["l2"] = 0.01
+    raw["model"]["layers"][2]["conv"].update(l1=0, l2=0)
+    recipe = recipe_from_dict(raw)
+    model = build_model(recipe.model, recipe.input_shape(), 3)
+    terms = {tuple(w.shape): (a, b) for w, a, b in regularized_weights(model, 0.0, 0.01)}
+    assert terms[(4, 3, 3, 3)] == (0.0, 0.01)  # first conv: the global value
+    assert (8, 4, 3, 3) not in terms  # opted out
+    assert terms[(3, 8)] == (0.0, 0.01)  # the added head
+
+
+def test_data_path_with_variables_is_stored_resolved(tmp_path, shapes_folder, monkeypatch):
+    monkeypatch.setenv("MYDATA", str(shapes_folder.parent))
+    raw = tiny()
+    raw["data"] = {"source": "folder", "path": f"$MYDATA/{shapes_folder.name}", "image_size": 16}
+    run = train(recipe_from_dict(raw), out=tmp_path / "run", log=quiet).run_dir
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["data"]["path"] == str(shapes_folder.resolve())
+
+
+def test_resume_extends_epochs_and_refuses_switching_ema(tmp_path):
+    recipe = recipe_from_dict(tiny(epochs=1))
+    train(recipe, out=tmp_path / "run", log=quiet)
+    longer = train(recipe_from_dict(tiny(epochs=2)), resume=tmp_path / "run", log=quiet)
+    assert len(longer.history) == 2
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["epochs"] == 2
+    with pytest.raises(CheckpointError, match="ema"):
+        train(recipe_from_dict(tiny(epochs=3, ema=0.9)), resume=tmp_path / "run", log=quiet)

@@ -169,10 +169,11 @@ def _windowed(
 
 
 def _tag(module: nn.Module, spec: r.Regularized, ctx: Context) -> nn.Module:
-    """Mark a weight-bearing module with its l1/l2 (layer value, else global)."""
+    """Mark a weight-bearing module with its l1/l2: the layer's own values (0
+    included, to opt out) else the global ones. Untagged weights get none."""
     l1 = spec.l1 if spec.l1 is not None else ctx.l1
     l2 = spec.l2 if spec.l2 is not None else ctx.l2
-    if l1 or l2:
+    if l1 or l2 or spec.l1 is not None or spec.l2 is not None:
         module.imgcls_regularization = (l1, l2)
     return module
 
