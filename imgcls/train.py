@@ -238,7 +238,15 @@ def train(
 
     from imgcls.data import prepare_data
 
-    data = prepare_data(recipe.data, base_dir, None, log)
+    data_spec = recipe.data
+    if recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
+        from imgcls.models.zoo import pretrained_stats
+
+        stats = pretrained_stats(recipe.model.arch, data_spec.channels)
+        if stats is not None:
+            data_spec = data_spec.model_copy(update={"mean": stats[0], "std": stats[1]})
+            log(f"normalising with {recipe.model.arch}'s pretraining statistics")
+    data = prepare_data(data_spec, base_dir, None, log)
     classes = data.classes
     if saved_meta is not None and saved_meta["classes"] != classes:
         raise CheckpointError(
@@ -293,7 +301,9 @@ def train(
         saved_state = ck.load_resume(resume / ck.RESUME)
         optimizer.load_state_dict(saved_state["optimizer"])
         if (ema is not None) != bool(saved_state.get("ema")):
-            raise CheckpointError(f"{resume}: train.ema differs from the run's; resume cannot switch EMA on or off")
+            raise CheckpointError(
+                f"{resume}: train.ema differs from the run's; resume cannot switch EMA on or off"
+            )
         if ema is not None:
             ema.model.load_state_dict(saved_state["ema"])
         # the resumed recipe may extend epochs etc.: the folder describes what runs now

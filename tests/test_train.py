@@ -301,3 +301,31 @@ def test_resume_extends_epochs_and_refuses_switching_ema(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["train"]["epochs"] == 2
     with pytest.raises(CheckpointError, match="ema"):
         train(recipe_from_dict(tiny(epochs=3, ema=0.9)), resume=tmp_path / "run", log=quiet)
+
+
+def test_fine_tuning_starts_from_cached_pretrained_weights(tmp_path, monkeypatch):
+    """pretrained: true loads torchvision's weights from the torch cache (offline
+    here: a planted file), replaces the classifier, and normalises as the weights expect."""
+    import os
+
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights("mobilenet_v3_small").DEFAULT
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(123)
+    planted = get_model("mobilenet_v3_small").state_dict()
+    torch.save(planted, cache / os.path.basename(weights.url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # any download attempt fails
+
+    raw = tiny(optimizer={"name": "sgd", "lr": 1e-30, "momentum": 0.0})
+    raw["model"] = {"arch": "mobilenet_v3_small", "pretrained": True}
+    raw["data"]["image_size"] = 32
+    run = train(recipe_from_dict(raw), out=tmp_path / "run", log=quiet).run_dir
+    trained = load_file(str(run / "last.safetensors"))
+    assert torch.equal(trained["features.0.0.weight"], planted["features.0.0.weight"])
+    assert trained["classifier.3.weight"].shape == (3, 1024)  # 3 classes, not ImageNet's 1000
+    from imgcls.checkpoint import read_meta
+
+    assert read_meta(run / "last.safetensors")["preprocessing"]["mean"] == list(weights.transforms().mean)

@@ -157,3 +157,18 @@ def build_timm(name: str, input_shape: tuple[int, int, int], num_classes: int, p
     if not timm.list_models(name, pretrained=False):
         raise UsageError(f"timm has no model '{name}' (`imgcls models 'timm/*'` lists them)")
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=input_shape[0])
+
+
+def pretrained_stats(name: str, channels: int) -> tuple[list[float], list[float]] | None:
+    """The mean/std a torchvision architecture's published weights were trained
+    with (averaged over RGB for grayscale), so fine-tuning sees inputs on the
+    scale the weights expect; None when unknown (timm, built-ins)."""
+    if name not in torchvision_archs():
+        return None
+    import torchvision
+
+    transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    mean, std = list(transforms.mean), list(transforms.std)
+    if channels == 1:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return mean, std
