@@ -499,17 +499,10 @@ def _augmentation(recipe: Recipe, num_classes: int):
 
 
 def _write_summary(run_dir: Path, model: nn.Module, input_shape) -> None:
-    from rich.console import Console
-
-    from imgcls.summary import summarize_model, summary_table, totals_lines
+    from imgcls.summary import summarize_model, summary_text
 
     summary = summarize_model(model, tuple(input_shape))
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=110, no_color=True, highlight=False)
-    console.print(summary_table(summary))
-    for line in totals_lines(summary):
-        console.print(line)
-    ck.write_text_atomic(run_dir / "summary.txt", buffer.getvalue())
+    ck.write_text_atomic(run_dir / "summary.txt", summary_text(summary))
     ck.write_text_atomic(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))
 
 
