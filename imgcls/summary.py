@@ -163,14 +163,22 @@ def summarize_target(
     overrides: Sequence[str] = (),
     depth: int | None = None,
 ) -> Summary:
-    """Summarize a recipe file (``.yaml``/``.yml`` or an existing path) or an arch name."""
+    """Summarize a recipe file (``.yaml``/``.yml``), a checkpoint or run folder, or an arch name."""
     from imgcls import recipe as r
     from imgcls.models.build import build_model, resolve_num_classes
 
     path = Path(target)
-    if path.is_dir():
-        raise UsageError(f"{target} is a folder; give a recipe file or an architecture name")
-    if path.exists() or path.suffix.lower() in (".yaml", ".yml"):
+    if path.is_dir() or path.suffix.lower() == ".safetensors":
+        # a trained model: its own recipe, input shape and classes
+        from imgcls.checkpoint import read_meta, resolve_checkpoint
+
+        meta = read_meta(resolve_checkpoint(path))
+        recipe = r.recipe_from_dict(meta["recipe"], where=str(path), overrides=tuple(overrides))
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": False})})
+        shape = tuple(input_shape or meta["input_shape"])
+        classes = num_classes or len(meta["classes"])
+        name = recipe.name
+    elif path.exists() or path.suffix.lower() in (".yaml", ".yml"):
         recipe = r.load_recipe(path, tuple(overrides))
         shape = tuple(input_shape) if input_shape is not None else recipe.input_shape()
         if recipe.model.layers is not None and recipe.model.head == "none":

@@ -299,3 +299,12 @@ model:
         **s.to_dict(),
         "name": "Sequential",
     }
+
+
+def test_a_checkpoint_or_run_summarizes_with_its_own_shape_and_classes(tiny_checkpoint):
+    from imgcls.checkpoint import load_checkpoint
+
+    summary = summarize_target(str(tiny_checkpoint))
+    model = load_checkpoint(tiny_checkpoint).model
+    assert summary.total_params == sum(p.numel() for p in model.parameters())
+    assert tuple(summary.input_shape) == (3, 16, 16) and summary.num_classes == 3
