@@ -284,7 +284,7 @@ def models(
         for name in names:
             print(name)
     if not names:
-        raise typer.Exit(1)
+        _stderr().print(f"no architecture matches '{pattern}' (see `imgcls models`)", markup=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -345,6 +345,8 @@ def evaluate(
     """Accuracy, top-k, loss, per-class precision/recall/F1 and the confusion matrix.
 
     The confusion matrix is always saved as a PNG in the output folder.
+    Unreadable images are skipped: the report covers the others and the exit
+    code is 3 (2 when none could be read).
 
     Examples:
 
@@ -362,11 +364,12 @@ def evaluate(
         target, data, top_k=top_k, batch_size=batch_size, out=out, misclassified=misclassified, log=log
     )
     if as_json:
-        print(json.dumps(result.to_dict()))
-        return
-    console = _stdout()
-    for renderable in report_renderables(result):
-        console.print(renderable)
+        print(json.dumps(result.to_dict()), flush=True)
+    else:
+        console = _stdout()
+        for renderable in report_renderables(result):
+            console.print(renderable)
+    result.raise_if_skipped()  # exit 3 once the report is out
 
 
 # --------------------------------------------------------------------------- predict
@@ -409,7 +412,8 @@ def predict(
     """Top-k labels for each image file.
 
     Unreadable files get an error line on stderr (and an error record in
-    --json/--csv); the others are still predicted, and the exit code is 3.
+    --json/--csv); the others are still predicted, and the exit code is 3
+    (2 when none of the files could be read).
 
     Examples:
 
@@ -491,6 +495,8 @@ def predict(
             cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
             table.add_row(*cells)
         _stdout().print(table)
+    if failed == total:
+        raise UsageError(f"none of the {total} files could be read")
     if failed:
         raise PartialFailure(f"{failed} of {total} files could not be read (the others were predicted)")
 

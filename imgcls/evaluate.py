@@ -8,7 +8,9 @@ row; paths relative to the CSV).
 
 Class names are matched by name, so data with a subset of the model's
 classes is fine; a class the model does not know is an error. Unreadable
-images are skipped with a warning and counted, as in training.
+images are skipped with a warning and counted, as in training; the report
+covers the others, and :meth:`EvalResult.raise_if_skipped` then makes it a
+partial failure (exit 3). None readable is a :class:`DataError` (exit 2).
 
 Writes ``confusion.png`` and ``metrics.json`` into the output folder
 (default ``<run>/eval/``, or ``<checkpoint stem>-eval/`` beside a loose
@@ -29,10 +31,12 @@ from pathlib import Path
 import torch
 
 from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, write_text_atomic
-from imgcls.data.decode import IMAGE_EXTENSIONS
-from imgcls.errors import DataError
+from imgcls.data.loader import normalize
+from imgcls.data.sources import images_under, read_labelled_rows
+from imgcls.errors import DataError, PartialFailure
 from imgcls.metrics import classification_report
-from imgcls.predict import decoded_batches, images_under, normalize
+from imgcls.models.build import main_logits
+from imgcls.predict import decoded_batches
 
 Log = Callable[[str], None]
 Items = list[tuple[Path, str]]  # (file, class name)
@@ -63,6 +67,18 @@ class EvalResult:
             "misclassified": len(self.misclassified),
             "files": self.files,
         }
+
+    def raise_if_skipped(self) -> None:
+        """:class:`PartialFailure` (exit 3) when some images could not be read.
+
+        Call it after the report is out: the metrics cover the readable images.
+        """
+        if self.bad:
+            total = self.report["samples"] + len(self.bad)
+            raise PartialFailure(
+                f"{len(self.bad)} of {total} images could not be read and were skipped "
+                f"(the metrics cover the other {self.report['samples']})"
+            )
 
 
 def evaluate(
@@ -125,8 +141,6 @@ def default_out_dir(ckpt: Checkpoint) -> Path:
 
 @torch.inference_mode()
 def _run(ckpt: Checkpoint, items: Items, index: dict[str, int], batch_size: int):
-    from imgcls.predict import _logits
-
     paths = [p for p, _ in items]
     outputs, targets, files, bad = [], [], [], []
     done = 0
@@ -142,8 +156,9 @@ def _run(ckpt: Checkpoint, items: Items, index: dict[str, int], batch_size: int)
             else:
                 bad.append((path, r.reason))
         if good:
-            x = normalize(torch.stack(good), ckpt.preprocessing)
-            outputs.append(_logits(ckpt.model(x)).float())
+            pre = ckpt.preprocessing
+            x = normalize(torch.stack(good), pre["mean"], pre["std"])
+            outputs.append(main_logits(ckpt.model(x)).float())
     n = len(ckpt.classes)
     logits = torch.cat(outputs) if outputs else torch.empty(0, n)
     return logits, torch.tensor(targets, dtype=torch.int64), files, bad
@@ -205,33 +220,12 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
 
 
 def read_labels_csv(path: Path) -> Items:
-    """``file,label[,split]`` rows (header optional; split ignored: every row counts)."""
-    items: Items = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            for row in reader:
-                cells = [c.strip() for c in row]
-                if not any(cells) or cells[0].startswith("#"):
-                    continue
-                if not items and cells[0].lower() in {"file", "filename", "path", "image", "img"}:
-                    continue  # header
-                if len(cells) < 2 or not cells[0] or not cells[1]:
-                    raise DataError(f"{path}:{reader.line_num}: expected 'file,label' or 'file,label,split'")
-                name = Path(os.path.expanduser(cells[0]))
-                file = name if name.is_absolute() else path.parent / name
-                if file.suffix.lower() not in IMAGE_EXTENSIONS:
-                    raise DataError(
-                        f"{path}:{reader.line_num}: '{cells[0]}' does not have an image file extension"
-                    )
-                items.append((file, cells[1]))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: cannot parse CSV: {exc}") from None
-    if not items:
-        raise DataError(f"{path}: no rows")
-    return items
+    """Every ``file,label[,split]`` row (the split is ignored: every row counts).
+
+    A listed file that is missing is not an error here: it is skipped and
+    counted like an unreadable one.
+    """
+    return [(row.path, row.label) for row in read_labelled_rows(path, must_exist=False)]
 
 
 def class_index(model_classes: list[str], data_classes: set[str], where: str) -> dict[str, int]:

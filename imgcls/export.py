@@ -251,11 +251,14 @@ def export_meta(ckpt, batch_size: int | None = None) -> dict:
     }
 
 
-def main_logits(model, x):
+def logits_module(model, x):
     """``model`` itself, or, when its forward returns a tuple / namedtuple
-    (googlenet or inception_v3 built with aux heads), a wrapper returning
-    only the main logits (``.logits``, else the first element)."""
+    (googlenet or inception_v3 built with aux heads), a wrapper module whose
+    forward returns only :func:`imgcls.models.build.main_logits` of it (the
+    exporters need an ``nn.Module`` with one tensor output)."""
     import torch
+
+    from imgcls.models.build import main_logits
 
     with torch.no_grad():
         y = model(x[:2])
@@ -268,8 +271,7 @@ def main_logits(model, x):
             self.inner = inner
 
         def forward(self, x):
-            y = self.inner(x)
-            return y.logits if hasattr(y, "logits") else y[0]
+            return main_logits(self.inner(x))
 
     return MainLogits(model).eval()
 
@@ -298,7 +300,7 @@ def write_onnx(
     cannot capture. Returns (exporter used, opset)."""
     import onnx
 
-    model = main_logits(model, x)
+    model = logits_module(model, x)
     example = example_input(x, dynamic_batch, batch_size)
     errors = []
     proto = None
@@ -364,7 +366,7 @@ def write_torchscript(model, path: Path, meta: dict, x, dynamic_batch: bool, bat
     catches what they warn about (shapes frozen into the graph)."""
     import torch
 
-    model = main_logits(model, x)
+    model = logits_module(model, x)
     example = example_input(x, dynamic_batch, batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -406,6 +408,7 @@ def check_batch(ckpt, images: Sequence[Path] = ()):
     import torch
 
     from imgcls.data.decode import load_image
+    from imgcls.data.loader import normalize
 
     pre = ckpt.preprocessing
     channels, (h, w) = int(pre["channels"]), tuple(pre["image_size"])
@@ -416,10 +419,8 @@ def check_batch(ckpt, images: Sequence[Path] = ()):
     pixels = [load_image(p, channels, (h, w), pre.get("resize", "stretch")) for p in [*given, *data]]
     gen = torch.Generator().manual_seed(0)
     pixels += list(torch.randint(0, 256, (NOISE_IMAGES, channels, h, w), generator=gen, dtype=torch.uint8))
-    x = torch.stack(pixels).float() / 255.0
-    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean) / std, {"given": len(given), "data": len(data), "noise": NOISE_IMAGES}
+    x = normalize(torch.stack(pixels), pre["mean"], pre["std"])
+    return x, {"given": len(given), "data": len(data), "noise": NOISE_IMAGES}
 
 
 def list_images(paths: Sequence[Path], limit: int) -> list[Path]:
@@ -477,11 +478,10 @@ def reference_logits(model, x):
     """PyTorch's eval-mode logits for ``x``: what every export is held to."""
     import torch
 
+    from imgcls.models.build import main_logits
+
     with torch.no_grad():
-        ref = model.eval()(x)
-    if not isinstance(ref, torch.Tensor):
-        ref = ref.logits if hasattr(ref, "logits") else ref[0]
-    return ref
+        return main_logits(model.eval()(x))
 
 
 def parity_checks(model, exported, x, sizes: Sequence[int], tol: Tolerance) -> list[ParityCheck]:
@@ -749,11 +749,12 @@ def _load_safetensors(path: Path) -> ExportedModel:
     else:
         meta = _read_meta(path, raw)
         ckpt = load_checkpoint(path)
+    from imgcls.models.build import main_logits
+
     model = ckpt.model.eval()
 
     def run(x):
         with torch.no_grad():
-            y = model(x)
-        return y if isinstance(y, torch.Tensor) else (y.logits if hasattr(y, "logits") else y[0])
+            return main_logits(model(x))
 
     return ExportedModel(path, meta, "safetensors", run)

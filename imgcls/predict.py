@@ -32,7 +32,9 @@ from typing import TextIO
 
 import torch
 
+from imgcls.data.cache import decode_threads
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, image_to_tensor, load_image
+from imgcls.data.loader import normalize
 from imgcls.data.sources import images_under
 from imgcls.errors import CheckpointError, UsageError
 
@@ -172,12 +174,13 @@ def load_predictor(
     if path.suffix.lower() in EXPORTED_SUFFIXES:
         return _load_exported(path)
     from imgcls.checkpoint import load_checkpoint
+    from imgcls.models.build import main_logits  # not for exported models: no model code
 
     ckpt = load_checkpoint(path)
     net = ckpt.model
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return _logits(net(x))
+        return main_logits(net(x))
 
     return Predictor(list(ckpt.classes), dict(ckpt.preprocessing), forward, str(ckpt.path))
 
@@ -193,13 +196,6 @@ def _load_exported(path: Path) -> Predictor:
         ) from None
     exported = load_exported(path)
     return Predictor(list(exported.classes), dict(exported.preprocessing), exported, str(path))
-
-
-def _logits(output) -> torch.Tensor:
-    """Main logits of models that return extras (torchvision's aux outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.logits if hasattr(output, "logits") else output[0]
 
 
 # torchvision's builders change these when they load weights; we build bare
@@ -235,6 +231,8 @@ def load_pretrained(arch: str, log: Log = _stderr) -> Predictor:
     import torchvision
     from torch.hub import get_dir
 
+    from imgcls.models.build import main_logits
+
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError):
@@ -267,7 +265,7 @@ def load_pretrained(arch: str, log: Log = _stderr) -> Predictor:
     log(f"model: {arch} with {weights} ({len(categories)} ImageNet classes)")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return _logits(net(x))
+        return main_logits(net(x))
 
     return Predictor(categories, pretrained_preprocessing(weights), forward, f"{arch} ({weights})")
 
@@ -319,17 +317,6 @@ def _center_crop(im, size: tuple[int, int]):
     top = int(round((h - crop_h) / 2.0))
     left = int(round((w - crop_w) / 2.0))
     return im.crop((left, top, left + crop_w, top + crop_h))
-
-
-def normalize(x: torch.Tensor, preprocessing: dict) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float ``(x/255 - mean) / std``, as training fed the model."""
-    mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (x.float().div_(255) - mean) / std
-
-
-def decode_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def decoded_batches(
@@ -387,7 +374,8 @@ def predict_files(
         good = [r for r in results if isinstance(r, torch.Tensor)]
         probs = top_p = top_i = None
         if good:
-            x = normalize(torch.stack(good), predictor.preprocessing)
+            pre = predictor.preprocessing
+            x = normalize(torch.stack(good), pre["mean"], pre["std"])
             probs = torch.softmax(predictor.forward(x).float(), dim=1)
             top_p, top_i = probs.topk(k, dim=1)
         row = 0

@@ -105,6 +105,11 @@ def test_models_wildcard(cli):
     names = json.loads(result.stdout)
     assert "resnet18" in names and "resnet50" in names and all(n.startswith("resnet") for n in names)
     assert "lenet5" in cli("models").stdout.split()
+    nothing = cli("models", "zz*")  # no match is an empty list, not a failure
+    assert nothing.returncode == 0 and nothing.stdout == ""
+    assert "no architecture matches 'zz*'" in nothing.stderr
+    as_json = cli("models", "zz*", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == []
 
 
 def test_data_shapes_writes_and_never_overwrites(cli, tmp_path):

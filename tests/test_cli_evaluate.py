@@ -55,3 +55,28 @@ def test_unknown_class_exit_2(cli, tiny_checkpoint, shapes_folder, tmp_path):
     r = cli("evaluate", str(tiny_checkpoint), str(data), "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert "hexagon" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_skipped_images_exit_3_after_the_full_report(cli, tiny_checkpoint, shapes_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_folder, data)
+    (data / "circle" / "broken.png").write_bytes(b"not a png")
+    (data / "square" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    r = cli("evaluate", str(tiny_checkpoint), str(data), "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 3, r.stderr
+    result = json.loads(r.stdout)  # stdout is complete
+    assert result["skipped"] == 2 and result["samples"] == 24 and "confusion" in result
+    assert "2 of 26 images could not be read" in r.stderr and "broken.png" in r.stderr
+    assert (tmp_path / "o" / "metrics.json").is_file() and "Traceback" not in r.stderr
+    table = cli("evaluate", str(tiny_checkpoint), str(data), "--out", str(tmp_path / "o"))
+    assert table.returncode == 3 and "per class" in table.stdout and "2 unreadable" in table.stdout
+
+
+def test_no_readable_image_exit_2(cli, tiny_checkpoint, tmp_path):
+    data = tmp_path / "data"
+    for name in ("circle", "square"):
+        (data / name).mkdir(parents=True)
+        (data / name / "0.png").write_bytes(b"not a png")
+    r = cli("evaluate", str(tiny_checkpoint), str(data), "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "none of the 2 images could be read" in r.stderr and "Traceback" not in r.stderr

@@ -89,6 +89,25 @@ def test_partial_failure_exit_3(cli, tiny_checkpoint, photos, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_every_file_failed_exit_2(cli, tiny_checkpoint, tmp_path):
+    """Nothing predicted is not a partial failure: exit 2, still one error line/record per file."""
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("just text")
+    missing = tmp_path / "missing.jpg"
+    args = [str(truncated), str(not_image), str(missing)]
+    r = cli("predict", *args, "--model", str(tiny_checkpoint), "--json")
+    assert r.returncode == 2, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {rec["file"] for rec in records if "error" in rec} == set(args) and len(records) == 3
+    for name in args:
+        assert any(name in line for line in r.stderr.splitlines())
+    assert "none of the 3 files could be read" in r.stderr
+    assert "partial" not in r.stderr and "the others were predicted" not in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_no_inputs_exit_2(cli, tiny_checkpoint, tmp_path):
     r = cli("predict", str(tmp_path / "nothing-here.png"), "--model", str(tiny_checkpoint))
     assert r.returncode == 2 and "no input files" in r.stderr

@@ -1,14 +1,13 @@
-"""Batched augmentation and the Batches loader: shapes, dtypes, determinism."""
+"""Batched augmentation and normalisation: shapes, dtypes, determinism."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from imgcls.data.augment import build_augment, mix_batch, random_crop
-from imgcls.data.loader import Batches, compute_mean_std, load_files, make_preprocessing
-from imgcls.recipe import AugmentSpec, DataSpec
+from imgcls.data.loader import compute_mean_std, normalize
+from imgcls.recipe import AugmentSpec
 
 ALL_ON = [
     {"random_crop": 4},
@@ -62,38 +61,10 @@ def test_mix_targets_sum_to_one(mixup, cutmix):
         assert torch.allclose(t.sum(1), torch.ones(8))
 
 
-def test_batches_shuffle_normalise_and_mix():
+def test_mean_std_and_normalize():
     x = _batch(b=10)
-    y = torch.arange(10) % 3
     mean, std = compute_mean_std(x)
-    batches = Batches(x, y, 4, mean=mean, std=std, shuffle=True, generator=torch.Generator().manual_seed(0))
-    assert len(batches) == 3
-    got = list(batches)
-    assert [len(b[1]) for b in got] == [4, 4, 2]
-    assert sorted(torch.cat([b[1] for b in got]).tolist()) == sorted(y.tolist())
-    xs = torch.cat([b[0] for b in got])
-    assert abs(xs.mean()) < 0.05 and abs(xs.std() - 1) < 0.05
-    assert len(Batches(x, y, 4, mean=mean, std=std, drop_last=True)) == 2
-    aug = build_augment(AugmentSpec(hflip=True), (12, 16))
-    mixed = Batches(
-        x, y, 5, mean=mean, std=std, augment=aug, num_classes=3, mixup_alpha=0.2, channels_last=True
-    )
-    xb, yb = next(iter(mixed))
-    assert yb.shape == (5, 3) and xb.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_load_files_for_predict(tmp_path):
-    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "ok.png")
-    (tmp_path / "bad.png").write_bytes(b"nope")
-    pre = make_preprocessing(DataSpec(image_size=8), [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    assert pre == {
-        "image_size": [8, 8],
-        "channels": 3,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "resize": "stretch",
-    }
-    x, ok, failures = load_files([tmp_path / "ok.png", tmp_path / "bad.png"], pre)
-    assert x.shape == (1, 3, 8, 8) and [p.name for p in ok] == ["ok.png"]
-    assert x[0, 0].min() == 1.0 and x[0, 1].max() == -1.0
-    assert failures[0][0].name == "bad.png" and "not a supported image" in failures[0][1]
+    z = normalize(x, mean, std)
+    assert z.dtype == torch.float32 and z.shape == x.shape
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+    assert torch.equal(normalize(x.float() / 255, mean, std), z)  # uint8 and 0..1 floats alike

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.data import prepare_data
+from imgcls.data import cache, default_cache_dir, prepare_data
 from imgcls.data.cache import check_bad, load_split
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
@@ -41,17 +41,35 @@ def test_load_split_decodes_and_skips_bad(tmp_path, cache):
     assert list((tmp_path / "cache").glob("*.u8")) if cache == "disk" else True
 
 
-def test_disk_cache_is_reused_and_invalidated(tmp_path):
+def _count_decodes(monkeypatch) -> list[int]:
+    """Record how many files each decode_into call decodes."""
+    calls: list[int] = []
+    real = cache.decode_into
+
+    def counting(out, paths, *args, **kwargs):
+        calls.append(len(paths))
+        return real(out, paths, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "decode_into", counting)
+    return calls
+
+
+def test_disk_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    decodes = _count_decodes(monkeypatch)
     items = _items(tmp_path, 4)
     spec = DataSpec(image_size=4, cache="disk")
     first = load_split(items, spec, tmp_path / "c")
+    assert decodes == [4]
     logs = []
     again = load_split(items, spec, tmp_path / "c", logs.append)
-    assert torch.equal(first.x, again.x) and not logs  # mapped, not decoded
+    assert torch.equal(first.x, again.x) and decodes == [4]  # mapped, not decoded
+    assert [m for m in logs if m.startswith("mapped 4 decoded images")]
     Image.new("RGB", (10, 6), (1, 2, 3)).save(items[0][0])  # alter a file
     os.utime(items[0][0], ns=(1, 1))
+    logs.clear()
     changed = load_split(items, spec, tmp_path / "c", logs.append)
-    assert changed.x[0, :, 0, 0].tolist() == [1, 2, 3] and logs
+    assert changed.x[0, :, 0, 0].tolist() == [1, 2, 3] and decodes == [4, 4]
+    assert [m for m in logs if m.startswith("cached 4 decoded images")]
     other = load_split(items, DataSpec(image_size=5, cache="disk"), tmp_path / "c")
     assert other.x.shape[-1] == 5
     assert len(list((tmp_path / "c").glob("*.u8"))) == 3
@@ -72,3 +90,24 @@ def test_prepare_data_enforces_max_bad_fraction(tmp_path):
     data = prepare_data(DataSpec(source="folder", path=".", image_size=4, max_bad_fraction=0.5), tmp_path)
     assert data.classes == ["a", "b"] and len(data.bad) == 2
     assert len(data.train) + len(data.val) == 8 and len(data.mean) == 3
+
+
+def test_prepare_data_disk_cache_defaults_under_the_cache_root(tmp_path, monkeypatch):
+    """With no cache_dir, ``cache: disk`` still caches (under $IMGCLS_CACHE/decoded),
+    and a second run maps the cache instead of decoding again."""
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache-root"))
+    for cls in "ab":
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        _items(tmp_path / "d" / cls, 4)
+    spec = DataSpec(source="folder", path="d", image_size=4, cache="disk")
+    assert default_cache_dir() == tmp_path / "cache-root" / "decoded"
+    decodes = _count_decodes(monkeypatch)
+    logs: list[str] = []
+    first = prepare_data(spec, tmp_path, log=logs.append)
+    assert sum(decodes) == 8 and list(default_cache_dir().glob("*.u8"))
+    assert not [m for m in logs if "no cache folder" in m]
+    logs.clear()
+    again = prepare_data(spec, tmp_path, log=logs.append)
+    assert sum(decodes) == 8  # nothing decoded the second time
+    assert len([m for m in logs if m.startswith("mapped ")]) == 2  # train and val
+    assert torch.equal(first.train.x, again.train.x) and torch.equal(first.val.x, again.val.x)

@@ -106,6 +106,14 @@ def test_csv_source_with_header_and_split_column(tmp_path):
     assert (len(s.train), len(s.val), len(s.test)) == (4, 1, 1)
 
 
+def test_csv_header_names_only_the_file_column_as_a_header(tmp_path):
+    make_tree(tmp_path / "img", {"a": 3, "b": 3})
+    rows = ["path,species"] + [f"img/{c}/{i}.png,{c}" for c in "ab" for i in range(3)]
+    (tmp_path / "l.csv").write_text("\n".join(rows))
+    s = open_source(DataSpec(source="csv", path="l.csv", val_split=0.0), tmp_path)
+    assert s.classes == ["a", "b"] and len(s.train) == 6
+
+
 def test_csv_without_header_is_split_automatically(tmp_path):
     make_tree(tmp_path / "img", {"a": 5, "b": 5})
     rows = [f"img/{c}/{i}.png,{c}" for c in "ab" for i in range(5)]

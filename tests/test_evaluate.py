@@ -13,7 +13,7 @@ from torch import nn
 
 import imgcls.evaluate as ev
 from imgcls.checkpoint import Checkpoint
-from imgcls.errors import DataError
+from imgcls.errors import DataError, PartialFailure
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -114,6 +114,39 @@ def test_test_subfolder_csv_and_bad_files(tmp_path, colour_ckpt):
     table.write_text("file,label\ndata/test/red/0.png,red\ndata/test/green/0.png,green\n")
     r = ev.evaluate("x", table, log=lambda m: None).report
     assert r["samples"] == 2 and r["accuracy"] == 1.0
+
+
+def test_skipped_images_are_a_partial_failure(tmp_path, colour_ckpt):
+    data = _write(tmp_path / "data", {"red": ["red"], "green": ["green"]})
+    result = ev.evaluate("x", data, log=lambda m: None)
+    result.raise_if_skipped()  # nothing skipped: no error
+    (data / "red" / "broken.png").write_bytes(b"not a png")
+    result = ev.evaluate("x", data, log=lambda m: None)  # the report still comes back
+    assert result.report["samples"] == 2 and len(result.bad) == 1
+    with pytest.raises(PartialFailure, match="1 of 3 images could not be read"):
+        result.raise_if_skipped()
+
+
+def test_csv_shares_the_source_reader(tmp_path, colour_ckpt):
+    """Header names, split column, CSV-line errors: the same rules as a csv data source."""
+    _write(tmp_path / "img", {"red": ["red"], "green": ["green"]})
+    table = tmp_path / "labels.csv"
+    table.write_text(
+        "# colours\nfilename,species,split\nimg/red/0.png,red,test\nimg/green/0.png,green,\n"
+        "img/green/gone.png,green,train\n"
+    )
+    result = ev.evaluate("x", table, log=lambda m: None)  # every row, whatever its split
+    assert result.report["samples"] == 2 and result.report["accuracy"] == 1.0
+    assert [p.name for p, _ in result.bad] == ["gone.png"]  # missing: skipped and counted
+    table.write_text("file,label\nimg/red/0.png,red\nimg/green/0.png,green,train,extra\n")
+    with pytest.raises(DataError, match=r"labels\.csv:3: expected 'file,label'"):
+        ev.evaluate("x", table, log=lambda m: None)
+    table.write_text("file,label\nimg/red/0.png,red,holdout\n")
+    with pytest.raises(DataError, match=r"labels\.csv:2: split 'holdout' is not"):
+        ev.evaluate("x", table, log=lambda m: None)
+    table.write_text("file,label\n")
+    with pytest.raises(DataError, match=r"labels\.csv: no rows"):
+        ev.evaluate("x", table, log=lambda m: None)
 
 
 def test_default_split_of_a_run(tiny_checkpoint):

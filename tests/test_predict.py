@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from imgcls.data.loader import normalize
 from imgcls.predict import (
     Failure,
     Prediction,
     collect_inputs,
     load_input,
     load_predictor,
-    normalize,
     predict_files,
     pretrained_preprocessing,
 )
@@ -91,7 +91,7 @@ def test_pretrained_preprocessing_matches_torchvision_transforms(tmp_path):
         g = torch.Generator().manual_seed(size[0])
         pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g)
         Image.fromarray(pixels.numpy()).save(path)
-        ours = normalize(load_input(path, pre)[None], pre)[0]
+        ours = normalize(load_input(path, pre)[None], pre["mean"], pre["std"])[0]
         theirs = weights.transforms()(Image.open(path).convert("RGB"))
         assert ours.shape == theirs.shape == (3, 224, 224)
         assert torch.allclose(ours, theirs, atol=1e-5)

@@ -1,10 +1,15 @@
-"""The data pipeline: source -> decode -> cache -> (augment, batches).
+"""The data pipeline: source -> decode -> cache, then batched augmentation.
 
-:func:`prepare_data` is the one door the trainer uses::
+:func:`prepare_data` is the one door the trainer uses: it lists a recipe's
+images (:mod:`sources`), decodes each split once into a uint8 tensor, in RAM
+or memory-mapped from the disk cache (:mod:`cache`), checks the share of
+unreadable files and measures mean/std (:mod:`loader`)::
 
-    data = prepare_data(recipe.data, base_dir=recipe_dir, cache_dir=cache, log=print)
-    train = Batches(data.train.x, data.train.y, 64, mean=data.mean, std=data.std,
-                    shuffle=True, generator=g, augment=build_augment(recipe.data.augment))
+    data = prepare_data(recipe.data, base_dir=recipe_dir, log=print)
+    data.train.x, data.train.y  # uint8 (N, C, H, W), int64 (N,)
+
+The trainer batches, augments (:func:`build_augment`, :func:`mix_batch`) and
+normalises those tensors in its own loop (imgcls.train).
 """
 
 from __future__ import annotations
@@ -17,20 +22,13 @@ from pathlib import Path
 from imgcls.data.augment import build_augment, mix_batch
 from imgcls.data.cache import DecodedSplit, check_bad, load_split
 from imgcls.data.decode import DecodeError, decode_image, load_image
-from imgcls.data.loader import (
-    Batches,
-    compute_mean_std,
-    load_files,
-    make_preprocessing,
-    normalize,
-)
-from imgcls.data.shapes import shapes_dir, write_shapes
+from imgcls.data.loader import compute_mean_std, normalize
+from imgcls.data.shapes import cache_root, shapes_dir, write_shapes
 from imgcls.data.sources import Source, open_source
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
 __all__ = [
-    "Batches",
     "DecodeError",
     "DecodedSplit",
     "PreparedData",
@@ -39,10 +37,9 @@ __all__ = [
     "check_bad",
     "compute_mean_std",
     "decode_image",
-    "load_files",
+    "default_cache_dir",
     "load_image",
     "load_split",
-    "make_preprocessing",
     "mix_batch",
     "normalize",
     "open_source",
@@ -64,6 +61,12 @@ class PreparedData:
     source: Source | None = None
 
 
+def default_cache_dir() -> Path:
+    """Where decoded tensors go when the caller names no folder: beside the
+    shapes set, under :func:`imgcls.data.shapes.cache_root` (``$IMGCLS_CACHE``)."""
+    return cache_root() / "decoded"
+
+
 def prepare_data(
     spec: DataSpec,
     base_dir: str | os.PathLike = ".",
@@ -72,13 +75,16 @@ def prepare_data(
 ) -> PreparedData:
     """List, decode (or map from cache), check and measure a recipe's data.
 
+    ``cache_dir`` holds the decoded tensors of ``cache: disk`` (and of
+    ``auto`` for large sets); by default :func:`default_cache_dir`, so a
+    second run over the same files maps them instead of decoding again.
     Raises DataError when more than ``spec.max_bad_fraction`` of all listed
     files cannot be decoded. ``mean``/``std`` come from the recipe when given,
     else are measured on the decoded training split.
     """
     start = time.perf_counter()
     source = open_source(spec, Path(base_dir))
-    cache = Path(cache_dir) if cache_dir is not None else None
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     train = load_split(source.train, spec, cache, log)
     val = load_split(source.val, spec, cache, log)
     test = load_split(source.test, spec, cache, log) if source.test else None

@@ -142,6 +142,7 @@ def _disk_cached(
         meta = json.loads(meta_file.read_text())
         if data_file.stat().st_size == len(meta["ok"]) * row:
             bad = [(paths[i], reason) for i, reason in meta["bad"]]
+            log(f"mapped {len(meta['ok'])} decoded images from {data_file}")
             return _map(data_file, (len(meta["ok"]), *shape[1:])), meta["ok"], bad
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass  # no cache yet, or an unusable one: decode

@@ -196,25 +196,42 @@ def stratified_split(items: Items, classes: list[str], val_split: float, seed: i
 
 
 _HEADER_FILE = {"file", "filename", "path", "image", "img"}
-_HEADER_LABEL = {"label", "class", "target", "category"}
 
 
-def read_csv(csv_path: Path, val_split: float, split_seed: int) -> Source:
-    """Read ``file,label[,split]`` rows; an error names the CSV line."""
+@dataclass
+class LabelledRow:
+    line: int  # in the CSV file, for error messages
+    path: Path
+    label: str
+    split: str  # "train", "val", "test", or "" when the row has none
+
+
+def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[LabelledRow]:
+    """Every ``file,label[,split]`` row of a CSV; an error names the CSV line.
+
+    Blank lines and lines starting with ``#`` are skipped, and so is a first
+    row naming its columns (``file,label``, ``path,class``, ...). Paths are
+    relative to the CSV file. ``split`` is validated (val, valid and
+    validation all mean ``val``). With ``must_exist``, a listed file that is
+    not there is an error; without, the decoder reports it later.
+    """
     if not csv_path.is_file():
-        raise DataError(f"{csv_path}: no such CSV file (check data.path)")
+        raise DataError(f"{csv_path}: no such CSV file")
     base = csv_path.parent
-    rows: list[tuple[int, Path, str, str]] = []  # line, file, label, split
+    rows: list[LabelledRow] = []
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
+            first = True
             for row in reader:
                 line = reader.line_num
                 cells = [c.strip() for c in row]
                 if not any(cells) or cells[0].startswith("#"):
                     continue
-                if not rows and _is_header(cells):
-                    continue
+                if first:
+                    first = False
+                    if _is_header(cells):
+                        continue
                 where = f"{csv_path}:{line}"
                 if len(cells) not in (2, 3):
                     raise DataError(
@@ -228,29 +245,38 @@ def read_csv(csv_path: Path, val_split: float, split_seed: int) -> Source:
                     split = "val"
                 if split not in ("", *SPLITS):
                     raise DataError(f"{where}: split '{cells[2]}' is not train, val or test")
-                path = resolve(name, base)
                 if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     raise DataError(f"{where}: '{name}' does not have an image file extension")
-                if not path.is_file():
+                path = resolve(name, base)
+                if must_exist and not path.is_file():
                     raise DataError(f"{where}: no such file '{name}' (relative to {base})")
-                rows.append((line, path, label, split or "train"))
+                rows.append(LabelledRow(line, path, label, split))
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
         raise DataError(f"{csv_path}: cannot parse CSV: {exc}") from None
+    if not rows:
+        raise DataError(f"{csv_path}: no rows (expected 'file,label' or 'file,label,split' lines)")
+    return rows
 
-    train_labels = sorted({label for _, _, label, split in rows if split == "train"})
+
+def read_csv(csv_path: Path, val_split: float, split_seed: int) -> Source:
+    """A CSV source: rows without a split are training rows; classes come from them."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no such CSV file (check data.path)")
+    rows = read_labelled_rows(csv_path)
+    train_labels = sorted({r.label for r in rows if r.split in ("", "train")})
     if len(train_labels) < 2:
         raise DataError(f"{csv_path}: need at least 2 classes with training rows, found {len(train_labels)}")
     index = {label: i for i, label in enumerate(train_labels)}
     out: dict[str, Items] = {s: [] for s in SPLITS}
-    for line, path, label, split in rows:
-        if label not in index:
+    for r in rows:
+        if r.label not in index:
             raise DataError(
-                f"{csv_path}:{line}: label '{label}' has no training rows "
+                f"{csv_path}:{r.line}: label '{r.label}' has no training rows "
                 "(a class must appear in train to be learned)"
             )
-        out[split].append((path, index[label]))
+        out[r.split or "train"].append((r.path, index[r.label]))
     train, val = out["train"], out["val"]
     if not val:
         train, val = stratified_split(train, train_labels, val_split, split_seed)
@@ -258,4 +284,6 @@ def read_csv(csv_path: Path, val_split: float, split_seed: int) -> Source:
 
 
 def _is_header(cells: list[str]) -> bool:
-    return len(cells) >= 2 and cells[0].lower() in _HEADER_FILE and cells[1].lower() in _HEADER_LABEL
+    """A first row naming its columns: its first cell is a word like ``file``,
+    which no data row can be (those need an image file extension)."""
+    return cells[0].lower() in _HEADER_FILE
