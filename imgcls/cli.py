@@ -218,10 +218,14 @@ def train(
 @command
 def summarize(
     target: Annotated[
-        str, typer.Argument(help="A recipe file, or an architecture name (see `imgcls models`).")
+        str,
+        typer.Argument(
+            help="A recipe file, a run folder or checkpoint, or an architecture name (see `imgcls models`)."
+        ),
     ],
     input: Annotated[
-        str | None, typer.Option("--input", "-i", help="Input shape CxHxW, e.g. 3x224x224.")
+        str | None,
+        typer.Option("--input", "-i", help="Input shape CxHxW, e.g. 3x224x224 (HxW alone means 3 channels)."),
     ] = None,
     classes: Annotated[int | None, typer.Option("--classes", "-c", min=1, help="Number of classes.")] = None,
     depth: Annotated[

@@ -237,6 +237,7 @@ def train(
             )
 
     from imgcls.data import prepare_data
+    from imgcls.data.loader import normalize
 
     data_spec = recipe.data
     if recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
@@ -319,8 +320,6 @@ def train(
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
 
     augment, mix = _augmentation(recipe, len(classes))
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     train_x, train_y = data.train.x, data.train.y
     n = len(train_y)
     batch_size = min(spec.batch_size, n)
@@ -333,9 +332,7 @@ def train(
         log("no validation split: the best checkpoint is chosen on training loss")
 
     def to_input(xb: torch.Tensor) -> torch.Tensor:
-        xb = xb.to(device, non_blocking=True)
-        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
-        xb = (xb - mean) / std
+        xb = normalize(xb.to(device, non_blocking=True), data.mean, data.std)
         return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
 
     interrupted = {"flag": False}
