@@ -240,7 +240,10 @@ def train(
     from imgcls.data.loader import normalize
 
     data_spec = recipe.data
-    if recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
+    if saved_meta is not None:  # a resumed run keeps the statistics it started with
+        pre = saved_meta["preprocessing"]
+        data_spec = data_spec.model_copy(update={"mean": pre["mean"], "std": pre["std"]})
+    elif recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
         from imgcls.models.zoo import pretrained_stats
 
         stats = pretrained_stats(recipe.model.arch, data_spec.channels)
@@ -298,7 +301,13 @@ def train(
         run_dir = resume
         from safetensors.torch import load_file
 
-        ck.load_weights(model, load_file(str(resume / ck.LAST)))
+        try:
+            ck.load_weights(model, load_file(str(resume / ck.LAST)))
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
         saved_state = ck.load_resume(resume / ck.RESUME)
         optimizer.load_state_dict(saved_state["optimizer"])
         if (ema is not None) != bool(saved_state.get("ema")):

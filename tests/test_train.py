@@ -329,3 +329,13 @@ def test_fine_tuning_starts_from_cached_pretrained_weights(tmp_path, monkeypatch
     from imgcls.checkpoint import read_meta
 
     assert read_meta(run / "last.safetensors")["preprocessing"]["mean"] == list(weights.transforms().mean)
+
+
+def test_resume_refuses_another_input_size(tmp_path):
+    raw = tiny()
+    raw["model"]["layers"][-1] = "flatten"  # the head's size now depends on the input size
+    with pytest.raises(Interrupted):
+        train(recipe_from_dict(raw), out=tmp_path / "run", log=quiet, stop_after_steps=1)
+    raw["data"]["image_size"] = 32
+    with pytest.raises(CheckpointError, match="do not fit"):
+        train(recipe_from_dict(raw), resume=tmp_path / "run", log=quiet)
