@@ -45,47 +45,38 @@ class Regularized(Strict):
     l2: Annotated[float, Field(ge=0)] | None = None
 
 
-class Conv(Regularized):
-    """2-D convolution: ``filters`` kernels of ``kernel`` size."""
+class Windowed(Regularized):
+    """What every convolution shares: the sliding window, and what follows it."""
 
-    primary: ClassVar[str] = "filters"
-    filters: PosInt
     kernel: Pair = 3
     stride: Pair = 1
     padding: Padding = "valid"
     dilation: Pair = 1
-    groups: PosInt = 1
     activation: Activation = "none"
     bias: bool | None = None  # default: True, False when batch_norm
     batch_norm: bool = False
 
 
-class Separable(Regularized):
+class Conv(Windowed):
+    """2-D convolution: ``filters`` kernels of ``kernel`` size."""
+
+    primary: ClassVar[str] = "filters"
+    filters: PosInt
+    groups: PosInt = 1
+
+
+class Depthwise(Windowed):
+    """Depthwise conv alone: each input channel convolved with its own filters."""
+
+    padding: Padding = "same"
+    depth_multiplier: PosInt = 1
+
+
+class Separable(Depthwise):
     """Depthwise conv (one filter per channel) then a 1x1 pointwise conv."""
 
     primary: ClassVar[str] = "filters"
     filters: PosInt
-    kernel: Pair = 3
-    stride: Pair = 1
-    padding: Padding = "same"
-    dilation: Pair = 1
-    depth_multiplier: PosInt = 1
-    activation: Activation = "none"
-    bias: bool | None = None
-    batch_norm: bool = False
-
-
-class Depthwise(Regularized):
-    """Depthwise conv alone: each input channel convolved with its own filters."""
-
-    kernel: Pair = 3
-    stride: Pair = 1
-    padding: Padding = "same"
-    dilation: Pair = 1
-    depth_multiplier: PosInt = 1
-    activation: Activation = "none"
-    bias: bool | None = None
-    batch_norm: bool = False
 
 
 class Pool(Strict):
