@@ -124,3 +124,23 @@ def test_center_crop_keeps_the_centre(tmp_path):
     im.paste(255, (10, 0, 20, 10))  # white centre square, black sides
     t = load_image(_save(tmp_path, "c.png", im), 1, (10, 10), "center_crop")
     assert t.float().mean() > 250
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_without_visible_change(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imgcls.data.decode import decode_image, image_to_tensor, load_image, resize_image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 1600)[None, :, None]
+    Image.fromarray((rng.random((1200, 1600, 3)) * 40 + ramp).astype(np.uint8)).save(
+        tmp_path / "big.jpg", quality=90
+    )
+    small = decode_image(tmp_path / "big.jpg", 3, min_side=100)
+    assert small.size == (200, 150)  # 1/8 scale: both sides still >= 100
+    fast = load_image(tmp_path / "big.jpg", 3, (100, 100), "center_crop").float()
+    full = image_to_tensor(
+        resize_image(decode_image(tmp_path / "big.jpg", 3), (100, 100), "center_crop")
+    ).float()
+    assert (fast - full).abs().mean() < 2.0  # out of 255

@@ -34,7 +34,7 @@ from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
 AUTO_RAM_LIMIT = 2 * 1024**3
-CACHE_VERSION = 1  # bump when decode/resize output changes
+CACHE_VERSION = 2  # bump when decode/resize output changes (2: JPEG draft decoding)
 Log = Callable[[str], None]
 MAX_LOGGED_BAD = 10
 
