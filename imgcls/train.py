@@ -553,50 +553,46 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 class _Progress:
-    """A rich progress bar per epoch on a terminal; nothing otherwise."""
+    """A live bar for the running epoch on a terminal (loss, accuracy, img/s,
+    ETA), with one permanent line per finished epoch above it; nothing otherwise."""
 
     def __init__(self, enabled: bool, epochs: int, steps: int):
-        self.enabled, self.epochs, self.steps = enabled, epochs, steps
-        self.progress = None
+        self.epochs, self.steps = epochs, steps
+        self.progress = self.task = None
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
                 console=Console(stderr=True),
+                transient=True,
             )
             self.progress.start()
-            self.task = None
-            self.t0 = time.perf_counter()
 
     def start_epoch(self, epoch: int, step: int) -> None:
         if self.progress:
             self.task = self.progress.add_task(
                 f"epoch {epoch + 1}/{self.epochs}", total=self.steps, completed=step, stats=""
             )
-            self.t0 = time.perf_counter()
-            self.seen0 = None
+            self.t0, self.seen0 = time.perf_counter(), None
 
     def advance(self, sums: dict) -> None:
         if self.progress:
             if self.seen0 is None:
                 self.seen0 = sums["seen"]
             rate = (sums["seen"] - self.seen0) / max(time.perf_counter() - self.t0, 1e-9)
-            stats = f"loss {sums['loss'] / sums['seen']:.4f} acc {sums['correct'] / sums['seen']:.3f} {rate:.0f} img/s"
+            stats = f"loss {sums['loss'] / sums['seen']:.3f} acc {sums['correct'] / sums['seen']:.3f} {rate:.0f} img/s"
             self.progress.update(self.task, advance=1, stats=stats)
 
     def end_epoch(self, row: dict, epochs: int) -> None:
         if self.progress:
-            self.progress.update(
-                self.task,
-                description=f"epoch {row['epoch']}/{epochs}",
-                stats=_epoch_line(row, epochs).split("  ", 1)[1],
-            )
+            self.progress.remove_task(self.task)
+            self.progress.console.print(_epoch_line(row, epochs), highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress:
