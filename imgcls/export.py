@@ -60,23 +60,47 @@ class Tolerance:
       train mode, a dropped layer, wrong padding, a graph frozen to the
       example batch) give errors of order 1. ``logit_atol`` covers rows
       whose logits are all near zero (untrained heads).
-    - the last term is PyTorch's own float32 error on that image, measured
-      against the same model run in float64. A well-conditioned model's is
-      ~1e-6 of its logits and changes nothing. An ill-conditioned one
-      amplifies rounding: torchvision's efficientnet_b3 at 64x64 with
-      batchnorm statistics taken from noise has logits up to ~3e3, and
-      PyTorch float32 itself is off from float64 by up to 3.8 (1.2e-3 of the
-      logits; by 4.8 between batch sizes 1 and 6 of the same model), while
-      the ONNX export is off from float64 by 2.4, i.e. as accurate as
-      PyTorch. Two float32 runs each within e of the exact answer can be 2e
-      apart; ``fp32_factor`` = 4 allows that twice over, and is still far
-      below the order-1 relative errors of real bugs in a well-conditioned
-      model.
+    - the last term is PyTorch's own float32 error on that image: the
+      largest ``|torch float32 - torch float64|`` logit of the image over
+      PyTorch's runs at every batch size checked (other batch sizes run
+      other kernels, so two samples of that error rather than one). A
+      well-conditioned model's is ~1e-6 of its logits and changes nothing.
+      An ill-conditioned one amplifies rounding. Two float32 runs each within
+      e of the exact answer can be 2e apart; ``fp32_factor`` = 4 allows that
+      twice over, and is still far below the order-1 relative errors of real
+      bugs in a well-conditioned model.
+    - it stays per image, never a batch-wide maximum: conditioning differs
+      by orders of magnitude between images of one batch. Measured on
+      torchvision models at 64x64, 5 classes, random weights with batchnorm
+      statistics taken from noise, check batch = 4 shapes images + 4 uniform
+      noise images (float32 error of batch size 1 / 3 vs float64):
+      efficientnet_b5's shapes images have logits ~2 and errors < 1e-5, its
+      noise images logits 7e3-3e4 and errors 40-3443 (0.6-14%); the ONNX
+      export's errors there are 78-1636 (1-5%), as accurate as PyTorch. On
+      efficientnet_b6 one image (logits 2.1, error 2e-6) shares the batch
+      with one whose error is 6e6; a batch-wide bound would let the first be
+      off by 2e7 and hide any export bug on it.
     - probabilities (softmax): ``prob_atol`` absolute, i.e. the first four
-      decimals a person reads in ``imgcls predict`` are the same (or
-      ``fp32_factor`` times PyTorch's own float32 error in them, if larger).
-    - top-1: identical on every image, unless torch's own top-2 margin is
-      within twice the logit tolerance (a near-tie that rounding may flip).
+      decimals a person reads in ``imgcls predict`` are the same; or, if
+      larger, ``fp32_factor`` times PyTorch's own float32 error in them, or
+      the logit slack ``fp32_factor * e`` (capped at 1), since softmax moves
+      no probability by more than the largest logit change. The latter
+      matters when huge logits make softmax one-hot: float32 and float64
+      then agree on the probabilities exactly (error 0) even where the
+      logit error exceeds the top-2 margin, and a flip moves a
+      probability by 1.
+    - top-1: identical on every image, unless the image's top-2 margin (the
+      smaller of PyTorch float32's and float64's) is within twice its logit
+      tolerance (a near-tie that rounding may flip), or PyTorch's own float32
+      runs pick another top-1 than float64 (rounding already decides it).
+      Such images are counted in ``ParityCheck.top1_unjudged``; their logits
+      are still held to the bound above. efficientnet_b6/b7 as above are so
+      ill-conditioned that float32 errors reach the logits themselves (b7:
+      0.4-1.5x the image's largest logit on all 8 images; PyTorch float32
+      agrees with float64's top-1 on 3 of 8); there no float32 program can
+      be told right from wrong by its top-1, and :func:`export_model` says
+      so in a note rather than fail an export that is as close to float64
+      as PyTorch is (ONNX 0.3-1.7x, top-1 right on 4 of 8).
     """
 
     logit_rtol: float = 1e-3
@@ -100,6 +124,7 @@ class ParityCheck:
     ok: bool
     problem: str = ""
     torch_fp32_error: float = 0.0  # max |PyTorch float32 - PyTorch float64| logit on these images
+    top1_unjudged: int = 0  # images whose top-1 PyTorch float32 itself cannot settle (see Tolerance)
 
 
 @dataclass
@@ -223,6 +248,13 @@ def export_model(
             log(
                 f"note: this model amplifies rounding: PyTorch's own float32 logits are off by up to "
                 f"{fp32_error:.3g} (largest logit {scale:.3g}) from float64; the export is held to that"
+            )
+        unjudged = max(c.top1_unjudged for c in result.checks)
+        if unjudged and fp32_error > 1e-4 * scale:
+            log(
+                f"note: on {unjudged} of {len(x)} check images PyTorch's own float32 error covers the "
+                f"top-2 margin, so the top-1 class there is decided by rounding and was not compared"
+                + ("; check this export on real images (--image)" if unjudged == len(x) else "")
             )
         failed = [c for c in result.checks if not c.ok]
         if failed:
@@ -489,18 +521,22 @@ def parity_checks(model, exported, x, sizes: Sequence[int], tol: Tolerance) -> l
 
     Like for like: PyTorch's own outputs shift with the batch size (other
     kernels, other summation order), so each batch size gets its own
-    reference rather than one computed at another size.
+    reference rather than one computed at another size; PyTorch's runs at
+    the other sizes still enter each image's float32 error estimate.
     """
     import torch
 
     exact = exact_logits(model, x)
-    checks = []
+    runs = []
     for size in sizes:
         # pad to whole batches by repeating images (a static export needs full ones)
         n = -(-len(x) // size) * size
         index = [i % len(x) for i in range(n)]
         batches = [x[index[i : i + size]] for i in range(0, n, size)]
         ref = torch.cat([reference_logits(model, b) for b in batches])[: len(x)]
+        runs.append((size, batches, ref))
+    checks = []
+    for size, batches, ref in runs:
         try:
             got = torch.cat([exported(b) for b in batches])[: len(x)]
         except Exception as exc:
@@ -509,7 +545,8 @@ def parity_checks(model, exported, x, sizes: Sequence[int], tol: Tolerance) -> l
                 ParityCheck(size, len(x), float("inf"), float("inf"), 0, False, f"batch {size}: {first}")
             )
             continue
-        checks.append(compare(ref, got, size, tol, exact))
+        others = [r for s, _, r in runs if s != size]
+        checks.append(compare(ref, got, size, tol, exact, others))
     return checks
 
 
@@ -526,10 +563,12 @@ def exact_logits(model, x):
         return None
 
 
-def compare(ref, got, batch_size: int, tol: Tolerance, exact=None) -> ParityCheck:
+def compare(ref, got, batch_size: int, tol: Tolerance, exact=None, fp32_runs=()) -> ParityCheck:
     """Compare logits ``got`` with the reference ``ref`` (both N x classes);
     ``exact``, the float64 logits, widens the tolerance by PyTorch's own
-    float32 error (see :class:`Tolerance`)."""
+    float32 error on each image, measured on ``ref`` and on any other float32
+    runs of the same images given in ``fp32_runs`` (e.g. at other batch
+    sizes); see :class:`Tolerance`."""
     import torch
 
     ref, got = ref.double(), got.double()
@@ -552,19 +591,29 @@ def compare(ref, got, batch_size: int, tol: Tolerance, exact=None) -> ParityChec
     allowed = tol.logit_atol + tol.logit_rtol * ref.abs().amax(dim=1, keepdim=True)
     prob_allowed = torch.full((len(ref), 1), tol.prob_atol, dtype=torch.float64)
     fp32_error = torch.zeros(len(ref), 1, dtype=torch.float64)
+    margin = _top2_margin(ref)
+    lost = torch.zeros(len(ref), dtype=torch.bool)  # PyTorch float32 itself picks another top-1
     if exact is not None and exact.shape == ref.shape:
         exact = exact.double()
-        fp32_error = (ref - exact).abs().amax(dim=1, keepdim=True)
+        runs = [ref, *(r.double() for r in fp32_runs if r.shape == ref.shape)]
+        fp32_error = torch.stack([(r - exact).abs().amax(dim=1) for r in runs]).amax(0)[:, None]
         allowed = allowed + tol.fp32_factor * fp32_error
-        prob_error = (ref.softmax(1) - exact.softmax(1)).abs().amax(dim=1, keepdim=True)
-        prob_allowed = torch.maximum(prob_allowed, tol.fp32_factor * prob_error)
+        prob_error = torch.stack([(r.softmax(1) - exact.softmax(1)).abs().amax(dim=1) for r in runs]).amax(0)[
+            :, None
+        ]
+        # softmax moves no probability by more than the largest logit change
+        # (its Jacobian's inf-norm is <= 1/2 of a logit range <= 2 max|dz|),
+        # so a logit slack of fp32_factor * fp32_error is the same in probabilities
+        prob_allowed = torch.maximum(
+            prob_allowed,
+            torch.maximum(tol.fp32_factor * prob_error, (tol.fp32_factor * fp32_error).clamp(max=1.0)),
+        )
+        margin = torch.minimum(margin, _top2_margin(exact))
+        lost = torch.stack([r.argmax(1) != exact.argmax(1) for r in runs]).any(0)
     prob_diff = (got.softmax(1) - ref.softmax(1)).abs()
     top1_ref, top1_got = ref.argmax(1), got.argmax(1)
-    if ref.shape[1] > 1:
-        top2 = ref.topk(2, dim=1).values
-        near_tie = (top2[:, 0] - top2[:, 1]) <= 2 * allowed[:, 0]
-    else:
-        near_tie = torch.ones(len(ref), dtype=torch.bool)
+    # a near-tie that rounding may flip, or an image whose top-1 PyTorch float32 itself gets wrong
+    unjudged = (margin <= 2 * allowed[:, 0]) | lost
     agree = top1_ref == top1_got
     check = ParityCheck(
         batch_size=batch_size,
@@ -574,26 +623,36 @@ def compare(ref, got, batch_size: int, tol: Tolerance, exact=None) -> ParityChec
         top1_agree=int(agree.sum()),
         ok=True,
         torch_fp32_error=float(fp32_error.max()),
+        top1_unjudged=int(unjudged.sum()) if ref.shape[1] > 1 else 0,
     )
     worst = int((diff - allowed).amax(dim=1).argmax())
+    worst_prob = int((prob_diff.amax(dim=1, keepdim=True) - prob_allowed).argmax())
     if bool((diff > allowed).any()):
         check.ok = False
         check.problem = (
-            f"batch {batch_size}: logits differ by up to {check.max_logit_diff:.3g}, "
+            f"batch {batch_size}: logits differ by up to {float(diff[worst].max()):.3g}, "
             f"allowed {float(allowed[worst]):.3g} (image {worst})"
         )
     elif bool((prob_diff.amax(dim=1, keepdim=True) > prob_allowed).any()):
         check.ok = False
         check.problem = (
-            f"batch {batch_size}: probabilities differ by up to {check.max_prob_diff:.3g}, "
-            f"allowed {float(prob_allowed.max()):.3g}"
+            f"batch {batch_size}: probabilities differ by up to {float(prob_diff[worst_prob].max()):.3g}, "
+            f"allowed {float(prob_allowed[worst_prob]):.3g} (image {worst_prob})"
         )
-    elif bool((~agree & ~near_tie).any()):
+    elif bool((~agree & ~unjudged).any()):
         check.ok = False
         check.problem = (
             f"batch {batch_size}: top-1 class differs on {int((~agree).sum())} of {len(ref)} images"
         )
     return check
+
+
+def _top2_margin(logits):
+    """Each row's largest logit minus its second largest (0 for one class)."""
+    if logits.shape[1] < 2:
+        return logits.new_zeros(len(logits))
+    top2 = logits.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
 
 
 # --------------------------------------------------------------------------- loading

@@ -407,3 +407,78 @@ def test_exact_logits_are_float64_and_leave_the_model_alone(tiny_checkpoint):
     assert next(model.parameters()).dtype == torch.float32
     with torch.no_grad():
         assert torch.allclose(model(x).double(), exact, atol=1e-5)
+
+
+def test_float32_error_counts_per_image_not_batch_wide():
+    """One image's huge float32 error gives no slack to a well-conditioned neighbour."""
+    tol = ex.Tolerance()
+    ref = torch.tensor([[3000.0, 2900.0, 0.0], [2.0, 1.0, 0.0]])
+    exact = ref + torch.tensor([[300.0, -200.0, 0.0], [1e-7, 0.0, 0.0]])
+    assert ex.compare(ref, ref + torch.tensor([[900.0, -900.0, 0.0], [0.0] * 3]), 1, tol, exact).ok
+    wrong = ex.compare(ref, ref + torch.tensor([[0.0] * 3, [0.0, 0.0, 0.01]]), 1, tol, exact)
+    assert not wrong.ok and "(image 1)" in wrong.problem
+
+
+def test_top1_is_not_compared_where_float32_itself_gets_it_wrong():
+    """Huge logits: softmax is one-hot, and PyTorch float32 already picks another
+    class than float64; an export flipping it is as right as PyTorch, unless
+    PyTorch's float32 error is small, or another float32 run shows it is."""
+    tol = ex.Tolerance()
+    ref = torch.tensor([[1000.0, 990.0, 0.0], [2.0, 1.0, 0.0]])
+    exact = torch.tensor([[995.0, 1000.0, 0.0], [2.0, 1.0, 0.0]])  # float64: class 1 on image 0
+    got = torch.tensor([[990.0, 1000.0, 0.0], [2.0, 1.0, 0.0]])
+    check = ex.compare(ref, got, 1, tol, exact)
+    assert check.ok and check.top1_agree == 1 and check.top1_unjudged == 1
+    assert check.max_prob_diff > 0.99  # the flip moves a probability by ~1
+    assert not ex.compare(ref, got, 1, tol, ref).ok  # float32 exact: the flip is a bug
+    # the float32 error is the largest over PyTorch's runs (e.g. at another batch size)
+    here = exact + torch.tensor([[0.0, 0.5, 0.0], [0.0] * 3])  # 0.5 off float64 at this size...
+    other = ref  # ...10 at another, and picking class 0 there
+    flip = torch.tensor([[1000.0, 990.0, 0.0], [2.0, 1.0, 0.0]])
+    assert not ex.compare(here, flip, 1, tol, exact).ok
+    assert ex.compare(here, flip, 1, tol, exact, [other]).ok
+
+
+def _broken(how: str):
+    """A wrapper for :func:`imgcls.export.logits_module` that hands the exporter
+    a copy of the model with a real bug: batchnorm in train mode, or the first
+    batchnorm dropped."""
+    import copy
+
+    real = ex.logits_module
+
+    def logits_module(model, x):
+        bad = copy.deepcopy(real(model, x))
+        norms = [
+            (name, m)
+            for name, m in bad.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        assert norms, "the model has no batchnorm to break"
+        if how == "batchnorm in train mode":
+            for _, m in norms:
+                m.train()
+        else:
+            name = norms[0][0]
+            parent = bad.get_submodule(name.rpartition(".")[0]) if "." in name else bad
+            setattr(parent, name.rpartition(".")[2], torch.nn.Identity())
+        return bad
+
+    return logits_module
+
+
+# (torch.onnx exports a train-mode batchnorm as one that onnxruntime runs on
+# its running statistics, i.e. correctly: that file passes, rightly)
+@pytest.mark.parametrize(
+    "fmt, suffix, how",
+    [
+        ("torchscript", ".pt", "batchnorm in train mode"),
+        ("torchscript", ".pt", "dropped layer"),
+        ("onnx", ".onnx", "dropped layer"),
+    ],
+)
+def test_a_wrong_export_still_fails(residual_checkpoint, tmp_path, monkeypatch, fmt, suffix, how):
+    monkeypatch.setattr(ex, "logits_module", _broken(how))
+    with pytest.raises(ImgclsError, match="does not match PyTorch"):
+        ex.export_model(residual_checkpoint, fmt, tmp_path / f"m{suffix}")
+    no_leftovers(tmp_path, set())
