@@ -45,30 +45,40 @@ def matmul_flops(n: int = 2048, repeat: int = 10) -> float:
     return 2 * n**3 * repeat / (time.perf_counter() - start)
 
 
+def _rate(recipe, model, batches, epochs: int, dtype=torch.float32) -> float:
+    """Train ``model`` on ``batches()`` (an iterable per epoch); images/s of the last epoch."""
+    opt = make_optimizer(model, recipe.train.optimizer)
+    rate = 0.0
+    for _ in range(epochs):
+        model.train()
+        start, seen = time.perf_counter(), 0
+        for xb, yb in batches():
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = F.cross_entropy(model(xb).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(yb)
+        rate = seen / (time.perf_counter() - start)
+    return rate
+
+
 def hand_loop(recipe, x, y, epochs: int, dtype=torch.float32, channels_last=False) -> float:
-    """The minimal loop a person would write: images/s of the last epoch."""
+    """The minimal loop a person would write, on in-memory tensors."""
     torch.manual_seed(0)
     model = build_model(recipe.model, tuple(x.shape[1:]), int(y.max()) + 1)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = make_optimizer(model, recipe.train.optimizer)
     bs = recipe.train.batch_size
-    rate = 0.0
-    for _ in range(epochs):
-        model.train()
+
+    def batches():
         perm = torch.randperm(len(y))
-        start, seen = time.perf_counter(), 0
         for i in range(0, len(y) - bs + 1, bs):
             idx = perm[i : i + bs]
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                loss = F.cross_entropy(model(x[idx]).float(), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(idx)
-        rate = seen / (time.perf_counter() - start)
-    return rate
+            yield x[idx], y[idx]
+
+    return _rate(recipe, model, batches, epochs, dtype)
 
 
 def imagefolder_loop(recipe, folder: Path, epochs: int, mean, std) -> float:
@@ -90,19 +100,7 @@ def imagefolder_loop(recipe, folder: Path, epochs: int, mean, std) -> float:
     )
     torch.manual_seed(0)
     model = build_model(recipe.model, (recipe.data.channels, *size), len(ds.classes))
-    opt = make_optimizer(model, recipe.train.optimizer)
-    rate = 0.0
-    for _ in range(epochs):
-        model.train()
-        start, seen = time.perf_counter(), 0
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(yb)
-        rate = seen / (time.perf_counter() - start)
-    return rate
+    return _rate(recipe, model, lambda: loader, epochs)
 
 
 def main() -> None:
