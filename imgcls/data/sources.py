@@ -88,7 +88,7 @@ def read_folder(root: Path, val_split: float, split_seed: int) -> Source:
         raise DataError(f"{root}: not a folder (data.source 'folder' wants a folder)")
     train_dir = root / "train"
     if train_dir.is_dir():
-        classes, train = _scan_classes(train_dir)
+        classes, train = scan_class_folders(train_dir)
         val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
         if val_dir is not None:
             val = _scan_split(val_dir, classes)
@@ -96,7 +96,7 @@ def read_folder(root: Path, val_split: float, split_seed: int) -> Source:
             train, val = stratified_split(train, classes, val_split, split_seed)
         test = _scan_split(root / "test", classes) if (root / "test").is_dir() else []
         return Source(classes, train, val, test, root)
-    classes, items = _scan_classes(root)
+    classes, items = scan_class_folders(root)
     train, val = stratified_split(items, classes, val_split, split_seed)
     return Source(classes, train, val, [], root)
 
@@ -126,7 +126,8 @@ def images_under(folder: Path) -> list[Path]:
     return found
 
 
-def _scan_classes(folder: Path) -> tuple[list[str], Items]:
+def scan_class_folders(folder: Path) -> tuple[list[str], Items]:
+    """``folder/<class>/...``: the class names (sorted) and every (image, class index)."""
     class_dirs = _visible_dirs(folder)
     if not class_dirs:
         raise DataError(f"{folder}: no class folders found (expected one sub-folder of images per class)")
