@@ -235,7 +235,13 @@ def test_main_logits_of_a_namedtuple_model(tmp_path):
     torch.manual_seed(0)
     model = TwoHeads().eval()
     x = torch.randn(4, 3, 8, 8)
-    meta = {"format": ex.EXPORT_FORMAT, "version": 1, "classes": ["a", "b", "c"], "preprocessing": {}}
+    meta = {
+        "format": ex.EXPORT_FORMAT,
+        "version": 1,
+        "classes": ["a", "b", "c"],
+        "preprocessing": {**PRE, "image_size": [8, 8]},
+        "input_shape": [3, 8, 8],
+    }
     ref = model(x).logits.detach()
     for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
         path = tmp_path / f"two{suffix}"

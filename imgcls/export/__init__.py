@@ -55,6 +55,8 @@ _WHERE = {
         "INPUT_NAME",
         "OUTPUT_NAME",
         "ONNX_MISSING",
+        "EXPORT_FORMAT",
+        "EXPORT_VERSION",
     ),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
