@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from imgcls.errors import CheckpointError
+from imgcls.metadata import CHECKPOINT_FORMAT as FORMAT
+from imgcls.metadata import CHECKPOINT_VERSION as FORMAT_VERSION
+from imgcls.metadata import check_head, parse_checkpoint_meta, unsafe_file_reason
 
-FORMAT = "imgcls-checkpoint"
-FORMAT_VERSION = 1
 BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
 
 
@@ -67,6 +68,7 @@ def save_checkpoint(path: Path, model, meta: dict) -> None:
 
 
 def read_meta(path: Path) -> dict:
+    """The checkpoint's imgcls metadata, validated (:mod:`imgcls.metadata`)."""
     from safetensors import safe_open
 
     try:
@@ -78,10 +80,18 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: a safetensors file without imgcls metadata (not an imgcls checkpoint)"
         )
-    meta = json.loads(header["imgcls"])
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('version')} is newer than this imgcls")
-    return meta
+    return parse_checkpoint_meta(header["imgcls"], str(path))
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 @dataclass
@@ -150,53 +160,110 @@ def build_from_meta(meta: dict, where: str):
 
 
 def load_checkpoint(target: str | Path) -> Checkpoint:
+    """Read, validate and build the checkpoint ``target`` (file, run folder, runs/<name>).
+
+    The metadata and every tensor's shape are checked against the
+    architecture (built on the meta device, which allocates nothing) before
+    a byte of weights is read.
+    """
+    import torch
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(target)
     meta = read_meta(path)
+    where = str(path)
+    shapes = tensor_shapes(path)
+    try:
+        with torch.device("meta"):
+            skeleton = build_from_meta(meta, where)
+    except (RuntimeError, NotImplementedError):
+        skeleton = None  # an architecture that cannot be built on meta: checked when loaded
+    if skeleton is not None:
+        head = _head_weight(skeleton)
+        if head is not None and shapes.get(head):
+            check_head(
+                meta["classes"], shapes[head][0], where, f"the head ({head}, shape {list(shapes[head])})"
+            )
+        check_fit(skeleton, shapes, where)
     state = load_file(str(path))
-    model = _model_with_weights(meta, state, str(path))
+    model = _model_with_weights(meta, state, where, skeleton)
     model.eval()
     return Checkpoint(path, meta, model)
 
 
-def _model_with_weights(meta: dict, state: dict, where: str):
+def check_fit(model, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """The tensors ``shapes`` describes are exactly ``model``'s, shape for shape;
+    an error names the missing / unexpected keys, or the tensor and both shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_names(unexpected)}")
+        raise CheckpointError(f"{where}: weights do not fit the architecture ({'; '.join(parts)})")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            raise CheckpointError(
+                f"{where}: weights do not fit the architecture: {key} has shape {list(shapes[key])} "
+                f"in the file, the architecture expects {list(shape)}"
+            )
+
+
+def _head_weight(model) -> str | None:
+    """State-dict key of the weight of the last Linear / Conv layer (the class scores)."""
+    from torch import nn
+
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name:
+            last = f"{name}.weight"
+    return last
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
+
+
+def _model_with_weights(meta: dict, state: dict, where: str, skeleton=None):
     """Build the model without initialising weights we are about to overwrite.
 
-    The model is built on the meta device and the checkpoint's tensors are
-    assigned in (seconds saved for googlenet-sized nets); an architecture that
-    cannot be built on meta, or keeps tensors outside its state dict, is
-    built the ordinary way.
+    The model built on the meta device (``skeleton``) gets the checkpoint's
+    tensors assigned in (seconds saved for googlenet-sized nets); an
+    architecture that cannot be built on meta, or keeps tensors outside its
+    state dict, is built the ordinary way.
     """
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = build_from_meta(meta, where)
-        load_weights(model, state, assign=True)
-        tensors = [*model.parameters(), *model.buffers()]
+    if skeleton is not None:
+        load_weights(skeleton, state, assign=True, where=where)
+        tensors = [*skeleton.parameters(), *skeleton.buffers()]
         if not any(t.is_meta for t in tensors):
-            return model
-    except (RuntimeError, NotImplementedError):
-        pass
+            return skeleton
     model = build_from_meta(meta, where)
-    try:
-        load_weights(model, state)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{where}: weights do not fit the architecture ({str(exc).splitlines()[0]})"
-        ) from None
+    load_weights(model, state, where=where)
     return model
 
 
-def load_weights(model, state: dict, assign: bool = False) -> None:
+def load_weights(model, state: dict, assign: bool = False, where: str = "the checkpoint") -> None:
     """``load_state_dict`` with the module versions a plain safetensors dict lacks
-    (torchvision's MNASNet, for one, reads its version from them)."""
+    (torchvision's MNASNet, for one, reads its version from them).
+
+    A state that does not fit raises :class:`CheckpointError` naming ``where``,
+    the tensor and both shapes, or the missing and unexpected keys.
+    """
     from collections import OrderedDict
 
+    check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, where)
     state = OrderedDict(state)
     state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    model.load_state_dict(state, strict=True, assign=assign)
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{where}: weights do not fit the architecture ({str(exc).strip().splitlines()[0]})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- run folders
@@ -244,4 +311,5 @@ def load_resume(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable resume state ({exc})") from None
+        reason = unsafe_file_reason(exc) or f"unreadable resume state ({str(exc).strip().splitlines()[0]})"
+        raise CheckpointError(f"{path}: {reason}") from None

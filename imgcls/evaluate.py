@@ -31,12 +31,10 @@ from pathlib import Path
 import torch
 
 from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, write_text_atomic
-from imgcls.data.loader import normalize
-from imgcls.data.sources import images_under, read_labelled_rows
+from imgcls.data.sources import read_labelled_rows, scan_class_folders
 from imgcls.errors import DataError, PartialFailure
+from imgcls.infer import decoded_batches, logits, model_input
 from imgcls.metrics import classification_report
-from imgcls.models.build import main_logits
-from imgcls.predict import decoded_batches
 
 Log = Callable[[str], None]
 Items = list[tuple[Path, str]]  # (file, class name)
@@ -157,11 +155,11 @@ def _run(ckpt: Checkpoint, items: Items, index: dict[str, int], batch_size: int)
                 bad.append((path, r.reason))
         if good:
             pre = ckpt.preprocessing
-            x = normalize(torch.stack(good), pre["mean"], pre["std"])
-            outputs.append(main_logits(ckpt.model(x)).float())
+            x = model_input(torch.stack(good), pre["mean"], pre["std"])
+            outputs.append(logits(ckpt.model, x))
     n = len(ckpt.classes)
-    logits = torch.cat(outputs) if outputs else torch.empty(0, n)
-    return logits, torch.tensor(targets, dtype=torch.int64), files, bad
+    scores = torch.cat(outputs) if outputs else torch.empty(0, n)
+    return scores, torch.tensor(targets, dtype=torch.int64), files, bad
 
 
 # --------------------------------------------------------------------------- which images
@@ -208,15 +206,8 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
             raise DataError(
                 f"{root}: has train/ but no test/ or val/; point evaluate at the folder to evaluate"
             )
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{root}: no class folders (expected one sub-folder of images per class)")
-    items: Items = []
-    for d in class_dirs:
-        items.extend((f, d.name) for f in images_under(d))
-    if not items:
-        raise DataError(f"{root}: no images in its class folders")
-    return items, str(root)
+    classes, found = scan_class_folders(root)
+    return [(path, classes[label]) for path, label in found], str(root)
 
 
 def read_labels_csv(path: Path) -> Items:

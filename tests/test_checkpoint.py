@@ -20,7 +20,13 @@ def _save(path, raw: dict, shape=(3, 32, 32), classes=("a", "b", "c")):
         "recipe": recipe_to_dict(recipe),
         "classes": list(classes),
         "input_shape": list(shape),
-        "preprocessing": {},
+        "preprocessing": {
+            "image_size": list(shape[1:]),
+            "channels": shape[0],
+            "mean": [0.5] * shape[0],
+            "std": [0.25] * shape[0],
+            "resize": "stretch",
+        },
     }
     save_checkpoint(path, model, meta)
     return model
@@ -59,7 +65,10 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     import json
 
     save_file(load_file(tmp_path / "r.safetensors"), bad, metadata={"imgcls": json.dumps(meta)})
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad.safetensors: weights do not fit.*conv1\.weight has shape \[4, 3, 3, 3\].*expects \[5, 3, 3, 3\]",
+    ):
         load_checkpoint(bad)
 
 

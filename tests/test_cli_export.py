@@ -78,7 +78,7 @@ def test_missing_checkpoint_exit_2(tmp_path):
 
 
 def test_failed_parity_exit_1_and_no_file(tiny_checkpoint, tmp_path, monkeypatch):
-    from imgcls import export as ex
+    from imgcls.export import writers as ex
 
     monkeypatch.setattr(ex, "TOLERANCE", ex.Tolerance(logit_rtol=-1, logit_atol=-1, prob_atol=-1))
     out = tmp_path / "m.pt"

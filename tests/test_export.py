@@ -14,6 +14,7 @@ import torch
 
 from imgcls import export as ex
 from imgcls.errors import CheckpointError, ImgclsError, UsageError
+from imgcls.export import writers
 
 PRE = {"channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "resize": "center_crop"}
 
@@ -234,7 +235,13 @@ def test_main_logits_of_a_namedtuple_model(tmp_path):
     torch.manual_seed(0)
     model = TwoHeads().eval()
     x = torch.randn(4, 3, 8, 8)
-    meta = {"format": ex.EXPORT_FORMAT, "version": 1, "classes": ["a", "b", "c"], "preprocessing": {}}
+    meta = {
+        "format": ex.EXPORT_FORMAT,
+        "version": 1,
+        "classes": ["a", "b", "c"],
+        "preprocessing": {**PRE, "image_size": [8, 8]},
+        "input_shape": [3, 8, 8],
+    }
     ref = model(x).logits.detach()
     for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
         path = tmp_path / f"two{suffix}"
@@ -261,7 +268,7 @@ def test_static_batch_onnx(tiny_checkpoint, tmp_path):
 
 
 def test_outputs_beyond_tolerance_leave_no_file(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "TOLERANCE", ex.Tolerance(logit_rtol=-1, logit_atol=-1, prob_atol=-1))
+    monkeypatch.setattr(writers, "TOLERANCE", ex.Tolerance(logit_rtol=-1, logit_atol=-1, prob_atol=-1))
     with pytest.raises(ImgclsError, match="does not match PyTorch.*nothing was written"):
         ex.export_model(tiny_checkpoint, "onnx", tmp_path / "m.onnx")
     no_leftovers(tmp_path, set())
@@ -278,7 +285,7 @@ def test_a_perturbed_export_fails_and_keeps_the_old_file(tiny_checkpoint, tmp_pa
         model.runner = lambda x: runner(x) + 0.01  # what a wrong padding or BN mode looks like, small
         return model
 
-    monkeypatch.setattr(ex, "load_exported", perturbed)
+    monkeypatch.setattr(writers, "load_exported", perturbed)
     with pytest.raises(ImgclsError, match="logits differ"):
         ex.export_model(tiny_checkpoint, "torchscript", out, force=True)
     assert out.read_text() == "the user's file"
@@ -478,7 +485,7 @@ def _broken(how: str):
     ],
 )
 def test_a_wrong_export_still_fails(residual_checkpoint, tmp_path, monkeypatch, fmt, suffix, how):
-    monkeypatch.setattr(ex, "logits_module", _broken(how))
+    monkeypatch.setattr(writers, "logits_module", _broken(how))
     with pytest.raises(ImgclsError, match="does not match PyTorch"):
         ex.export_model(residual_checkpoint, fmt, tmp_path / f"m{suffix}")
     no_leftovers(tmp_path, set())

@@ -10,15 +10,8 @@ import torch
 from PIL import Image
 
 from imgcls.data.loader import normalize
-from imgcls.predict import (
-    Failure,
-    Prediction,
-    collect_inputs,
-    load_input,
-    load_predictor,
-    predict_files,
-    pretrained_preprocessing,
-)
+from imgcls.infer import load_input, load_predictor, pretrained_preprocessing
+from imgcls.predict import Failure, Prediction, collect_inputs, predict_files
 
 
 def _tree(root: Path) -> Path:

@@ -94,11 +94,11 @@ def resolve_num_classes(recipe: r.Recipe, given: int | None = None) -> int:
     raise RecipeError("the class count comes from the data; give --classes N or model.num_classes")
 
 
-def main_logits(output):
-    """The class scores of a model's output: torchvision's aux-head namedtuples
-    (``.logits``), tuples (first element) and plain tensors alike."""
-    import torch
+def __getattr__(name: str):
+    # main_logits moved to imgcls.infer; train.py still imports it from here
+    # until its validation goes through imgcls.infer. Delete with that import.
+    if name == "main_logits":
+        from imgcls.infer import main_logits
 
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.logits if hasattr(output, "logits") else output[0]
+        return main_logits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

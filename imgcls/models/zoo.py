@@ -8,15 +8,21 @@ which torchvision lacks, are recipes shipped in ``imgcls/models/archs/``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
+import os
+import re
+import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from imgcls.errors import UsageError
+from imgcls.errors import CheckpointError, UsageError
+from imgcls.metadata import unsafe_file_reason
 
 ARCH_DIR = Path(__file__).with_name("archs")
 
@@ -74,8 +80,7 @@ def build_torchvision(
     if name.startswith("maxvit") and not pretrained:
         kwargs["input_size"] = (height, width)
     if pretrained:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        model = builder(weights=weights, **kwargs)
+        model, weights = load_published(name)
         if num_classes != len(weights.meta["categories"]):
             replace_classifier(model, num_classes)
     else:
@@ -83,6 +88,78 @@ def build_torchvision(
     if channels != 3:
         replace_first_conv(model, channels)
     return model
+
+
+# What torchvision's builders set when they load published weights; we build
+# bare (so the file is read with weights_only=True, which torchvision's own
+# loading does not force) and set the same.
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _published_kwargs(name: str, weights) -> dict:
+    if name in ("googlenet", "inception_v3"):
+        return {"transform_input": True, "aux_logits": True, "init_weights": False}
+    if name.startswith("vit_"):
+        return {"image_size": weights.meta["min_size"][0]}
+    if name.startswith("maxvit"):
+        return {"input_size": weights.meta["min_size"]}
+    return {}
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    """As torchvision does after loading googlenet / inception_v3 weights:
+    the auxiliary heads only served their original training recipe."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+
+
+def load_published(name: str, log: Callable[[str], None] | None = None):
+    """torchvision ``name`` with its DEFAULT published weights: (model, weights enum).
+
+    The one loader of published weights: read from the torch hub cache
+    (downloaded once, hash-checked, when the network is there) with
+    ``weights_only=True``. Offline without the file, a one-line error says
+    where it was looked for.
+    """
+    import torchvision
+    from torch.hub import get_dir
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        raise UsageError(
+            f"'{name}' is not a torchvision architecture with published weights (see `imgcls models`)"
+        ) from None
+    categories = weights.meta["categories"]
+    model = torchvision.models.get_model(
+        name, weights=None, num_classes=len(categories), **_published_kwargs(name, weights)
+    )
+    cached = Path(get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not cached.exists() and log is not None:
+        log(f"downloading {weights.url} to {cached} (once)")
+    try:
+        # torch.hub announces downloads on stdout; keep stdout for results.
+        # check_hash applies to a download only; the cached file is read as is.
+        with contextlib.redirect_stdout(sys.stderr):
+            state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, weights_only=True)
+    except Exception as exc:  # URLError, hash mismatch, unreadable or refused file
+        reason = unsafe_file_reason(exc) or f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        raise CheckpointError(
+            f"cannot get the {name} weights ({reason}); without network, put the file at {cached}"
+        ) from None
+    if name.startswith("densenet"):
+        state = {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{cached}: weights do not fit {name}: {str(exc).splitlines()[0]}") from None
+    _drop_aux_heads(model)
+    return model, weights
 
 
 @cache
