@@ -320,6 +320,56 @@ def data_shapes(
     _stderr().print(f"wrote {path}")
 
 
+@data_app.command("check")
+@command
+def data_check(
+    path: Annotated[
+        Path,
+        typer.Argument(help="An ImageFolder tree (flat, or train/val/test) or a file,label[,split] CSV."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Run folder or checkpoint: also flag likely label errors."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full findings as JSON.")] = False,
+) -> None:
+    """Lint a dataset before training on it; never modifies it.
+
+    Counts and imbalance, unreadable files, exact and near duplicates (within
+    a class, across classes, across splits), size / aspect / mode outliers
+    and, with --model, likely label errors. Exit 0 when clean, 3 when
+    problems were found. With --model RUN the findings are also saved as
+    RUN/data-check.json for `imgcls report`.
+
+    Examples:
+
+        imgcls data check ~/pets
+
+        imgcls data check labels.csv --json
+
+        imgcls data check ~/pets --model runs/pets/1
+    """
+    from imgcls.data.check import check_dataset, summary_lines
+    from imgcls.errors import EXIT_PARTIAL
+
+    ckpt = None
+    if model is not None:
+        from imgcls.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(model)
+    result = check_dataset(path, model=ckpt, log=lambda message: _stderr().print(message, markup=False))
+    if ckpt is not None and ckpt.run_dir is not None:
+        from imgcls.checkpoint import write_text_atomic
+
+        write_text_atomic(ckpt.run_dir / "data-check.json", json.dumps(result.to_dict(), indent=1) + "\n")
+    if as_json:
+        print(json.dumps(result.to_dict()), flush=True)
+    else:
+        print("\n".join(summary_lines(result)), flush=True)
+    if not result.clean:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
