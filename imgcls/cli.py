@@ -395,6 +395,9 @@ def evaluate(
         typer.Option(help="Write file,true,predicted,confidence of each wrong image to this CSV."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Overlay Grad-CAM heatmaps on the error gallery.")
+    ] = False,
 ) -> None:
     """Accuracy, top-k, loss, per-class precision/recall/F1 and the confusion matrix.
 
@@ -415,7 +418,14 @@ def evaluate(
 
     log = lambda message: _stderr().print(message, markup=False)  # noqa: E731
     result = run_evaluate(
-        target, data, top_k=top_k, batch_size=batch_size, out=out, misclassified=misclassified, log=log
+        target,
+        data,
+        top_k=top_k,
+        batch_size=batch_size,
+        out=out,
+        misclassified=misclassified,
+        log=log,
+        explain=explain,
     )
     if as_json:
         print(json.dumps(result.to_dict()), flush=True)
@@ -729,6 +739,31 @@ def explain(
         if result.filters:
             print(f"first-layer filters -> {result.filters}")
     result.raise_if_skipped()
+
+
+# --------------------------------------------------------------------------- report
+
+
+@app.command()
+@command
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (or runs/NAME for its latest run).")],
+) -> None:
+    """Write RUN/report.html: one self-contained page about the run.
+
+    Recipe, model summary, training curves, final metrics, per-class table,
+    confusion matrix, error gallery, explain overlays and data-check results
+    when present, environment and timings. No network: images, styles and
+    the table sorting are inside the file. `train` writes it at the end of a
+    run and `evaluate` refreshes it.
+
+    Examples:
+
+        imgcls report runs/quickstart/1
+    """
+    from imgcls.report import write_report
+
+    print(write_report(run))
 
 
 def main() -> None:

@@ -453,3 +453,69 @@ def explain(
             f"none of the {len(images)} images could be read ({result.bad[0][0]}: {result.bad[0][1]})"
         )
     return result
+
+
+# --------------------------------------------------------------------------- evaluate's error gallery
+
+
+def write_error_gallery(
+    path: Path,
+    ckpt: Checkpoint,
+    wrong: Sequence[dict],
+    pairs: Sequence[dict],
+    *,
+    with_heatmaps: bool = False,
+    max_pairs: int = 4,
+    per_pair: int = 8,
+) -> Path | None:
+    """A grid of misclassified images, one row per most-confused pair (true ->
+    predicted), captioned with both labels and the predicted probability;
+    ``with_heatmaps`` overlays the Grad-CAM of the predicted class. ``wrong``:
+    evaluate's misclassified records (file, true, predicted, confidence).
+    Returns None (and writes nothing) when nothing was misclassified."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for pair in list(pairs)[:max_pairs]:
+        found = [w for w in wrong if w["true"] == pair["true"] and w["predicted"] == pair["predicted"]]
+        found.sort(key=lambda w: -w["confidence"])  # the surest mistakes first
+        if found:
+            rows.append((pair, found[:per_pair]))
+    if not rows:
+        return None
+    pre = ckpt.preprocessing
+    layer = default_layer(ckpt.model, tuple(ckpt.meta["input_shape"])) if with_heatmaps else None
+    cols = max(len(found) for _, found in rows)
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(cols * 1.6 + 0.3, len(rows) * 1.9 + 0.3), squeeze=False
+    )
+    try:
+        for r, (_pair, found) in enumerate(rows):
+            for c, ax in enumerate(axes[r]):
+                ax.axis("off")
+                if c >= len(found):
+                    continue
+                w = found[c]
+                try:
+                    pixels = load_image(w["file"], pre["channels"], tuple(pre["image_size"]), pre["resize"])
+                except DecodeError:
+                    continue
+                if layer is not None:
+                    x = model_input(pixels[None], pre["mean"], pre["std"])
+                    target = torch.tensor([ckpt.classes.index(w["predicted"])])
+                    cam, _ = class_maps(ckpt.model, x, layer, target)
+                    picture = overlay(pixels, cam[0])
+                else:
+                    picture = _viewable(pixels, min_side=64)
+                ax.imshow(picture, interpolation="nearest")
+                ax.set_title(f"{w['true']} → {w['predicted']}\np={w['confidence']:.2f}", fontsize=7)
+        fig.suptitle("misclassified, most confused pairs first (true → predicted)", fontsize=9)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return path

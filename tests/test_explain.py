@@ -275,3 +275,23 @@ def test_torchvision_cnn_default_layer_and_transformer_refused():
         vit = torchvision.models.vit_b_16(image_size=32, num_classes=3).eval()
     with pytest.raises(UsageError, match="not supported for this architecture"):
         default_layer(vit, (3, 32, 32), "vit_b_16")
+
+
+def test_error_gallery_rows_per_confused_pair(tiny_checkpoint, shapes_folder, tmp_path):
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.explain import write_error_gallery
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    wrong = [
+        {"file": str(shapes_folder / "circle" / f"circle_000{i}.png"), "true": "circle", "predicted": "square",
+         "confidence": 0.5 + i / 10}
+        for i in range(3)
+    ] + [{"file": str(shapes_folder / "square" / "square_0000.png"), "true": "square", "predicted": "triangle",
+          "confidence": 0.4}]  # fmt: skip
+    pairs = [{"true": "circle", "predicted": "square"}, {"true": "square", "predicted": "triangle"}]
+    for heat in (False, True):
+        png = write_error_gallery(tmp_path / f"errors-{heat}.png", ckpt, wrong, pairs, with_heatmaps=heat)
+        w, h = Image.open(png).size
+        assert h > 100 and w > h  # 2 rows of up to 3 pictures
+    assert write_error_gallery(tmp_path / "none.png", ckpt, [], pairs) is None
+    assert not (tmp_path / "none.png").exists()
