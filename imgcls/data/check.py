@@ -13,7 +13,11 @@ What is checked, and the rules (documented in the README):
   built-in shapes: a JPEG re-save or a 2x resize moved 0-4 bits, two
   different images differed in 14 or more; the classic 8x8 (64-bit) hash
   put different shapes on similar backgrounds 4 bits apart, and 16x16 bits
-  are noise on images smaller than 32 px). Each group is
+  are noise on images smaller than 32 px). The hash is grey, so near
+  duplicates must also agree in colour: their 4x4 RGB thumbnails may differ
+  by at most :data:`NEAR_COLOUR` on average. On 20,000 shapes, the hash alone
+  paired 1,107 same-place, different-colour shapes; with the mean colour
+  gate 12 remained, with the 4x4 gate one: two rings that do look alike). Each group is
   classed as within one class (*duplicate*), across classes (*conflicting
   labels*) or across splits (*leakage*);
 - size, aspect ratio and pixel mode: a side under :data:`TINY` px or below a
@@ -51,9 +55,10 @@ from imgcls.errors import DataError
 
 IMBALANCE = 3.0
 NEAR_DISTANCE = 8  # of 100 bits
+NEAR_COLOUR = 12  # mean |difference| of the 4x4 RGB thumbnails of near duplicates (0..255)
 TINY = 8
 LOSSY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F", "CMYK", "1"}
-CACHE_VERSION = 3
+CACHE_VERSION = 5
 Log = Callable[[str], None]
 
 
@@ -87,6 +92,7 @@ class CheckResult:
             "rules": {
                 "imbalance_ratio": IMBALANCE,
                 "near_duplicate_distance": NEAR_DISTANCE,
+                "near_duplicate_colour": NEAR_COLOUR,
                 "tiny_side_px": TINY,
             },
             "problems": self.problems,
@@ -142,12 +148,14 @@ def file_facts(path: Path) -> dict:
     try:
         with Image.open(path, formats=FORMATS) as im:  # the header only: the file's own mode
             facts["mode"] = im.mode
-        image = decode_image(path, 1)
+        image = decode_image(path, 3)
     except DecodeError as exc:
         return {**facts, "error": exc.reason}
     except Exception as exc:  # PIL's header parser: any failure is an unreadable file
         return {**facts, "error": f"cannot decode: {exc}"}
     facts["width"], facts["height"] = image.size
+    facts["rgb4"] = np.asarray(image.resize((4, 4), Image.Resampling.BOX)).flatten().tolist()
+    image = image.convert("L")
     shrink = image.size[0] >= 32 and image.size[1] >= 32
     resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
     thumb = np.asarray(image.resize((32, 32), resample), dtype=np.float64)
@@ -286,7 +294,9 @@ def check_dataset(
         hashes = np.frombuffer(b"".join(bytes.fromhex(f["phash"]) for _, f in good), dtype=">u8")
         hashes = hashes.astype(np.uint64).reshape(len(good), -1)
         for i, j, _ in near_pairs(hashes, NEAR_DISTANCE):
-            if good[i][1]["sha256"] != good[j][1]["sha256"]:
+            fi, fj = good[i][1], good[j][1]
+            colour = np.abs(np.subtract(fi["rgb4"], fj["rgb4"])).mean()
+            if fi["sha256"] != fj["sha256"] and colour <= NEAR_COLOUR:
                 parent[find(i)] = find(j)
     groups: dict[int, list[int]] = defaultdict(list)
     for n in range(len(good)):
