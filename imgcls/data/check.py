@@ -58,7 +58,7 @@ NEAR_DISTANCE = 8  # of 100 bits
 NEAR_COLOUR = 12  # mean |difference| of the 4x4 RGB thumbnails of near duplicates (0..255)
 TINY = 8
 LOSSY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F", "CMYK", "1"}
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 Log = Callable[[str], None]
 
 
@@ -146,13 +146,13 @@ def file_facts(path: Path) -> dict:
         return {"error": f"cannot read: {exc.strerror or exc}"}
     facts: dict = {"sha256": hashlib.sha256(data).hexdigest()}
     try:
-        with Image.open(path, formats=FORMATS) as im:  # the header only: the file's own mode
+        image = decode_image(path, 3)  # the one decode path: its reasons, its format allowlist
+        with Image.open(path, formats=FORMATS) as im:  # the header again: the file's own mode
             facts["mode"] = im.mode
-        image = decode_image(path, 3)
     except DecodeError as exc:
         return {**facts, "error": exc.reason}
-    except Exception as exc:  # PIL's header parser: any failure is an unreadable file
-        return {**facts, "error": f"cannot decode: {exc}"}
+    except Exception as exc:  # decoded once, so this is not expected; still a per-file finding
+        return {**facts, "error": f"cannot read the header: {exc}"}
     facts["width"], facts["height"] = image.size
     facts["rgb4"] = np.asarray(image.resize((4, 4), Image.Resampling.BOX)).flatten().tolist()
     image = image.convert("L")
