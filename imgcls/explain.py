@@ -177,9 +177,14 @@ def map_stats(cam: torch.Tensor) -> dict:
     """Peak location (pixels and fractions of the frame, in the model's input)
     and the share of the frame at or above half the peak."""
     h, w = cam.shape
-    flat = int(cam.flatten().argmax())
-    y, x = divmod(flat, w)
     top = float(cam.max())
+    # upsampling a coarse map leaves a plateau at the maximum (reaching the
+    # frame's edge when a corner cell is hottest); its pixel nearest to the
+    # plateau's centre is the peak, not the plateau's first pixel
+    ys, xs = torch.nonzero(cam >= top * 0.99, as_tuple=True)
+    cy, cx = ys.float().mean(), xs.float().mean()
+    nearest = int(((ys - cy) ** 2 + (xs - cx) ** 2).argmin())
+    y, x = int(ys[nearest]), int(xs[nearest])
     area = float((cam >= 0.5 * top).float().mean()) if top > 0 else 0.0
     return {
         "peak": {"x": x, "y": y, "fx": round((x + 0.5) / w, 4), "fy": round((y + 0.5) / h, 4)},
@@ -210,6 +215,13 @@ def overlay(pixels: torch.Tensor, cam: torch.Tensor, alpha: float = 0.45) -> np.
     )[0, 0].numpy()
     colour = colormaps["jet"](heat)[..., :3] * 255
     return np.rint(base * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+
+
+def side_by_side(pixels: torch.Tensor, cam: torch.Tensor) -> np.ndarray:
+    """The image as the model sees it, and beside it the same with the heatmap."""
+    left = _viewable(pixels)
+    gap = np.full((left.shape[0], 8, 3), 255, dtype=np.uint8)
+    return np.concatenate([left, gap, overlay(pixels, cam)], axis=1)
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
@@ -429,7 +441,7 @@ def explain(
         for target in wanted or [predicted]:
             cam, _ = class_maps(model, x, layer, torch.tensor([target]), method)
             png = out_dir / f"{stem}.{_safe(method)}.{_safe(classes[target])}.png"
-            save_png(png, overlay(pixels, cam[0]))
+            save_png(png, side_by_side(pixels, cam[0]))
             explanation.targets.append(
                 {
                     "class": classes[target],

@@ -84,6 +84,8 @@ def _png(path: Path, alt: str, element_id: str | None = None) -> str:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
+        if value and abs(value) < 1e-3:
+            return f"{value:.2e}"  # learning rates near the end of a schedule
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, int) and abs(value) >= 10000:
         return f"{value:,}"

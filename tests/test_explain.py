@@ -259,6 +259,7 @@ def test_usage_errors(tiny_checkpoint, shapes_folder, tmp_path):
         explain(good, ckpt, method="magic", out=tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_torchvision_cnn_default_layer_and_transformer_refused():
     import torchvision
 
