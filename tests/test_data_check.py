@@ -118,3 +118,17 @@ def test_label_errors_with_a_model(shapes_folder, tmp_path, tiny_checkpoint):
 def test_bad_usage_exits_2(tmp_path, cli):
     r = cli("data", "check", str(tmp_path / "nope"))
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_csv_with_splits_reports_leakage(shapes_folder, tmp_path):
+    from imgcls.data.check import check_dataset
+
+    circle = shapes_folder / "circle" / "circle_0000.png"
+    square = shapes_folder / "square" / "square_0000.png"
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"file,label,split\n{circle},circle,train\n{square},square,train\n{circle},circle,test\n")
+    result = check_dataset(csv)
+    assert result.counts == {"train": {"circle": 1, "square": 1}, "test": {"circle": 1}}
+    (group,) = result.problems["exact_duplicates"]
+    assert group["kind"] == "leakage"
+    assert result.problems["missing_classes"] == [{"split": "test", "classes": ["square"]}]

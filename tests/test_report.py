@@ -135,4 +135,10 @@ def test_report_skips_missing_sections(tiny_checkpoint, tmp_path):
     )
     html = build_report(run)
     assert "0.6250" in html and "Confusion" not in html and "Training curves" not in html
-    assert "Data check" in html and "unreadable" in html
+    assert "Data check" in html and "unreadable" in html and "Explanations" not in html
+    (run / "explain").mkdir()
+    shutil.copy(
+        Path(__file__).parent.parent / "docs" / "gradcam.png", run / "explain" / "star.gradcam.star.png"
+    )
+    html = build_report(run)
+    assert "Explanations" in html and "star.gradcam.star.png" in html and "data:image/png;base64," in html
