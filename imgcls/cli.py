@@ -320,6 +320,56 @@ def data_shapes(
     _stderr().print(f"wrote {path}")
 
 
+@data_app.command("check")
+@command
+def data_check(
+    path: Annotated[
+        Path,
+        typer.Argument(help="An ImageFolder tree (flat, or train/val/test) or a file,label[,split] CSV."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Run folder or checkpoint: also flag likely label errors."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full findings as JSON.")] = False,
+) -> None:
+    """Lint a dataset before training on it; never modifies it.
+
+    Counts and imbalance, unreadable files, exact and near duplicates (within
+    a class, across classes, across splits), size / aspect / mode outliers
+    and, with --model, likely label errors. Exit 0 when clean, 3 when
+    problems were found. With --model RUN the findings are also saved as
+    RUN/data-check.json for `imgcls report`.
+
+    Examples:
+
+        imgcls data check ~/pets
+
+        imgcls data check labels.csv --json
+
+        imgcls data check ~/pets --model runs/pets/1
+    """
+    from imgcls.data.check import check_dataset, summary_lines
+    from imgcls.errors import EXIT_PARTIAL
+
+    ckpt = None
+    if model is not None:
+        from imgcls.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(model)
+    result = check_dataset(path, model=ckpt, log=lambda message: _stderr().print(message, markup=False))
+    if ckpt is not None and ckpt.run_dir is not None:
+        from imgcls.checkpoint import write_text_atomic
+
+        write_text_atomic(ckpt.run_dir / "data-check.json", json.dumps(result.to_dict(), indent=1) + "\n")
+    if as_json:
+        print(json.dumps(result.to_dict()), flush=True)
+    else:
+        print("\n".join(summary_lines(result)), flush=True)
+    if not result.clean:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -345,6 +395,9 @@ def evaluate(
         typer.Option(help="Write file,true,predicted,confidence of each wrong image to this CSV."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Overlay Grad-CAM heatmaps on the error gallery.")
+    ] = False,
 ) -> None:
     """Accuracy, top-k, loss, per-class precision/recall/F1 and the confusion matrix.
 
@@ -365,7 +418,14 @@ def evaluate(
 
     log = lambda message: _stderr().print(message, markup=False)  # noqa: E731
     result = run_evaluate(
-        target, data, top_k=top_k, batch_size=batch_size, out=out, misclassified=misclassified, log=log
+        target,
+        data,
+        top_k=top_k,
+        batch_size=batch_size,
+        out=out,
+        misclassified=misclassified,
+        log=log,
+        explain=explain,
     )
     if as_json:
         print(json.dumps(result.to_dict()), flush=True)
@@ -592,6 +652,118 @@ def export(
         f"max |logit diff| {max(c.max_logit_diff for c in checks):.2g}, "
         f"max |prob diff| {max(c.max_prob_diff for c in checks):.2g}"
     )
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@app.command()
+@command
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Run folder or .safetensors checkpoint (default: newest run under ./runs)."
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help="gradcam, gradcam++ or layercam.")] = "gradcam",
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Layer to explain, named as `imgcls summarize` names it (default: the last conv block)."
+        ),
+    ] = None,
+    target: Annotated[
+        list[str],
+        typer.Option(help="Class to explain (name or index; repeatable). Default: the predicted class."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default <run>/explain/).")] = None,
+    filters: Annotated[
+        bool, typer.Option("--filters", help="Also draw the first-layer filters as a grid.")
+    ] = False,
+    maps: Annotated[
+        str | None,
+        typer.Option("--maps", metavar="LAYER", help="Also draw each image's feature maps at LAYER."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Class-activation heatmaps: where in each image the model looked.
+
+    One PNG per image (and per --target class) with the heatmap over the
+    image as the model sees it. --json gives, per image, the predicted class,
+    its probability, the heatmap's peak (pixels and fractions of the frame)
+    and the share of the frame above half the peak. Unreadable images are
+    skipped: exit 3 (2 when none could be read).
+
+    Examples:
+
+        imgcls explain photo.jpg --model runs/quickstart/1
+
+        imgcls explain a.png b.png --method layercam --layer conv3 --target circle --json
+
+        imgcls explain photo.jpg --filters --maps conv1
+    """
+    from imgcls.checkpoint import latest_run, load_checkpoint
+    from imgcls.explain import explain as run_explain
+
+    err = _stderr()
+    if model is None:
+        model = str(latest_run())
+        err.print(f"model: {model} (the most recent run; choose another with --model)", markup=False)
+    result = run_explain(
+        images,
+        load_checkpoint(model),
+        method=method,
+        layer=layer,
+        targets=target or [],
+        out=out,
+        filters=filters,
+        maps=maps,
+        log=lambda message: err.print(message, markup=False),
+    )
+    if as_json:
+        print(json.dumps(result.to_dict()), flush=True)
+    else:
+        print(f"{result.method} at layer {result.layer}; pictures in {result.out_dir}")
+        for e in result.images:
+            for t in e.targets:
+                peak = t["peak"]
+                print(
+                    f"{e.file}: predicted {e.predicted} ({e.probability:.3f}); {t['class']}: "
+                    f"peak at x={peak['x']} y={peak['y']}, {t['area_above_half_max']:.1%} of the frame "
+                    f"above half max -> {t['overlay']}"
+                )
+            if e.maps:
+                print(f"{e.file}: feature maps -> {e.maps}")
+        if result.filters:
+            print(f"first-layer filters -> {result.filters}")
+    result.raise_if_skipped()
+
+
+# --------------------------------------------------------------------------- report
+
+
+@app.command()
+@command
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (or runs/NAME for its latest run).")],
+) -> None:
+    """Write RUN/report.html: one self-contained page about the run.
+
+    Recipe, model summary, training curves, final metrics, per-class table,
+    confusion matrix, error gallery, explain overlays and data-check results
+    when present, environment and timings. No network: images, styles and
+    the table sorting are inside the file. `train` writes it at the end of a
+    run and `evaluate` refreshes it.
+
+    Examples:
+
+        imgcls report runs/quickstart/1
+    """
+    from imgcls.report import write_report
+
+    print(write_report(run))
 
 
 def main() -> None:

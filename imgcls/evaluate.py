@@ -88,6 +88,7 @@ def evaluate(
     out: Path | None = None,
     misclassified: Path | None = None,
     log: Log = _stderr,
+    explain: bool = False,
 ) -> EvalResult:
     """Evaluate the checkpoint ``target`` (file or run folder) on ``data``."""
     ckpt = load_checkpoint(target)
@@ -121,6 +122,15 @@ def evaluate(
     png = out_dir / "confusion.png"
     save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
     result.files["confusion_png"] = str(png)
+    # --- insight hook: the error gallery next to the confusion PNG (imgcls.explain)
+    from imgcls.explain import write_error_gallery
+
+    gallery = write_error_gallery(
+        out_dir / "errors.png", ckpt, wrong, report["confused_pairs"], with_heatmaps=explain
+    )
+    if gallery is not None:
+        result.files["errors_png"] = str(gallery)
+    # --- end insight hook
     if misclassified is not None:
         write_misclassified(Path(misclassified), wrong)
         result.files["misclassified_csv"] = str(misclassified)
@@ -128,6 +138,15 @@ def evaluate(
     result.files["metrics_json"] = str(metrics_json)
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
     log(f"wrote {png} and {metrics_json.name}")
+    # --- insight hook: refresh the run's report.html (imgcls.report); never fails the evaluation
+    if ckpt.run_dir is not None and out_dir == ckpt.run_dir / "eval":
+        try:
+            from imgcls.report import write_report
+
+            write_report(ckpt.run_dir)
+        except Exception as exc:  # a report is a convenience; the metrics are written
+            log(f"warning: could not refresh {ckpt.run_dir / 'report.html'}: {exc}")
+    # --- end insight hook
     return result
 
 

@@ -471,6 +471,14 @@ def train(
         if state.history:
             _plot(run_dir, state.history)
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    # --- insight hook: the run's report.html (imgcls.report); a failure is a warning, not a failed run
+    try:
+        from imgcls.report import write_report
+
+        write_report(run_dir)
+    except Exception as exc:
+        log(f"warning: could not write {run_dir / 'report.html'}: {exc}")
+    # --- end insight hook
     return TrainResult(run_dir, state.history, state.best_epoch, best, stopped_early)
 
 

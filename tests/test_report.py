@@ -1,0 +1,144 @@
+"""report.html: written by train, refreshed by evaluate, rendered by a real browser."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TINY_RECIPE
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+]  # fmt: skip
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny run (train writes report.html), then evaluated (which refreshes it)."""
+    from imgcls.evaluate import evaluate
+    from imgcls.recipe import recipe_from_dict
+    from imgcls.train import train
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["train"]["epochs"] = 2
+    out = tmp_path_factory.mktemp("report") / "run"
+    train(recipe_from_dict(recipe), out=out, log=lambda m: None)
+    written_by_train = (out / "report.html").read_text()
+    evaluation = evaluate(out, log=lambda m: None)
+    return out, written_by_train, evaluation
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_train_writes_and_evaluate_refreshes_a_self_contained_report(run):
+    out, written_by_train, evaluation = run
+    html = (out / "report.html").read_text()
+    assert "Training curves" in written_by_train and "Per class" not in written_by_train
+    assert "Per class" in html and "Confusion matrix" in html
+    # self-contained: no URL is fetched (links to http(s) or protocol-relative)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "<link" not in html and "@import" not in html and "url(" not in html
+    assert f"{evaluation.report['accuracy']:.4f}" in html
+    # the error gallery, next to the confusion PNG, is in the report
+    assert evaluation.misclassified, "the 2-epoch tiny model gets some wrong"
+    assert (out / "eval" / "errors.png").is_file() and 'id="gallery"' in html
+
+
+@pytest.mark.slow
+def test_report_command_and_bad_usage(run, tmp_path, cli):
+    from imgcls.errors import UsageError
+    from imgcls.report import write_report
+
+    out, _, _ = run
+    (out / "report.html").unlink()
+    r = cli("report", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == out / "report.html" and (out / "report.html").is_file()
+    with pytest.raises(UsageError, match="run folder"):
+        write_report(tmp_path)
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    """Chromium opens the page: the curves image decodes with a non-zero size, the
+    metrics table shows the run's accuracy, a header click sorts the table,
+    and a screenshot is taken at laptop and phone widths."""
+    out, _, evaluation = run
+    html = (out / "report.html").read_text()
+    probe = """<script>window.addEventListener("load", function () {
+      var img = document.getElementById("curves");
+      document.body.setAttribute("data-curves", img.naturalWidth + "x" + img.naturalHeight);
+      var table = document.getElementById("per-class");
+      table.querySelectorAll("th")[3].click(); table.querySelectorAll("th")[3].click();  // f1, descending
+      document.body.setAttribute("data-first", table.tBodies[0].rows[0].cells[0].textContent);
+      document.body.setAttribute("data-width", document.documentElement.scrollWidth);
+    });</script></body>"""
+    page = tmp_path / "probe.html"
+    page.write_text(html.replace("</body>", probe))
+    r = _chromium("--virtual-time-budget=5000", "--dump-dom", page.as_uri(), profile=tmp_path / "p1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    dom = r.stdout
+    width, height = map(int, re.search(r'data-curves="(\d+)x(\d+)"', dom).groups())
+    assert width > 0 and height > 0
+    metrics = re.search(r'<table id="metrics".*?</table>', dom, re.S).group(0)
+    assert f"{evaluation.report['accuracy']:.4f}" in metrics
+    table = re.search(r'<table id="per-class".*?</table>', dom, re.S).group(0)
+    assert 'aria-sort="descending"' in table  # set by the page's own sorting script
+    f1 = [float(v) for v in re.findall(r"<tr>(?:<td[^>]*>[^<]*</td>){3}<td[^>]*>([^<]*)</td>", table)]
+    assert len(f1) == len(evaluation.report["per_class"]) and f1 == sorted(f1, reverse=True)
+
+    for name, size in (("laptop", "1280,2000"), ("phone", "390,1600")):
+        shot = tmp_path / f"{name}.png"
+        r = _chromium(f"--window-size={size}", f"--screenshot={shot}", (out / "report.html").as_uri(),
+                      profile=tmp_path / f"p-{name}")  # fmt: skip
+        assert r.returncode == 0 and shot.stat().st_size > 10_000, r.stderr[-2000:]
+        from PIL import Image
+
+        im = Image.open(shot)
+        assert im.size == tuple(map(int, size.split(",")))
+        import numpy as np
+
+        assert len(np.unique(np.asarray(im.convert("L")))) > 8  # something was drawn
+
+
+def test_report_skips_missing_sections(tiny_checkpoint, tmp_path):
+    """A run folder with only a recipe and metrics still gets a report; absent parts are left out."""
+    from imgcls.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: tiny\ntrain: {device: cpu}\n")
+    (run / "metrics.csv").write_text(
+        "epoch,train_loss,train_acc,val_loss,val_acc,seconds\n1,1.0,0.5,0.9,0.625,1.5\n"
+    )
+    (run / "data-check.json").write_text(
+        json.dumps({"root": "x", "files": 3, "problems": {"unreadable": [1]}})
+    )
+    html = build_report(run)
+    assert "0.6250" in html and "Confusion" not in html and "Training curves" not in html
+    assert "Data check" in html and "unreadable" in html and "Explanations" not in html
+    (run / "explain").mkdir()
+    shutil.copy(
+        Path(__file__).parent.parent / "docs" / "gradcam.png", run / "explain" / "star.gradcam.star.png"
+    )
+    html = build_report(run)
+    assert "Explanations" in html and "star.gradcam.star.png" in html and "data:image/png;base64," in html
