@@ -91,3 +91,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise ValueError("crash")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """mkstemp's 0600 must not leak into run folders (checkpoints, reports, plots)."""
+    import os
+
+    from imgcls.checkpoint import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (
+        (tmp_path / "a.txt").stat().st_mode & 0o777
+        == (tmp_path / "plain.txt").stat().st_mode & 0o777
+        == 0o644
+    )
