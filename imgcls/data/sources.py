@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
+from imgcls.data.progress import Task
 from imgcls.data.shapes import shapes_dir, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
@@ -50,24 +51,28 @@ class Source:
     val: Items
     test: Items = field(default_factory=list)
     root: Path = Path(".")
+    # (size, mtime_ns) per listed file, from the listing itself: the decoded
+    # cache's key, without a second stat per file. May miss files (CSV).
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.train) + len(self.val) + len(self.test)
 
 
-def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".") -> Source:
-    """List the images of ``spec`` (relative paths are relative to ``base_dir``)."""
+def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None) -> Source:
+    """List the images of ``spec`` (relative paths are relative to ``base_dir``);
+    ``progress`` counts the files found."""
     base_dir = Path(base_dir)
     if spec.source == "shapes":
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
             out = write_shapes(shapes_dir(spec.shapes), spec.shapes)
-        return read_folder(out, spec.val_split, spec.split_seed)
+        return read_folder(out, spec.val_split, spec.split_seed, progress)
     assert spec.path is not None  # DataSpec checks this
     path = resolve(spec.path, base_dir)
     if spec.source == "folder":
-        return read_folder(path, spec.val_split, spec.split_seed)
+        return read_folder(path, spec.val_split, spec.split_seed, progress)
     if spec.source == "csv":
         return read_csv(path, spec.val_split, spec.split_seed)
     raise DataError(f"unknown data source '{spec.source}'")
@@ -81,24 +86,25 @@ def resolve(path: str | os.PathLike, base_dir: Path) -> Path:
 # --------------------------------------------------------------------------- folder
 
 
-def read_folder(root: Path, val_split: float, split_seed: int) -> Source:
+def read_folder(root: Path, val_split: float, split_seed: int, progress: Task | None = None) -> Source:
+    stats: Stats = {}
     if not root.exists():
         raise DataError(f"{root}: no such folder (check data.path)")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (data.source 'folder' wants a folder)")
     train_dir = root / "train"
     if train_dir.is_dir():
-        classes, train = scan_class_folders(train_dir)
+        classes, train = scan_class_folders(train_dir, stats, progress)
         val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
         if val_dir is not None:
-            val = _scan_split(val_dir, classes)
+            val = _scan_split(val_dir, classes, stats)
         else:
             train, val = stratified_split(train, classes, val_split, split_seed)
-        test = _scan_split(root / "test", classes) if (root / "test").is_dir() else []
-        return Source(classes, train, val, test, root)
-    classes, items = scan_class_folders(root)
+        test = _scan_split(root / "test", classes, stats) if (root / "test").is_dir() else []
+        return Source(classes, train, val, test, root, stats)
+    classes, items = scan_class_folders(root, stats, progress)
     train, val = stratified_split(items, classes, val_split, split_seed)
-    return Source(classes, train, val, [], root)
+    return Source(classes, train, val, [], root, stats)
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -109,25 +115,72 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return [p for p in entries if not p.name.startswith(".") and p.is_dir()]
 
 
+Stats = dict[str, tuple[int, int]]  # path -> (size, mtime_ns), gathered while listing
+
+
 def images_under(folder: Path) -> list[Path]:
     """Image files below ``folder`` (recursively), hidden entries skipped, sorted."""
-    found = []
-    seen: set[str] = set()  # real paths walked: a symlink loop is walked once
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
+    return [Path(p) for p in walk_images(folder)]
+
+
+def walk_images(
+    folder: str | os.PathLike, stats: Stats | None = None, progress: Task | None = None
+) -> list[str]:
+    """:func:`images_under` as plain strings, by ``os.scandir``: no per-file
+    ``Path``, and each file's (size, mtime_ns) stored in ``stats`` on the way
+    (the decoded cache keys on them, so they are not asked for twice).
+
+    Order: a folder's files (sorted by name), then its sub-folders (sorted),
+    depth first; a symlink loop is walked once.
+    """
+    found: list[str] = []
+    seen: set[str] = set()
+    exts = IMAGE_EXTENSIONS
+    todo = [os.fspath(folder)]
+    while todo:
+        top = todo.pop()
+        real = os.path.realpath(top)
         if real in seen:
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable sub-folder: os.walk skipped it too
+        subdirs = []
+        for e in entries:
+            name = e.name
+            if name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(e.path)
+                continue
+            if os.path.splitext(name)[1].lower() not in exts:
+                continue
+            found.append(e.path)
+            if stats is not None:
+                try:
+                    st = e.stat()
+                    stats[e.path] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    pass  # a broken link: listed, and the decoder says why
+        todo.extend(reversed(subdirs))
+        if progress is not None:
+            progress.advance(len(found) - progress.done)
     return found
 
 
-def scan_class_folders(folder: Path) -> tuple[list[str], Items]:
-    """``folder/<class>/...``: the class names (sorted) and every (image, class index)."""
+def scan_class_folders(
+    folder: Path, stats: Stats | None = None, progress: Task | None = None
+) -> tuple[list[str], Items]:
+    """``folder/<class>/...``: the class names (sorted) and every (image, class index).
+
+    ``stats``, when given, receives each file's (size, mtime_ns)."""
     class_dirs = _visible_dirs(folder)
     if not class_dirs:
         raise DataError(f"{folder}: no class folders found (expected one sub-folder of images per class)")
@@ -137,18 +190,22 @@ def scan_class_folders(folder: Path) -> tuple[list[str], Items]:
         )
     classes = [d.name for d in class_dirs]
     items: Items = []
+    found = progress.done if progress is not None else 0
     for index, d in enumerate(class_dirs):
-        files = images_under(d)
+        files = walk_images(d, stats)
+        found += len(files)
+        if progress is not None:
+            progress.advance(found - progress.done)
         if not files:
             raise DataError(
                 f"{d}: class folder has no images (a class with no examples cannot "
                 "be learned); add images or remove the folder"
             )
-        items.extend((f, index) for f in files)
+        items.extend((Path(f), index) for f in files)
     return classes, items
 
 
-def _scan_split(folder: Path, classes: list[str]) -> Items:
+def _scan_split(folder: Path, classes: list[str], stats: Stats | None = None) -> Items:
     """A val/ or test/ tree: its class folders must match train/'s."""
     names = [d.name for d in _visible_dirs(folder)]
     if names != classes:
@@ -165,7 +222,7 @@ def _scan_split(folder: Path, classes: list[str]) -> Items:
         )
     items: Items = []
     for index, name in enumerate(classes):
-        items.extend((f, index) for f in images_under(folder / name))
+        items.extend((Path(f), index) for f in walk_images(folder / name, stats))
     return items
 
 
