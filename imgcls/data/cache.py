@@ -151,7 +151,7 @@ def load_split(
     replaces the previous one of the same source, split and geometry).
     """
     names = [os.fspath(p) for p, _ in items]
-    paths = [Path(p) for p, _ in items]
+    paths = [p if isinstance(p, Path) else Path(p) for p, _ in items]  # no re-parsing
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     h, w = spec.size
     shape = (len(paths), spec.channels, h, w)
