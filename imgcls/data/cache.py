@@ -19,7 +19,8 @@ absolute path, size and mtime, the target size, channels, resize policy and
 :data:`CACHE_VERSION`. A folder holds ``rows.u8`` (the decoded rows of the
 readable files, in split order, memory-mapped on use), ``files.txt`` and
 ``stats.npy`` (per file: size, mtime_ns, row; -1 for unreadable) and
-``meta.json``. It is built under a temporary name and renamed into place
+``meta.json`` (which also holds the per-channel pixel sums, so mean/std of a
+cached split cost nothing). It is built under a temporary name and renamed into place
 (meta.json written last, inside), so a crash or Ctrl-C leaves no entry that
 looks complete, and two processes building the same entry both end with one.
 
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from imgcls.data.batch_decode import decode_into, decode_workers
+from imgcls.data.decode import channel_sums
 from imgcls.data.progress import Progress
 from imgcls.data.shapes import cache_root
 from imgcls.errors import DataError, UsageError
@@ -69,8 +71,12 @@ META = "meta.json"
 class DecodedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W); may be backed by a memory-mapped file
     y: torch.Tensor  # int64 (N,)
-    files: list[Path]
-    bad: list[tuple[Path, str]] = field(default_factory=list)
+    files: list[str | Path]  # as listed (str from a folder scan: no Path per file)
+    bad: list[tuple[str | Path, str]] = field(default_factory=list)
+    # (2, C) int64: per channel, exact sum and sum of squares of x's pixels,
+    # kept in the cache entry so a cached run does not read every pixel for
+    # mean/std. None when unknown.
+    sums: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -103,17 +109,26 @@ def file_stats(paths: Sequence[str], known: dict[str, tuple[int, int]] | None = 
     """(N, 2) int64 of (size, mtime_ns); -1 for a file that is not there.
     ``known`` (from the listing) saves a stat per file."""
     known = known or {}
-    out = np.empty((len(paths), 2), dtype=np.int64)
-    for i, p in enumerate(paths):
-        st = known.get(p)
-        if st is None:
-            try:
-                s = os.stat(p)
-                st = (s.st_size, s.st_mtime_ns)
-            except OSError:
-                st = (-1, -1)
-        out[i] = st
-    return out
+    get = known.get
+    rows = [get(p) or _stat(p) for p in paths]
+    return np.array(rows, dtype=np.int64).reshape(len(paths), 2)
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        s = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (s.st_size, s.st_mtime_ns)
+
+
+def _absolute(names: list[str]) -> list[str]:
+    """abspath, only for the names that need it (a folder scan from an
+    absolute root gives absolute names; abspath per file costs ~8 us)."""
+    sep = os.sep
+    if all(n[:1] == sep for n in names):
+        return names
+    return [n if n[:1] == sep else os.path.abspath(n) for n in names]
 
 
 def _geometry(spec: DataSpec) -> list:
@@ -123,7 +138,7 @@ def _geometry(spec: DataSpec) -> list:
 def cache_key(paths: Sequence[str | os.PathLike], spec: DataSpec, stats: np.ndarray | None = None) -> str:
     """Hash of what the decoded tensor depends on: files (path, size, mtime)
     and target geometry. One hash over two buffers, not one update per file."""
-    names = [os.path.abspath(p) for p in paths]
+    names = _absolute([os.fspath(p) for p in paths])
     stats = file_stats(names) if stats is None else stats
     h = hashlib.sha256(json.dumps(_geometry(spec)).encode())
     h.update("\0".join(names).encode("utf-8", "surrogateescape"))
@@ -150,8 +165,8 @@ def load_split(
     ``split`` name the entry (shown by ``imgcls cache list``; a new entry
     replaces the previous one of the same source, split and geometry).
     """
-    names = [os.fspath(p) for p, _ in items]
-    paths = [p if isinstance(p, Path) else Path(p) for p, _ in items]  # no re-parsing
+    paths = [p for p, _ in items]
+    names = [p if isinstance(p, str) else os.fspath(p) for p in paths]
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     h, w = spec.size
     shape = (len(paths), spec.channels, h, w)
@@ -168,27 +183,38 @@ def load_split(
             log(f"note: cannot write the cache folder {cache}; decoding into RAM")
             policy = "none"
     if policy == "none" or not len(paths):
-        x = torch.empty(shape, dtype=torch.uint8)
+        x = torch.zeros(shape, dtype=torch.uint8)  # zero: failed rows add nothing to sums
+        sums = np.zeros((2, spec.channels), dtype=np.int64)
         with progress.task(what, total=len(paths)) as task:
-            failures = decode_into(x, names, spec.channels, spec.size, spec.resize, progress=task, log=log)
+            failures = decode_into(
+                x, names, spec.channels, spec.size, spec.resize, progress=task, log=log, sums=sums
+            )
         ok, bad = _split_failures(paths, failures)
         if bad:
             x = x[ok]
     else:
-        x, ok, bad = _cached(names, paths, spec, cache, shape, log, stats, source, split, progress, what)
+        x, ok, bad, sums = _cached(
+            names, paths, spec, cache, shape, log, stats, source, split, progress, what
+        )
         if policy == "ram":
             x = x.clone()
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
-    return DecodedSplit(x, labels[ok], [paths[i] for i in ok], bad)
+    if len(ok) == len(paths):
+        return DecodedSplit(x, labels, paths, bad, sums)
+    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums)
 
 
-def _split_failures(paths: list[Path], failures: list[tuple[int, str]]):
-    bad_idx = {i for i, _ in failures}
-    ok = [i for i in range(len(paths)) if i not in bad_idx]
-    return ok, [(paths[i], reason) for i, reason in failures]
+def _ok_rows(failures, n: int) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[[int(i) for i, _ in failures]] = False
+    return np.flatnonzero(keep)
+
+
+def _split_failures(paths: list, failures: list[tuple[int, str]]):
+    return _ok_rows(failures, len(paths)), [(paths[i], reason) for i, reason in failures]
 
 
 def _writable(folder: Path) -> bool:
@@ -201,19 +227,18 @@ def _writable(folder: Path) -> bool:
 
 def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, progress, what):
     """The persistent-cache path of :func:`load_split`: map, or build then map."""
-    abs_names = [os.path.abspath(p) for p in names]
-    stats = file_stats(
-        abs_names, known if known is None else {os.path.abspath(k): v for k, v in known.items()}
-    )
+    # The listing's stats are keyed by the names it produced (absolute for a
+    # folder source, see sources.read_folder), so no per-file rewrite here.
+    abs_names = _absolute(names)
+    stats = file_stats(abs_names, known)
     key = cache_key(abs_names, spec, stats)
     entry = cache / key
     hit = _open_entry(entry, shape)
     if hit is not None:
         x, meta = hit
-        ok = _ok_rows(meta, len(paths))
-        bad = [(paths[i], reason) for i, reason in meta["bad"]]
+        ok, bad = _split_failures(paths, meta["bad"])
         log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
-        return x, ok, bad
+        return x, ok, bad, _meta_sums(meta, spec.channels)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -226,12 +251,16 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
     if x is None:
         raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
     _evict(cache, keep=key, log=log)
-    return x, _ok_rows(meta, len(paths)), [(paths[i], reason) for i, reason in meta["bad"]]
+    ok, bad = _split_failures(paths, meta["bad"])
+    return x, ok, bad, _meta_sums(meta, spec.channels)
 
 
-def _ok_rows(meta: dict, n: int) -> list[int]:
-    bad = {i for i, _ in meta["bad"]}
-    return [i for i in range(n) if i not in bad]
+def _meta_sums(meta: dict, channels: int) -> np.ndarray | None:
+    try:
+        sums = np.array(meta["sums"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return sums if sums.shape == (2, channels) else None
 
 
 def _open_entry(entry: Path, shape) -> tuple[torch.Tensor, dict] | None:
@@ -263,26 +292,33 @@ def _build_entry(cache, key, names, stats, spec, shape, source, split, log, prog
         reused = _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad)
         need = np.flatnonzero(todo)
         failures: list[tuple[int, str]] = list(known_bad.items())
+        sums = np.zeros((2, spec.channels), dtype=np.int64)
         if len(need):
-            sub = np.zeros((len(need), *shape[1:]), dtype=np.uint8) if len(need) < n else mm
+            whole = len(need) == n
+            sub = mm if whole else np.zeros((len(need), *shape[1:]), dtype=np.uint8)
             with progress.task(what, total=len(need)) as task:
                 fails = decode_into(
                     sub,
-                    [names[i] for i in need],
+                    [names[i] for i in need] if not whole else names,
                     spec.channels,
                     spec.size,
                     spec.resize,
                     progress=task,
                     log=log,
+                    # workers write straight into the new file (the rows
+                    # file is fresh, so failed rows stay zero)
+                    file=(os.fspath(tmp / "rows.u8"), 0) if whole else None,
+                    sums=sums,
                 )
-            if sub is not mm:
+            if not whole:
                 mm[need] = sub
             failures += [(int(need[i]), reason) for i, reason in fails]
         failures.sort()
-        bad_idx = {i for i, _ in failures}
-        ok = np.array([i for i in range(n) if i not in bad_idx], dtype=np.int64)
-        if len(ok) < n:  # compact in place: drop the failed rows
-            for j, i in enumerate(ok):
+        ok = _ok_rows(failures, n)
+        if reused:  # reused rows are not in the decode's sums: count them all
+            sums = channel_sums(mm)
+        if len(ok) < n:  # compact in place: drop the failed rows (zero: sums unchanged)
+            for j, i in enumerate(ok.tolist()):
                 if i != j:
                     mm[j] = mm[i]
         mm.flush()
@@ -303,6 +339,7 @@ def _build_entry(cache, key, names, stats, spec, shape, source, split, log, prog
             "images": len(ok),
             "bytes": len(ok) * row_bytes,
             "bad": failures,
+            "sums": sums.tolist(),
             "created": time.time(),
         }
         (tmp / META).write_text(json.dumps(meta))  # last: marks the folder complete

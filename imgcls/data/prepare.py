@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgcls.data.batch_decode import keep_pool
 from imgcls.data.cache import DecodedSplit, check_bad, default_cache_dir, load_split
-from imgcls.data.loader import compute_mean_std
+from imgcls.data.loader import compute_mean_std, mean_std_from_sums
 from imgcls.data.progress import Progress
 from imgcls.data.sources import Source, open_source
 from imgcls.errors import DataError
@@ -52,9 +53,10 @@ def prepare_data(
     listed = time.perf_counter() - start
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     where = dict(stats=source.stats, source=source.root, progress=progress)
-    train = load_split(source.train, spec, cache, log, split="train", **where)
-    val = load_split(source.val, spec, cache, log, split="val", **where)
-    test = load_split(source.test, spec, cache, log, split="test", **where) if source.test else None
+    with keep_pool():  # one pool of decode workers for every split
+        train = load_split(source.train, spec, cache, log, split="train", **where)
+        val = load_split(source.val, spec, cache, log, split="val", **where)
+        test = load_split(source.test, spec, cache, log, split="test", **where) if source.test else None
     bad = train.bad + val.bad + (test.bad if test else [])
     check_bad(bad, len(source), spec.max_bad_fraction)
     if len(train) == 0:
@@ -62,7 +64,10 @@ def prepare_data(
     if spec.mean is not None and spec.std is not None:
         mean, std = list(spec.mean), list(spec.std)
     else:
-        mean, std = compute_mean_std(train.x)
+        if train.sums is not None:  # kept with the decoded rows: nothing to read
+            mean, std = mean_std_from_sums(train.sums, len(train) * train.x.shape[2] * train.x.shape[3])
+        else:
+            mean, std = compute_mean_std(train.x)
         mean = list(spec.mean) if spec.mean is not None else mean
         std = list(spec.std) if spec.std is not None else std
     h, w = spec.size
