@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import types
 from collections import deque
@@ -232,7 +233,7 @@ def _processes(
 
     try:
         while todo or pending:
-            with _main_module_hidden():  # workers start during submit
+            with _main_module_hidden(), _sigint_deferred():  # workers start during submit
                 while todo and len(pending) < queued:
                     pending.add(pool.submit(decode_chunk, task(todo.popleft())))
             if todo and not warm:  # the pool is starting: take a chunk here
@@ -255,9 +256,11 @@ def _processes(
             "rerun with IMGCLS_DECODE=threads to find the file"
         ) from None
     except BaseException:
-        # On Ctrl-C: queued chunks are dropped; workers (SIGINT ignored) end
-        # after the chunk in hand, and the caller removes what was half-written.
-        _close_pool()
+        # On Ctrl-C: queued chunks are dropped and we wait for the workers
+        # (SIGINT ignored) to end after the chunk in hand (~CHUNK_S): one
+        # still starting would otherwise print a traceback after we are gone.
+        # Then the caller removes what was half-written.
+        _close_pool(wait=True)
         raise
     if not _KEEP[0]:
         _close_pool()
@@ -296,10 +299,11 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _close_pool() -> None:
+def _close_pool(wait: bool = False) -> None:
     if _POOL:
-        _POOL[1].shutdown(wait=False, cancel_futures=True)
+        pool = _POOL[1]
         _POOL.clear()
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 @contextmanager
@@ -312,6 +316,25 @@ def keep_pool() -> Iterator[None]:
     finally:
         _KEEP[0] = False
         _close_pool()
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C while worker processes start (during submit): interrupted
+    there, a started worker is not yet the pool's, so shutting the pool down
+    would not wait for it, and it would print a traceback after we exit. The
+    interrupt is raised as soon as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextmanager
