@@ -56,6 +56,7 @@ CHUNK_S = 0.1  # target seconds of work per chunk handed to a worker
 # serialise on the GIL: go straight to processes, no thread trial.
 PYTHON_BOUND_RATE = 500.0
 SERIAL_CHUNK = 256
+WARMUP = 4  # untimed images before the serial probe
 Log = Callable[[str], None]
 
 
@@ -115,15 +116,19 @@ def decode_into(
             if progress is not None:
                 progress.advance(hi - lo)
 
-    # 1. serial probe
-    done, start = 0, time.perf_counter()
-    while done < n and (done < 16 or time.perf_counter() - start < PROBE_S):
-        if mode in ("threads", "processes") and done >= 16:
+    # 1. serial probe, after a few untimed images: the first Image.open of a
+    # process loads Pillow's plugins (~100 ms), which once made small PNGs
+    # look like 94 images/s and sent them to GIL-bound threads
+    done = min(n, WARMUP)
+    serial(0, done)
+    start = time.perf_counter()
+    while done < n and (done < WARMUP + 16 or time.perf_counter() - start < PROBE_S):
+        if mode in ("threads", "processes") and done >= WARMUP + 16:
             break
         step = min(16, n - done)
         serial(done, done + step)
         done += step
-    rate1 = done / max(time.perf_counter() - start, 1e-9)
+    rate1 = max(done - WARMUP, 1) / max(time.perf_counter() - start, 1e-9)
     left = n - done
     pool_ready = bool(_POOL) and _POOL[0] == workers  # kept from the previous split: no start cost
     short = left < rate1 * SERIAL_BELOW_S and not pool_ready

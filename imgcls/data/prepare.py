@@ -57,6 +57,7 @@ def prepare_data(
         train = load_split(source.train, spec, cache, log, split="train", **where)
         val = load_split(source.val, spec, cache, log, split="val", **where)
         test = load_split(source.test, spec, cache, log, split="test", **where) if source.test else None
+    source.stats = {}  # only the cache key needed them: ~250 bytes a file, for the whole run
     bad = train.bad + val.bad + (test.bad if test else [])
     check_bad(bad, len(source), spec.max_bad_fraction)
     if len(train) == 0:
