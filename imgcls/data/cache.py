@@ -46,6 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import methodcaller
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,7 @@ def _absolute(names: list[str]) -> list[str]:
     """abspath, only for the names that need it (a folder scan from an
     absolute root gives absolute names; abspath per file costs ~8 us)."""
     sep = os.sep
-    if all(n[:1] == sep for n in names):
+    if all(map(methodcaller("startswith", sep), names)):
         return names
     return [n if n[:1] == sep else os.path.abspath(n) for n in names]
 

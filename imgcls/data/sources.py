@@ -249,7 +249,7 @@ def stratified_split(items: Items, classes: list[str], val_split: float, seed: i
         # Sorted as Paths sort (by components: "a/b" before "a-b"), without a
         # Path per file, so a split is the same whatever type the paths are.
         files = by_class[label]
-        files = sorted(files, key=_STR_KEY if all(type(f) is str for f in files) else _path_key)
+        files = sorted(files, key=_STR_KEY if set(map(type, files)) == {str} else _path_key)
         n = len(files)
         n_val = min(max(round(n * val_split), 1), n - 1) if n >= 2 else 0
         rng = np.random.default_rng([seed, zlib.crc32(classes[label].encode())])
