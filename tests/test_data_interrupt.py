@@ -51,6 +51,7 @@ def test_ctrl_c_during_decoding_leaves_no_cache_entry_and_no_run(tmp_path):
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
+            start_new_session=True,  # its own process group, as in a terminal
         )
         try:
             # Decoding has begun once the entry's temporary folder exists.
@@ -60,7 +61,8 @@ def test_ctrl_c_during_decoding_leaves_no_cache_entry_and_no_run(tmp_path):
                 assert time.monotonic() < deadline, "decoding never started"
                 time.sleep(0.02)
             time.sleep(0.5)  # into the worker pool
-            proc.send_signal(signal.SIGINT)
+            # Ctrl-C in a terminal: SIGINT to the whole group (workers too)
+            os.killpg(proc.pid, signal.SIGINT)
             stdout, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:

@@ -285,6 +285,7 @@ def _pool(workers: int) -> tuple[ProcessPoolExecutor, bool]:
     if _POOL and _POOL[0] == workers:
         return _POOL[1], True
     _close_pool()
+    _prestart()
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
     # crash inside a decoder) breaks the pool with an error instead of being
     # silently replaced while its chunk is waited for forever.
@@ -296,13 +297,27 @@ def _pool(workers: int) -> tuple[ProcessPoolExecutor, bool]:
 def _prestart() -> None:
     """Start the forkserver now (its numpy/PIL imports, ~0.3 s, then overlap
     the serial probe instead of delaying the first worker). Costs nothing
-    when it already runs; a no-op without forkserver."""
-    ctx = _context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    when it already runs; a no-op without forkserver.
 
-        with _main_module_hidden():
+    It starts with SIGINT ignored (an ignored signal stays ignored across
+    exec, and Python keeps it so; its workers inherit it): a terminal's
+    Ctrl-C reaches the whole process group, and a server still importing
+    would die with a KeyboardInterrupt traceback, taking the pool down with
+    an EOFError. (A blocked mask is not enough: the child starts unblocked.)
+    This process ignores SIGINT only for the fork and exec, a few ms."""
+    ctx = _context()
+    if ctx.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    main = threading.current_thread() is threading.main_thread()
+    with _main_module_hidden():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
             forkserver.ensure_running()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _context() -> multiprocessing.context.BaseContext:
