@@ -370,6 +370,87 @@ def data_check(
         raise typer.Exit(EXIT_PARTIAL)
 
 
+# --------------------------------------------------------------------------- cache
+
+cache_app = typer.Typer(
+    help="The decoded-image cache ($IMGCLS_CACHE/decoded, capped by IMGCLS_CACHE_MAX).", no_args_is_help=True
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+@command
+def cache_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
+) -> None:
+    """List cached decoded splits, most recently used first.
+
+    Examples:
+
+        imgcls cache list
+
+        imgcls cache list --json
+    """
+    import datetime
+
+    from imgcls.data.cache import cache_max, default_cache_dir, list_entries
+
+    entries = list_entries()
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("key", no_wrap=True)
+    for name in ("source", "split", "images", "size", "last used"):
+        table.add_column(name)
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
+        table.add_row(e["key"], e["source"], e["split"], str(e["images"]), _bytes(e["bytes"]), used)
+    _stdout().print(table)
+    total = sum(e["bytes"] for e in entries)
+    _stderr().print(
+        f"{len(entries)} entries, {_bytes(total)} of {_bytes(cache_max())} (IMGCLS_CACHE_MAX) in {default_cache_dir()}",
+        markup=False,
+    )
+
+
+@cache_app.command("clear")
+@command
+def cache_clear(
+    keys: Annotated[
+        list[str] | None, typer.Argument(help="Entry keys (or unique prefixes) to remove.")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+) -> None:
+    """Remove cached decoded splits (named ones, or --all); the next run decodes again.
+
+    Examples:
+
+        imgcls cache clear --all
+
+        imgcls cache clear 3f9a1c
+    """
+    from imgcls.data.cache import clear_entries, default_cache_dir
+    from imgcls.errors import UsageError
+
+    if bool(keys) == all_:
+        raise UsageError("name entry keys to remove, or pass --all (not both)")
+    removed, freed = clear_entries(keys or ())
+    _stderr().print(
+        f"removed {removed} cache entries, freed {_bytes(freed)} in {default_cache_dir()}", markup=False
+    )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 # --------------------------------------------------------------------------- evaluate
 
 

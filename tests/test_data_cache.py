@@ -38,7 +38,8 @@ def test_load_split_decodes_and_skips_bad(tmp_path, cache):
     assert [p.name for p, _ in d.bad] == ["bad0.png", "bad1.png"]
     assert len(d.files) == 6 and any("bad0.png" in m for m in logs)
     assert d.x[2, 0, 0, 0] == 80  # row order follows the ok files
-    assert list((tmp_path / "cache").glob("*.u8")) if cache == "disk" else True
+    written = list((tmp_path / "cache").glob("*/rows.u8"))
+    assert written if cache in ("disk", "auto", "ram") else not (tmp_path / "cache").exists()
 
 
 def _count_decodes(monkeypatch) -> list[int]:
@@ -68,11 +69,14 @@ def test_disk_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     os.utime(items[0][0], ns=(1, 1))
     logs.clear()
     changed = load_split(items, spec, tmp_path / "c", logs.append)
-    assert changed.x[0, :, 0, 0].tolist() == [1, 2, 3] and decodes == [4, 4]
-    assert [m for m in logs if m.startswith("cached 4 decoded images")]
+    # only the changed file is decoded; the other three rows are reused
+    assert changed.x[0, :, 0, 0].tolist() == [1, 2, 3] and decodes == [4, 1]
+    assert torch.equal(changed.x[1:], first.x[1:])
+    assert [m for m in logs if m.startswith("cached 4 decoded images") and "(1 decoded, 3 reused)" in m]
     other = load_split(items, DataSpec(image_size=5, cache="disk"), tmp_path / "c")
     assert other.x.shape[-1] == 5
-    assert len(list((tmp_path / "c").glob("*.u8"))) == 3
+    # the changed split replaced its old entry; the other geometry has its own
+    assert len(list((tmp_path / "c").glob("*/rows.u8"))) == 2
 
 
 def test_check_bad_refuses_over_the_limit(tmp_path):
@@ -104,7 +108,7 @@ def test_prepare_data_disk_cache_defaults_under_the_cache_root(tmp_path, monkeyp
     decodes = _count_decodes(monkeypatch)
     logs: list[str] = []
     first = prepare_data(spec, tmp_path, log=logs.append)
-    assert sum(decodes) == 8 and list(default_cache_dir().glob("*.u8"))
+    assert sum(decodes) == 8 and list(default_cache_dir().glob("*/rows.u8"))
     assert not [m for m in logs if "no cache folder" in m]
     logs.clear()
     again = prepare_data(spec, tmp_path, log=logs.append)

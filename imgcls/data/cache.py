@@ -1,15 +1,35 @@
-"""Decode once: a split becomes one uint8 tensor (N, C, H, W) at the recipe size.
+"""Decode once: a split becomes one uint8 tensor (N, C, H, W) at the recipe size,
+kept in a persistent cache that the next run, ``imgcls evaluate`` on the same
+files and every trial of a search map instead of decoding again.
 
 ``cache`` policy (``data.cache``):
 
-- ``ram``: decode into memory; nothing written.
-- ``disk``: decode into a memory-mapped file under ``cache_dir``, keyed by a
-  hash of the file list (path, size, mtime), target size, channels and resize
-  policy; a later run with the same key maps it instead of decoding. The file
-  is written under a temporary name and renamed, with a small JSON sidecar
-  written last, so a crash never leaves a cache that looks complete.
-- ``auto``: ``ram`` below :data:`AUTO_RAM_LIMIT` bytes, else ``disk``.
-- ``none``: like ``ram``.
+- ``auto`` (default): the persistent cache below; a split larger than the
+  cache cap (``IMGCLS_CACHE_MAX``), or a cache folder that cannot be written,
+  is decoded into RAM instead, with a one-line note.
+- ``disk``: the persistent cache, always (an unwritable folder is an error).
+- ``ram``: the persistent cache, then the tensor is copied into memory (for a
+  cache on a slow or network disk).
+- ``none``: decode into RAM every run; nothing is read from or written to the
+  cache.
+
+The cache (under :func:`default_cache_dir`, ``$IMGCLS_CACHE/decoded``) holds one
+folder per split, named by a hash of what the tensor depends on: every file's
+absolute path, size and mtime, the target size, channels, resize policy and
+:data:`CACHE_VERSION`. A folder holds ``rows.u8`` (the decoded rows of the
+readable files, in split order, memory-mapped on use), ``files.txt`` and
+``stats.npy`` (per file: size, mtime_ns, row; -1 for unreadable) and
+``meta.json`` (which also holds the per-channel pixel sums, so mean/std of a
+cached split cost nothing). It is built under a temporary name and renamed into place
+(meta.json written last, inside), so a crash or Ctrl-C leaves no entry that
+looks complete, and two processes building the same entry both end with one.
+
+When a split changes (files added, removed or edited), the new entry copies
+the rows of unchanged files (same path, size and mtime) from the previous
+entries of the same source and geometry, decodes only the rest, and then
+replaces the previous entry of that split. After each write, entries are
+evicted least recently used first until the cache fits ``IMGCLS_CACHE_MAX``
+(default :data:`DEFAULT_CACHE_MAX`).
 
 Files that fail to decode are skipped, reported through ``log`` and returned
 in ``DecodedSplit.bad``; :func:`check_bad` enforces ``max_bad_fraction``.
@@ -20,78 +40,110 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import shutil
+import time
+import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import methodcaller
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imgcls.data.decode import DecodeError, load_image
-from imgcls.errors import DataError
+from imgcls.data.batch_decode import decode_into, decode_workers
+from imgcls.data.decode import channel_sums
+from imgcls.data.progress import Progress
+from imgcls.data.shapes import cache_root
+from imgcls.errors import DataError, UsageError
 from imgcls.recipe import DataSpec
 
-AUTO_RAM_LIMIT = 2 * 1024**3
-CACHE_VERSION = 2  # bump when decode/resize output changes (2: JPEG draft decoding)
+AUTO_RAM_LIMIT = 2 * 1024**3  # kept for callers; ``auto`` now persists (see above)
+CACHE_VERSION = 3  # bump when decode/resize output changes (3: per-file cache entries)
+DEFAULT_CACHE_MAX = "20G"
+STALE_TEMP_S = 3600.0  # a temporary entry older than this is a crashed writer's
 Log = Callable[[str], None]
 MAX_LOGGED_BAD = 10
+META = "meta.json"
 
 
 @dataclass
 class DecodedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W); may be backed by a memory-mapped file
     y: torch.Tensor  # int64 (N,)
-    files: list[Path]
-    bad: list[tuple[Path, str]] = field(default_factory=list)
+    files: list[str | Path]  # as listed (str from a folder scan: no Path per file)
+    bad: list[tuple[str | Path, str]] = field(default_factory=list)
+    # (2, C) int64: per channel, exact sum and sum of squares of x's pixels,
+    # kept in the cache entry so a cached run does not read every pixel for
+    # mean/std. None when unknown.
+    sums: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.files)
 
 
 def decode_threads() -> int:
-    """Threads for decoding: PIL releases the GIL while decoding and resizing."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Workers for decoding (cores this process may use); kept for callers."""
+    return decode_workers()
 
 
-def decode_into(
-    out: np.ndarray | torch.Tensor,
-    paths: Sequence[Path],
-    channels: int,
-    size: tuple[int, int],
-    resize: str,
-    threads: int | None = None,
-) -> list[tuple[int, str]]:
-    """Decode ``paths[i]`` into ``out[i]``; return ``(index, reason)`` failures."""
-
-    def one(i: int) -> tuple[int, str] | None:
-        try:
-            t = load_image(paths[i], channels, size, resize)  # type: ignore[arg-type]
-        except DecodeError as exc:
-            return i, exc.reason
-        out[i] = t.numpy() if isinstance(out, np.ndarray) else t
-        return None
-
-    threads = threads or decode_threads()
-    if threads == 1 or len(paths) < 2:
-        results = map(one, range(len(paths)))
-        return [r for r in results if r is not None]
-    with ThreadPoolExecutor(threads) as pool:
-        return [r for r in pool.map(one, range(len(paths)), chunksize=16) if r is not None]
+def default_cache_dir() -> Path:
+    """``$IMGCLS_CACHE/decoded`` (see :func:`imgcls.data.shapes.cache_root`)."""
+    return cache_root() / "decoded"
 
 
-def cache_key(paths: Sequence[Path], spec: DataSpec) -> str:
-    """Hash of what the decoded tensor depends on: files and target geometry."""
-    h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, spec.size, spec.channels, spec.resize]).encode())
-    for p in paths:
-        try:
-            st = os.stat(p)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"\0{os.path.abspath(p)}\0{stamp}".encode())
+def parse_size(text: str) -> int:
+    """``"20G"``, ``"500M"``, ``"1.5T"``, ``"123"`` (bytes) -> bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"IMGCLS_CACHE_MAX={text!r}: expected a size like 20G, 500M or 1.5T")
+    return int(float(m[1]) * 1024 ** " KMGT".index((m[2] or " ").upper()))
+
+
+def cache_max() -> int:
+    """The cache's size cap in bytes: ``$IMGCLS_CACHE_MAX``, else 20 GiB."""
+    return parse_size(os.environ.get("IMGCLS_CACHE_MAX") or DEFAULT_CACHE_MAX)
+
+
+def file_stats(paths: Sequence[str], known: dict[str, tuple[int, int]] | None = None) -> np.ndarray:
+    """(N, 2) int64 of (size, mtime_ns); -1 for a file that is not there.
+    ``known`` (from the listing) saves a stat per file."""
+    known = known or {}
+    get = known.get
+    rows = [get(p) or _stat(p) for p in paths]
+    return np.array(rows, dtype=np.int64).reshape(len(paths), 2)
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        s = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (s.st_size, s.st_mtime_ns)
+
+
+def _absolute(names: list[str]) -> list[str]:
+    """abspath, only for the names that need it (a folder scan from an
+    absolute root gives absolute names; abspath per file costs ~8 us)."""
+    sep = os.sep
+    if all(map(methodcaller("startswith", sep), names)):
+        return names
+    return [n if n[:1] == sep else os.path.abspath(n) for n in names]
+
+
+def _geometry(spec: DataSpec) -> list:
+    return [CACHE_VERSION, list(spec.size), spec.channels, spec.resize]
+
+
+def cache_key(paths: Sequence[str | os.PathLike], spec: DataSpec, stats: np.ndarray | None = None) -> str:
+    """Hash of what the decoded tensor depends on: files (path, size, mtime)
+    and target geometry. One hash over two buffers, not one update per file."""
+    names = _absolute([os.fspath(p) for p in paths])
+    stats = file_stats(names) if stats is None else stats
+    h = hashlib.sha256(json.dumps(_geometry(spec)).encode())
+    h.update("\0".join(names).encode("utf-8", "surrogateescape"))
+    h.update(np.ascontiguousarray(stats, dtype=np.int64).tobytes())
     return h.hexdigest()[:24]
 
 
@@ -100,89 +152,366 @@ def load_split(
     spec: DataSpec,
     cache_dir: str | os.PathLike | None = None,
     log: Log = lambda message: None,
+    *,
+    stats: dict[str, tuple[int, int]] | None = None,
+    source: str | os.PathLike | None = None,
+    split: str = "",
+    progress: Progress | None = None,
 ) -> DecodedSplit:
-    """Decode ``items`` = [(file, label), ...] into a :class:`DecodedSplit`."""
-    paths = [Path(p) for p, _ in items]
+    """Decode ``items`` = [(file, label), ...] into a :class:`DecodedSplit`,
+    through the persistent cache (``cache_dir``, default :func:`default_cache_dir`)
+    unless ``spec.cache`` is ``none``.
+
+    ``stats``: (size, mtime_ns) per path from the listing; ``source`` and
+    ``split`` name the entry (shown by ``imgcls cache list``; a new entry
+    replaces the previous one of the same source, split and geometry).
+    """
+    paths = [p for p, _ in items]
+    names = [p if isinstance(p, str) else os.fspath(p) for p in paths]
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     h, w = spec.size
     shape = (len(paths), spec.channels, h, w)
-    nbytes = int(np.prod(shape))
+    progress = progress or Progress(log)
+    what = f"decoding {split}".rstrip()
     policy = spec.cache
-    if policy == "auto":
-        policy = "ram" if nbytes < AUTO_RAM_LIMIT else "disk"
-    if policy == "disk" and cache_dir is None:
-        log("warning: data.cache is 'disk' but there is no cache folder; decoding to RAM")
-        policy = "ram"
-
-    if policy == "disk":
-        x, ok, bad = _disk_cached(paths, spec, Path(cache_dir), shape, log)  # type: ignore[arg-type]
-    else:
-        x = torch.empty(shape, dtype=torch.uint8)
-        failures = decode_into(x, paths, spec.channels, spec.size, spec.resize)
-        bad_idx = {i for i, _ in failures}
-        ok = [i for i in range(len(paths)) if i not in bad_idx]
-        bad = [(paths[i], reason) for i, reason in failures]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if policy != "none" and len(paths):
+        cap = cache_max()
+        if policy == "auto" and int(np.prod(shape)) > cap:
+            log(f"note: {len(paths)} decoded images would exceed IMGCLS_CACHE_MAX; decoding into RAM")
+            policy = "none"
+        elif policy == "auto" and not _writable(cache):
+            log(f"note: cannot write the cache folder {cache}; decoding into RAM")
+            policy = "none"
+    if policy == "none" or not len(paths):
+        x = torch.zeros(shape, dtype=torch.uint8)  # zero: failed rows add nothing to sums
+        sums = np.zeros((2, spec.channels), dtype=np.int64)
+        with progress.task(what, total=len(paths)) as task:
+            failures = decode_into(
+                x, names, spec.channels, spec.size, spec.resize, progress=task, log=log, sums=sums
+            )
+        ok, bad = _split_failures(paths, failures)
         if bad:
             x = x[ok]
+    else:
+        x, ok, bad, sums = _cached(
+            names, paths, spec, cache, shape, log, stats, source, split, progress, what
+        )
+        if policy == "ram":
+            x = x.clone()
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
-    return DecodedSplit(x, labels[ok], [paths[i] for i in ok], bad)
+    if len(ok) == len(paths):
+        return DecodedSplit(x, labels, paths, bad, sums)
+    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums)
 
 
-def _disk_cached(
-    paths: list[Path], spec: DataSpec, cache_dir: Path, shape: tuple[int, ...], log: Log
-) -> tuple[torch.Tensor, list[int], list[tuple[Path, str]]]:
-    key = cache_key(paths, spec)
-    data_file = cache_dir / f"{key}.u8"
-    meta_file = cache_dir / f"{key}.json"
-    row = int(np.prod(shape[1:]))
+def _ok_rows(failures, n: int) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[[int(i) for i, _ in failures]] = False
+    return np.flatnonzero(keep)
+
+
+def _split_failures(paths: list, failures: list[tuple[int, str]]):
+    return _ok_rows(failures, len(paths)), [(paths[i], reason) for i, reason in failures]
+
+
+def _writable(folder: Path) -> bool:
     try:
-        meta = json.loads(meta_file.read_text())
-        if data_file.stat().st_size == len(meta["ok"]) * row:
-            bad = [(paths[i], reason) for i, reason in meta["bad"]]
-            log(f"mapped {len(meta['ok'])} decoded images from {data_file}")
-            return _map(data_file, (len(meta["ok"]), *shape[1:])), meta["ok"], bad
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        pass  # no cache yet, or an unusable one: decode
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
+
+def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, progress, what):
+    """The persistent-cache path of :func:`load_split`: map, or build then map."""
+    # The listing's stats are keyed by the names it produced (absolute for a
+    # folder source, see sources.read_folder), so no per-file rewrite here.
+    abs_names = _absolute(names)
+    stats = file_stats(abs_names, known)
+    key = cache_key(abs_names, spec, stats)
+    entry = cache / key
+    hit = _open_entry(entry, shape)
+    if hit is not None:
+        x, meta = hit
+        ok, bad = _split_failures(paths, meta["bad"])
+        log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
+        return x, ok, bad, _meta_sums(meta, spec.channels)
     try:
-        if shape[0]:
-            mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-            failures = decode_into(mm, paths, spec.channels, spec.size, spec.resize)
-            bad_idx = {i for i, _ in failures}
-            ok = [i for i in range(len(paths)) if i not in bad_idx]
-            for j, i in enumerate(ok):  # compact in place: drop the failed rows
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"{cache}: cannot create the decoded-image cache folder: {exc.strerror or exc}"
+        ) from None
+    source_name = os.path.abspath(source) if source is not None else os.path.commonpath(abs_names)
+    meta = _build_entry(cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what)
+    x, meta = _open_entry(entry, shape) or (None, None)
+    if x is None:
+        raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
+    _evict(cache, keep=key, log=log)
+    ok, bad = _split_failures(paths, meta["bad"])
+    return x, ok, bad, _meta_sums(meta, spec.channels)
+
+
+def _meta_sums(meta: dict, channels: int) -> np.ndarray | None:
+    try:
+        sums = np.array(meta["sums"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return sums if sums.shape == (2, channels) else None
+
+
+def _open_entry(entry: Path, shape) -> tuple[torch.Tensor, dict] | None:
+    """Map a complete entry's rows (and mark it used), or None."""
+    try:
+        meta = json.loads((entry / META).read_text())
+        rows = entry / "rows.u8"
+        n_ok = int(meta["images"])
+        row_bytes = int(np.prod(shape[1:]))
+        if meta["files"] != shape[0] or rows.stat().st_size != n_ok * row_bytes:
+            return None
+        os.utime(entry)  # last used, for LRU eviction
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if n_ok == 0:
+        return torch.empty((0, *shape[1:]), dtype=torch.uint8), meta
+    # Copy-on-write mapping: pages load on demand, the file is never written.
+    return torch.from_numpy(np.memmap(rows, dtype=np.uint8, mode="c", shape=(n_ok, *shape[1:]))), meta
+
+
+def _build_entry(cache, key, names, stats, spec, shape, source, split, log, progress, what) -> dict:
+    tmp = cache / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        n = len(names)
+        mm = np.memmap(tmp / "rows.u8", dtype=np.uint8, mode="w+", shape=shape)
+        todo = np.ones(n, dtype=bool)
+        known_bad: dict[int, str] = {}
+        reused = _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad)
+        need = np.flatnonzero(todo)
+        failures: list[tuple[int, str]] = list(known_bad.items())
+        sums = np.zeros((2, spec.channels), dtype=np.int64)
+        if len(need):
+            whole = len(need) == n
+            sub = mm if whole else np.zeros((len(need), *shape[1:]), dtype=np.uint8)
+            with progress.task(what, total=len(need)) as task:
+                fails = decode_into(
+                    sub,
+                    [names[i] for i in need] if not whole else names,
+                    spec.channels,
+                    spec.size,
+                    spec.resize,
+                    progress=task,
+                    log=log,
+                    # workers write straight into the new file (the rows
+                    # file is fresh, so failed rows stay zero)
+                    file=(os.fspath(tmp / "rows.u8"), 0) if whole else None,
+                    sums=sums,
+                )
+            if not whole:
+                mm[need] = sub
+            failures += [(int(need[i]), reason) for i, reason in fails]
+        failures.sort()
+        ok = _ok_rows(failures, n)
+        if reused:  # reused rows are not in the decode's sums: count them all
+            sums = channel_sums(mm)
+        if len(ok) < n:  # compact in place: drop the failed rows (zero: sums unchanged)
+            for j, i in enumerate(ok.tolist()):
                 if i != j:
                     mm[j] = mm[i]
-            mm.flush()
-            del mm
-            os.truncate(tmp, len(ok) * row)
+        mm.flush()
+        del mm
+        row_bytes = int(np.prod(shape[1:]))
+        os.truncate(tmp / "rows.u8", len(ok) * row_bytes)
+        rows = np.full(n, -1, dtype=np.int64)
+        rows[ok] = np.arange(len(ok))
+        np.save(tmp / "stats.npy", np.column_stack([stats, rows]))
+        (tmp / "files.txt").write_text("\n".join(names), encoding="utf-8", errors="surrogateescape")
+        meta = {
+            "version": CACHE_VERSION,
+            "key": key,
+            "geometry": _geometry(spec),
+            "source": source,
+            "split": split,
+            "files": n,
+            "images": len(ok),
+            "bytes": len(ok) * row_bytes,
+            "bad": failures,
+            "sums": sums.tolist(),
+            "created": time.time(),
+        }
+        (tmp / META).write_text(json.dumps(meta))  # last: marks the folder complete
+        try:
+            os.rename(tmp, cache / key)
+        except OSError:
+            pass  # another process built the same entry first: theirs is as good
         else:
-            failures, ok = [], []
-        os.replace(tmp, data_file)
-        meta = {"shape": [len(ok), *shape[1:]], "ok": ok, "bad": failures}
-        tmp_meta = meta_file.with_name(f".{meta_file.name}.tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_file)  # written last: marks the cache complete
+            _drop_superseded(cache, key, meta)
+        decoded = n - reused - len(known_bad)
+        log(f"cached {len(ok)} decoded images in {cache / key} ({decoded} decoded, {reused} reused)")
+        return meta
     finally:
-        tmp.unlink(missing_ok=True)
-    log(f"cached {len(ok)} decoded images in {data_file}")
-    bad = [(paths[i], reason) for i, reason in failures]
-    return _map(data_file, (len(ok), *shape[1:])), ok, bad
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _map(data_file: Path, shape: tuple[int, ...]) -> torch.Tensor:
-    if shape[0] == 0:
-        return torch.empty(shape, dtype=torch.uint8)
-    # Copy-on-write mapping: pages load on demand, the file is never written.
-    mm = np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)
-    return torch.from_numpy(mm)
+def _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad) -> int:
+    """Copy into ``mm`` the rows other entries (same geometry and source) hold
+    for unchanged files; clear them in ``todo``. Returns how many were reused."""
+    geometry = _geometry(spec)
+    reused = 0
+    for entry, meta in sorted(_entries(cache), key=lambda em: -em[0].stat().st_mtime):
+        if meta.get("geometry") != geometry or meta.get("source") != source or meta.get("key") == key:
+            continue
+        try:
+            old_names = (
+                (entry / "files.txt").read_text(encoding="utf-8", errors="surrogateescape").split("\n")
+            )
+            old_stats = np.load(entry / "stats.npy")
+            old_bad = dict((int(i), r) for i, r in meta["bad"])
+            where = {n: i for i, n in enumerate(old_names)}
+            old_rows = np.memmap(
+                entry / "rows.u8", dtype=np.uint8, mode="r", shape=(meta["images"], *mm.shape[1:])
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        new_idx, old_idx = [], []
+        for i in np.flatnonzero(todo):
+            j = where.get(names[i])
+            if (
+                j is None
+                or old_stats[j, 0] != stats[i, 0]
+                or old_stats[j, 1] != stats[i, 1]
+                or stats[i, 0] < 0
+            ):
+                continue
+            if old_stats[j, 2] >= 0:
+                new_idx.append(i)
+                old_idx.append(old_stats[j, 2])
+            elif j in old_bad:
+                known_bad[int(i)] = old_bad[j]
+                todo[i] = False
+        if new_idx:
+            mm[np.array(new_idx)] = old_rows[np.array(old_idx)]
+            todo[new_idx] = False
+            reused += len(new_idx)
+        if not todo.any():
+            break
+    return reused
+
+
+def _entries(cache: Path) -> list[tuple[Path, dict]]:
+    out = []
+    try:
+        folders = list(os.scandir(cache))
+    except OSError:
+        return out
+    for e in folders:
+        if e.name.startswith(".") or not e.is_dir():
+            continue
+        try:
+            out.append((Path(e.path), json.loads(Path(e.path, META).read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _drop_superseded(cache: Path, key: str, meta: dict) -> None:
+    """The entry of the same source, split and geometry that this one replaces."""
+    for entry, other in _entries(cache):
+        same = all(other.get(k) == meta[k] for k in ("source", "split", "geometry"))
+        if same and other.get("key") != key:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _evict(cache: Path, keep: str, log: Log) -> None:
+    """Least recently used entries first, until the cache fits its cap."""
+    cap = cache_max()
+    entries = list_entries(cache)
+    total = sum(e["bytes"] for e in entries)
+    for e in sorted(entries, key=lambda e: e["last_used"]):
+        if total <= cap:
+            break
+        if e["key"] == keep:
+            continue
+        shutil.rmtree(cache / e["key"], ignore_errors=True)
+        total -= e["bytes"]
+        log(
+            f"cache: evicted {e['key']} ({e['source']} {e['split']}, {_human(e['bytes'])}) to stay under IMGCLS_CACHE_MAX"
+        )
+    if total > cap:
+        log(f"warning: the decoded cache ({_human(total)}) exceeds IMGCLS_CACHE_MAX ({_human(cap)})")
+    _remove_stale_temps(cache)
+
+
+def _remove_stale_temps(cache: Path) -> None:
+    now = time.time()
+    for p in cache.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def list_entries(cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Every complete cache entry: key, source, split, images, bytes (on disk),
+    last_used (epoch seconds), most recently used first."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = []
+    for entry, meta in _entries(cache):
+        try:
+            size = sum(f.stat().st_size for f in entry.iterdir())
+            used = entry.stat().st_mtime
+        except OSError:
+            continue
+        out.append(
+            {
+                "key": entry.name,
+                "source": meta.get("source", ""),
+                "split": meta.get("split", ""),
+                "images": meta.get("images", 0),
+                "bytes": size,
+                "last_used": used,
+            }
+        )
+    return sorted(out, key=lambda e: -e["last_used"])
+
+
+def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Remove the named entries (a unique key prefix is enough), or all when
+    ``keys`` is empty; returns (entries removed, bytes freed). An unknown key
+    is a :class:`UsageError` and nothing is removed."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entries = list_entries(cache)
+    if keys:
+        chosen = []
+        for k in keys:
+            match = [e for e in entries if e["key"].startswith(k)]
+            if len(match) != 1:
+                why = "no cache entry" if not match else f"{len(match)} cache entries"
+                raise UsageError(f"{k}: {why} with that key (see `imgcls cache list`)")
+            chosen.append(match[0])
+    else:
+        chosen = entries
+    freed = 0
+    for e in chosen:
+        shutil.rmtree(cache / e["key"], ignore_errors=True)
+        freed += e["bytes"]
+    if not keys:
+        for p in cache.glob(".tmp-*"):  # a crashed writer's leftovers
+            shutil.rmtree(p, ignore_errors=True)
+    return len(chosen), freed
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def check_bad(bad: Sequence[tuple[Path, str]], total: int, max_fraction: float) -> None:

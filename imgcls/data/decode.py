@@ -18,14 +18,26 @@ so a photo is seen identically everywhere. The rules:
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgcls.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: decode worker
+    import torch  # processes import this module and need only PIL and numpy
+
+# Pillow warns (DecompressionBombWarning) inside Image.open for images between
+# MAX_IMAGE_PIXELS and twice that, and the warning would reach the terminal
+# before our own one-line error. A module-level filter turns it into an
+# exception for the whole process: unlike warnings.catch_warnings it is set
+# once, at import, so it is safe with decode threads (and decode worker
+# processes import this module, so they get it too).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 # Pillow format names; PPM covers PBM/PGM/PPM/PNM.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
@@ -35,6 +47,8 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 Resize = Literal["stretch", "center_crop", "pad"]
+# Formats whose EXIF block, when there is one, Pillow puts in ``info["exif"]``.
+_EXIF_IN_INFO = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "PPM"})
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 
 
@@ -58,16 +72,21 @@ def decode_image(path: str | os.PathLike, channels: int, min_side: int | None = 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
     try:
-        # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and
-        # raises above twice that; _check_pixels turns the warning zone into
-        # an error too. (warnings.catch_warnings is not thread-safe, so we do
-        # not silence the warning; decode runs in a thread pool.)
+        # Above MAX_IMAGE_PIXELS Pillow warns (an error here: see the filter
+        # at the top) and above twice that raises; _check_pixels covers
+        # images Pillow sizes only after opening.
         with Image.open(path, formats=FORMATS) as im:
             _check_pixels(path, im.size)
             if min_side and im.format == "JPEG":
                 im.draft(im.mode, (min_side, min_side))
             im.load()  # truncated data raises here (OSError)
-            image = ImageOps.exif_transpose(im)
+            # Orientation lives in EXIF ("exif" in info once loaded) or, for
+            # TIFF, in the image's own tags; skipping the EXIF parse for the
+            # images that have none makes small-image decoding ~10% faster.
+            if "exif" in im.info or im.format not in _EXIF_IN_INFO:
+                image = ImageOps.exif_transpose(im)
+            else:
+                image = im
     except DecodeError:
         raise
     except FileNotFoundError:
@@ -180,7 +199,118 @@ def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int], re
 
 
 def image_to_tensor(im: Image.Image) -> torch.Tensor:
+    import torch
+
     a = np.asarray(im, dtype=np.uint8)
     if a.ndim == 2:
         a = a[:, :, None]
     return torch.from_numpy(a.transpose(2, 0, 1).copy())  # copy: writable, contiguous
+
+
+def decode_row(
+    path: str | os.PathLike, out: np.ndarray, channels: int, size: tuple[int, int], resize: Resize
+) -> None:
+    """:func:`load_image` written straight into ``out`` (uint8, shape (C, H, W)):
+    the same pixels, one copy fewer, and no torch (decode workers use it)."""
+    a = np.asarray(resize_image(decode_image(path, channels, min_side=max(size)), size, resize))
+    out[...] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def decode_rows(
+    paths: Sequence[str | os.PathLike], out: np.ndarray, channels: int, size: tuple[int, int], resize: Resize
+) -> list[tuple[int, str]]:
+    """Decode ``paths[i]`` into ``out[i]`` (uint8, (N, C, H, W)); return the
+    ``(i, reason)`` that failed (their rows are left as they were).
+
+    The same pixels as :func:`decode_row`, faster for many small images: each
+    image gives its raw bytes (``tobytes``: one C copy; ``np.asarray`` costs
+    ~1.5x that in Python), and the chunk is moved from HWC to CHW in one
+    numpy operation instead of one per image.
+    """
+    h, w = size
+    target = (w, h)
+    min_side = max(size)
+    failures: list[tuple[int, str]] = []
+    ok: list[int] = []
+    data: list[bytes] = []
+    for i, path in enumerate(paths):
+        try:
+            im = decode_image(path, channels, min_side=min_side)
+            if im.size != target:
+                im = resize_image(im, size, resize)
+            data.append(_raw_bytes(im))
+        except DecodeError as exc:
+            failures.append((i, exc.reason))
+            continue
+        ok.append(i)
+    if ok:
+        rows = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(len(ok), h, w, channels)
+        rows = rows.transpose(0, 3, 1, 2)
+        if len(ok) == len(paths):
+            out[...] = rows
+        elif len(ok) == ok[-1] - ok[0] + 1:
+            out[ok[0] : ok[-1] + 1] = rows
+        else:
+            out[np.array(ok)] = rows
+    return failures
+
+
+def _raw_bytes(im: Image.Image) -> bytes:
+    """``im.tobytes()`` for an L or RGB image, about twice as fast for small
+    images: ``tobytes`` asks the raw encoder for 64 KiB blocks (allocating
+    one even for a 3 KiB image); this asks for exactly the image's size."""
+    w, h = im.size
+    try:
+        encoder = Image._getencoder(im.mode, "raw", im.mode)
+        encoder.setimage(im.im, (0, 0, w, h))
+        _, status, data = encoder.encode(w * h * len(im.mode))
+    except (AttributeError, TypeError):  # a Pillow without these internals
+        return im.tobytes()
+    return data if status == 1 else im.tobytes()  # 1: all of it in one block
+
+
+def channel_sums(rows: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """(2, C) int64: per channel, the exact sum and sum of squares of uint8
+    rows (N, C, H, W). Zero rows (failed files) add nothing.
+
+    float64 dot products (BLAS: ~2x faster than uint16 squares summed as
+    int64) are exact here: every partial sum is an integer below 2**52,
+    which the chunk size guarantees."""
+    n, c = rows.shape[:2]
+    pixels = max(1, int(np.prod(rows.shape[2:])))
+    chunk = max(1, min(chunk, 2**52 // (pixels * 255 * 255)))
+    out = np.zeros((2, c), dtype=np.int64)
+    for a in range(0, n, chunk):
+        part = np.asarray(rows[a : a + chunk]).transpose(1, 0, 2, 3).reshape(c, -1).astype(np.float64)
+        out[0] += part.sum(axis=1).astype(np.int64)
+        out[1] += np.einsum("ij,ij->i", part, part).astype(np.int64)
+    return out
+
+
+# One open descriptor per cache file, per worker process (a chunk's rows are
+# written with one pwrite: no array is sent back to the parent).
+_FILES: dict[str, int] = {}
+
+
+def decode_chunk(task: tuple) -> tuple[int, bytes, list[tuple[int, str]], np.ndarray]:
+    """Process-pool entry: ``(start, paths, channels, (h, w), resize, target)``
+    -> ``(start, rows as bytes or b"", chunk-relative failures, channel sums)``.
+
+    ``target``: None (the rows come back as bytes) or ``(file, offset)``: the
+    rows are written into ``file`` at ``offset`` (a cache being built, which
+    the parent maps) and nothing comes back but failures and sums."""
+    start, paths, channels, size, resize, target = task
+    rows = np.zeros((len(paths), channels, *size), dtype=np.uint8)
+    failures = decode_rows(paths, rows, channels, size, resize)
+    sums = channel_sums(rows)
+    if target is None:
+        return start, rows.tobytes(), failures, sums
+    name, offset = target
+    fd = _FILES.get(name)
+    if fd is None:
+        fd = _FILES[name] = os.open(name, os.O_WRONLY)
+    data = memoryview(rows).cast("B")
+    done = 0
+    while done < len(data):  # pwrite may write less than asked
+        done += os.pwrite(fd, data[done:], offset + done)
+    return start, b"", failures, sums

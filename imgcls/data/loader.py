@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from imgcls.data.augment import to_float
+from imgcls.data.decode import channel_sums
 from imgcls.errors import DataError
 
 MIN_STD = 1e-3  # a constant channel would otherwise divide by zero
@@ -20,21 +22,23 @@ MIN_STD = 1e-3  # a constant channel would otherwise divide by zero
 def compute_mean_std(x: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a uint8 (N, C, H, W) tensor, in [0, 1] units.
 
-    Accumulated in float64 over chunks, so a memory-mapped cache is streamed
-    rather than converted to float all at once.
+    Accumulated exactly in integers over chunks (a memory-mapped cache is
+    streamed, not converted to float all at once).
     """
     if x.ndim != 4 or x.shape[0] == 0:
         raise DataError("cannot compute mean/std: the training set is empty")
-    c = x.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    for start in range(0, x.shape[0], chunk):
-        part = x[start : start + chunk].to(torch.float64)
-        total += part.sum(dim=(0, 2, 3))
-        total_sq += part.square().sum(dim=(0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / n
-    var = (total_sq / n - mean.square()).clamp(min=0)
+    return mean_std_from_sums(channel_sums(x.numpy(), chunk), x.shape[0] * x.shape[2] * x.shape[3])
+
+
+def mean_std_from_sums(sums: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
+    """Mean and std in [0, 1] units from :func:`channel_sums` over ``pixels``
+    pixels per channel (a cache entry keeps the sums: no pixel is read)."""
+    if pixels <= 0:
+        raise DataError("cannot compute mean/std: the training set is empty")
+    total = torch.tensor(sums[0], dtype=torch.float64)
+    total_sq = torch.tensor(sums[1], dtype=torch.float64)
+    mean = total / pixels
+    var = (total_sq / pixels - mean.square()).clamp(min=0)
     std = var.sqrt() / 255
     return (mean / 255).tolist(), std.clamp(min=MIN_STD).tolist()
 

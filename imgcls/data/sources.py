@@ -29,16 +29,20 @@ import csv
 import os
 import zlib
 from dataclasses import dataclass, field
+from operator import attrgetter, methodcaller
 from pathlib import Path
 
 import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
+from imgcls.data.progress import Task
 from imgcls.data.shapes import shapes_dir, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
-Items = list[tuple[Path, int]]
+# (file, class index). A folder scan gives ``str`` paths (a Path per file
+# costs ~18 us: 18 s for a million files); a CSV gives Paths.
+Items = list[tuple[str | Path, int]]
 SPLITS = ("train", "val", "test")
 _VAL_NAMES = ("val", "valid", "validation")
 
@@ -50,24 +54,28 @@ class Source:
     val: Items
     test: Items = field(default_factory=list)
     root: Path = Path(".")
+    # (size, mtime_ns) per listed file, from the listing itself: the decoded
+    # cache's key, without a second stat per file. May miss files (CSV).
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.train) + len(self.val) + len(self.test)
 
 
-def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".") -> Source:
-    """List the images of ``spec`` (relative paths are relative to ``base_dir``)."""
+def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None) -> Source:
+    """List the images of ``spec`` (relative paths are relative to ``base_dir``);
+    ``progress`` counts the files found."""
     base_dir = Path(base_dir)
     if spec.source == "shapes":
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
             out = write_shapes(shapes_dir(spec.shapes), spec.shapes)
-        return read_folder(out, spec.val_split, spec.split_seed)
+        return read_folder(out, spec.val_split, spec.split_seed, progress)
     assert spec.path is not None  # DataSpec checks this
     path = resolve(spec.path, base_dir)
     if spec.source == "folder":
-        return read_folder(path, spec.val_split, spec.split_seed)
+        return read_folder(path, spec.val_split, spec.split_seed, progress)
     if spec.source == "csv":
         return read_csv(path, spec.val_split, spec.split_seed)
     raise DataError(f"unknown data source '{spec.source}'")
@@ -81,24 +89,28 @@ def resolve(path: str | os.PathLike, base_dir: Path) -> Path:
 # --------------------------------------------------------------------------- folder
 
 
-def read_folder(root: Path, val_split: float, split_seed: int) -> Source:
+def read_folder(root: Path, val_split: float, split_seed: int, progress: Task | None = None) -> Source:
+    stats: Stats = {}
+    # Absolute once here, so every listed name is absolute and the cache key
+    # needs no abspath per file.
+    root = Path(os.path.abspath(root))
     if not root.exists():
         raise DataError(f"{root}: no such folder (check data.path)")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (data.source 'folder' wants a folder)")
     train_dir = root / "train"
     if train_dir.is_dir():
-        classes, train = scan_class_folders(train_dir)
+        classes, train = scan_class_folders(train_dir, stats, progress)
         val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
         if val_dir is not None:
-            val = _scan_split(val_dir, classes)
+            val = _scan_split(val_dir, classes, stats)
         else:
             train, val = stratified_split(train, classes, val_split, split_seed)
-        test = _scan_split(root / "test", classes) if (root / "test").is_dir() else []
-        return Source(classes, train, val, test, root)
-    classes, items = scan_class_folders(root)
+        test = _scan_split(root / "test", classes, stats) if (root / "test").is_dir() else []
+        return Source(classes, train, val, test, root, stats)
+    classes, items = scan_class_folders(root, stats, progress)
     train, val = stratified_split(items, classes, val_split, split_seed)
-    return Source(classes, train, val, [], root)
+    return Source(classes, train, val, [], root, stats)
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -109,25 +121,72 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return [p for p in entries if not p.name.startswith(".") and p.is_dir()]
 
 
+Stats = dict[str, tuple[int, int]]  # path -> (size, mtime_ns), gathered while listing
+
+
 def images_under(folder: Path) -> list[Path]:
     """Image files below ``folder`` (recursively), hidden entries skipped, sorted."""
-    found = []
-    seen: set[str] = set()  # real paths walked: a symlink loop is walked once
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
+    return [Path(p) for p in walk_images(folder)]
+
+
+def walk_images(
+    folder: str | os.PathLike, stats: Stats | None = None, progress: Task | None = None
+) -> list[str]:
+    """:func:`images_under` as plain strings, by ``os.scandir``: no per-file
+    ``Path``, and each file's (size, mtime_ns) stored in ``stats`` on the way
+    (the decoded cache keys on them, so they are not asked for twice).
+
+    Order: a folder's files (sorted by name), then its sub-folders (sorted),
+    depth first; a symlink loop is walked once.
+    """
+    found: list[str] = []
+    seen: set[str] = set()
+    exts = tuple(IMAGE_EXTENSIONS)
+    todo = [os.fspath(folder)]
+    while todo:
+        top = todo.pop()
+        real = os.path.realpath(top)
         if real in seen:
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=_BY_NAME)
+        except OSError:
+            continue  # unreadable sub-folder: os.walk skipped it too
+        subdirs = []
+        for e in entries:
+            name = e.name
+            if name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(e.path)
+                continue
+            if not name.lower().endswith(exts):  # = splitext(name)[1] in exts (all start with ".")
+                continue
+            found.append(e.path)
+            if stats is not None:
+                try:
+                    st = e.stat()
+                    stats[e.path] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    pass  # a broken link: listed, and the decoder says why
+        todo.extend(reversed(subdirs))
+        if progress is not None:
+            progress.advance(len(found) - progress.done)
     return found
 
 
-def scan_class_folders(folder: Path) -> tuple[list[str], Items]:
-    """``folder/<class>/...``: the class names (sorted) and every (image, class index)."""
+def scan_class_folders(
+    folder: Path, stats: Stats | None = None, progress: Task | None = None
+) -> tuple[list[str], Items]:
+    """``folder/<class>/...``: the class names (sorted) and every (image, class index).
+
+    ``stats``, when given, receives each file's (size, mtime_ns)."""
     class_dirs = _visible_dirs(folder)
     if not class_dirs:
         raise DataError(f"{folder}: no class folders found (expected one sub-folder of images per class)")
@@ -137,18 +196,22 @@ def scan_class_folders(folder: Path) -> tuple[list[str], Items]:
         )
     classes = [d.name for d in class_dirs]
     items: Items = []
+    found = progress.done if progress is not None else 0
     for index, d in enumerate(class_dirs):
-        files = images_under(d)
+        files = walk_images(d, stats)
+        found += len(files)
+        if progress is not None:
+            progress.advance(found - progress.done)
         if not files:
             raise DataError(
                 f"{d}: class folder has no images (a class with no examples cannot "
                 "be learned); add images or remove the folder"
             )
-        items.extend((f, index) for f in files)
+        items.extend(zip(files, [index] * len(files), strict=True))
     return classes, items
 
 
-def _scan_split(folder: Path, classes: list[str]) -> Items:
+def _scan_split(folder: Path, classes: list[str], stats: Stats | None = None) -> Items:
     """A val/ or test/ tree: its class folders must match train/'s."""
     names = [d.name for d in _visible_dirs(folder)]
     if names != classes:
@@ -165,7 +228,8 @@ def _scan_split(folder: Path, classes: list[str]) -> Items:
         )
     items: Items = []
     for index, name in enumerate(classes):
-        items.extend((f, index) for f in images_under(folder / name))
+        files = walk_images(folder / name, stats)
+        items.extend(zip(files, [index] * len(files), strict=True))
     return items
 
 
@@ -176,21 +240,37 @@ def stratified_split(items: Items, classes: list[str], val_split: float, seed: i
     """Split per class: ``round(n * val_split)`` to val, at least 1 when n >= 2."""
     if val_split <= 0:
         return list(items), []
-    by_class: dict[int, list[Path]] = {}
+    by_class: dict[int, list] = {}
     for path, label in items:
         by_class.setdefault(label, []).append(path)
     train: Items = []
     val: Items = []
     for label in sorted(by_class):
-        files = sorted(by_class[label])
+        # Sorted as Paths sort (by components: "a/b" before "a-b"), without a
+        # Path per file, so a split is the same whatever type the paths are.
+        files = by_class[label]
+        files = sorted(files, key=_STR_KEY if set(map(type, files)) == {str} else _path_key)
         n = len(files)
         n_val = min(max(round(n * val_split), 1), n - 1) if n >= 2 else 0
         rng = np.random.default_rng([seed, zlib.crc32(classes[label].encode())])
         order = rng.permutation(n)
-        val_idx = set(order[:n_val].tolist())
-        for i, f in enumerate(files):
-            (val if i in val_idx else train).append((f, label))
+        in_val = np.zeros(n, dtype=bool)
+        in_val[order[:n_val]] = True
+        val_i = np.flatnonzero(in_val).tolist()
+        train_i = np.flatnonzero(~in_val).tolist()
+        val.extend(zip([files[i] for i in val_i], [label] * len(val_i), strict=True))
+        train.extend(zip([files[i] for i in train_i], [label] * len(train_i), strict=True))
     return train, val
+
+
+def _path_key(path: str | Path) -> str:
+    # The separator as the smallest character: plain string order is then
+    # the order of the components ("a/x" < "a.b/y", as for Paths).
+    return os.fspath(path).replace(os.sep, "\0")
+
+
+_STR_KEY = methodcaller("replace", os.sep, "\0")
+_BY_NAME = attrgetter("name")
 
 
 # --------------------------------------------------------------------------- csv
