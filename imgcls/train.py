@@ -485,9 +485,12 @@ class Diverged(ImgclsError):
     """The loss or the weights became NaN / infinite: nothing of it is saved."""
 
 
-def _diverged(what: str, epoch: int, step: int, steps: int) -> Diverged:
+def _diverged(what: str, epoch: int, step: int | None = None, steps: int = 0) -> Diverged:
+    where = (
+        f"at epoch {epoch + 1}, step {step + 1}/{steps}" if step is not None else f"after epoch {epoch + 1}"
+    )
     return Diverged(
-        f"{what} at epoch {epoch + 1}, step {step + 1}/{steps}; stopped, nothing of it saved. "
+        f"{what} {where}; stopped, nothing of it saved. "
         "Lower train.optimizer.lr, set train.grad_clip, or use train.precision: fp32"
     )
 
@@ -624,10 +627,7 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
         val = validate(run, eval_model)
         if not (math.isfinite(val["loss"])):
             raise _diverged(
-                "the validation loss is NaN or infinite (the model's eval-mode outputs are not finite)",
-                state.epoch,
-                run.steps_per_epoch - 1,
-                run.steps_per_epoch,
+                "the validation loss is NaN or infinite (the model's outputs are not finite)", state.epoch
             )
         row.update(val_loss=val["loss"], val_acc=val["acc"])
     if run.ema is not None and not _finite(run.ema.model.parameters()):
