@@ -9,6 +9,7 @@ exactly the draws the uninterrupted run would have made, and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -27,7 +28,7 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls import checkpoint as ck
-from imgcls.errors import CheckpointError, ImgclsError, Interrupted, RecipeError, UsageError
+from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
@@ -228,6 +229,7 @@ class Run:
     created: bool = False  # this run made run_dir (a failed start may remove it)
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
+    lr: float = 0.0  # the learning rate of the epoch's last step
 
     @property
     def spec(self):
@@ -272,14 +274,12 @@ def train(
         log("stopping after this step (Ctrl-C again to abort without saving)")
 
     previous_handler = None
-    try:
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread
-        pass
     bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
     stopped_early = False
     steps_left = stop_after_steps
     try:
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            previous_handler = signal.signal(signal.SIGINT, on_sigint)
         while run.state.epoch < spec.epochs:
             finished, steps_left = train_one_epoch(run, bar, interrupted, steps_left)
             if not finished:
@@ -481,10 +481,6 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
 # --------------------------------------------------------------------------- one epoch
 
 
-class Diverged(ImgclsError):
-    """The loss or the weights became NaN / infinite: nothing of it is saved."""
-
-
 def _diverged(what: str, epoch: int, step: int | None = None, steps: int = 0) -> Diverged:
     where = (
         f"at epoch {epoch + 1}, step {step + 1}/{steps}" if step is not None else f"after epoch {epoch + 1}"
@@ -592,7 +588,7 @@ def train_one_epoch(
             return False, steps_left
     check_finite(steps - 1)
     state.sums = {**sums.read(), "seconds": state.sums["seconds"] + time.perf_counter() - started}
-    state.sums["lr"] = lr
+    run.lr = lr
     return True, steps_left
 
 
@@ -616,7 +612,7 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
     seconds = sums["seconds"]
     row = {
         "epoch": state.epoch + 1,
-        "lr": sums.pop("lr", run.optimizer.param_groups[0]["lr"]),
+        "lr": run.lr,
         "train_loss": sums["loss"] / max(sums["seen"], 1),
         "train_acc": sums["correct"] / max(sums["seen"], 1),
         "seconds": round(seconds, 3),

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import imgcls.train as train_module
 from imgcls.checkpoint import read_meta
-from imgcls.errors import DataError, UsageError
+from imgcls.errors import DataError, Diverged, UsageError
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import Diverged, train
+from imgcls.train import train
 
 
 def tiny(**train_overrides) -> dict:
