@@ -280,20 +280,30 @@ def load_weights(model, state: dict, assign: bool = False, where: str = "the che
 
 def new_run_dir(root: Path, name: str) -> Path:
     """``root/name/<n>`` with n one more than the highest; created atomically."""
+    from imgcls.errors import UsageError
+
     base = root / name
-    base.mkdir(parents=True, exist_ok=True)
-    while True:
-        taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
-        run = base / str(max(taken, default=0) + 1)
-        try:
-            run.mkdir()
-            return run
-        except FileExistsError:
-            continue
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        while True:
+            taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
+            run = base / str(max(taken, default=0) + 1)
+            try:
+                run.mkdir()
+                return run
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise UsageError(
+            f"{base}: cannot create the run folder here ({exc.strerror or exc}); set train.out"
+        ) from None
 
 
-def claim_out_dir(path: Path) -> Path:
-    """An explicit --out folder: created, or empty; never overwritten."""
+def check_out_dir(path: Path) -> None:
+    """Refuse an --out folder we could not use, before minutes of decoding.
+
+    It must be new or an empty folder, inside an existing, writable folder: a
+    missing parent is an error (a typo should not scatter folders about)."""
     from imgcls.errors import UsageError
 
     if path.exists():
@@ -301,8 +311,43 @@ def claim_out_dir(path: Path) -> Path:
             raise UsageError(f"{path}: exists and is not a folder")
         if any(path.iterdir()):
             raise UsageError(f"{path}: already holds files; choose a new --out (nothing is overwritten)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{path}: this folder is not writable")
+        return
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UsageError(f"{path}: the parent folder {parent} {what}; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot create it, {parent} is not writable")
+
+
+def claim_out_dir(path: Path) -> bool:
+    """An explicit --out folder: created, or empty; never overwritten.
+    True when this call created it (so a failed start may remove it)."""
+    from imgcls.errors import UsageError
+
+    check_out_dir(path)
+    try:
+        path.mkdir()
+        return True
+    except FileExistsError:
+        check_out_dir(path)  # appeared meanwhile: still only if empty
+        return False
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot create it ({exc.strerror or exc})") from None
+
+
+def remove_unstarted_run(path: Path, created: bool, written: list[str]) -> None:
+    """Undo a run folder that never got a checkpoint: the files this run wrote,
+    and the folder itself when this run created it (a user's empty --out stays)."""
+    for name in written:
+        (path / name).unlink(missing_ok=True)
+    if created:
+        try:
+            path.rmdir()  # only if empty: never anything we did not write
+        except OSError:
+            pass
 
 
 def save_resume(path: Path, state: dict) -> None:

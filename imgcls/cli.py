@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -51,34 +53,63 @@ def _error(message: str) -> None:
     _stderr().print(f"[red]error:[/red] {escape(message)}")
 
 
+def hold_sigint() -> None:
+    """Block Ctrl-C (SIGINT) at the OS level until :func:`release_sigint`.
+
+    A SIGINT in the middle of torch's import can abort in C++ (exit 134),
+    leave half-initialised modules behind (an ImportError or RecursionError
+    on the next import), or be swallowed by click ("Aborted!", exit 1). Held,
+    it stays pending and is raised as a plain KeyboardInterrupt at the safe
+    point where it is released."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def release_sigint() -> None:
+    """Unblock SIGINT; one that arrived while held is raised here."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def command(fn):
-    """Turn library errors into one line on stderr and the right exit code."""
+    """Turn library errors into one line on stderr and the right exit code.
+    ``--debug`` adds the traceback; the exit code stays the error's."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            hold_sigint()
+            try:
+                import torch  # noqa: F401  (the slow, fragile import, done while Ctrl-C is held)
+            finally:
+                release_sigint()  # a Ctrl-C held meanwhile is raised here, inside this try
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise  # usage errors: click prints them with the usage line, exit 2
         except ImgclsError as exc:
-            if _state["debug"]:
-                raise
+            _traceback_if_debug()
             _error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except BrokenPipeError:
             raise
         except KeyboardInterrupt:
-            if _state["debug"]:
-                raise
-            _stderr().print("interrupted")
+            _traceback_if_debug()
+            _stderr().print("interrupted", markup=False)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # an unexpected failure: still one line
-            if _state["debug"]:
-                raise
-            _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            _traceback_if_debug()
+            hint = "" if _state["debug"] else " (run with --debug for the traceback)"
+            _error(f"{type(exc).__name__}: {exc}{hint}")
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper
+
+
+def _traceback_if_debug() -> None:
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def _version(value: bool) -> None:
@@ -848,13 +879,21 @@ def report(
 
 
 def main() -> None:
+    hold_sigint()  # released once torch is imported (in `command`), or when app() returns
     try:
-        app()
+        try:
+            app()
+        finally:
+            release_sigint()
     except BrokenPipeError:
         # the reader went away (`imgcls ... | head`): stop quietly, as cat does
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(EXIT_FAILURE)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a command (while parsing, while importing the CLI)
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

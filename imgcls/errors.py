@@ -47,5 +47,9 @@ class PartialFailure(ImgclsError):
     exit_code = EXIT_PARTIAL
 
 
+class Diverged(ImgclsError):
+    """Training's loss or weights became NaN / infinite (exit 1); nothing of it is saved."""
+
+
 class Interrupted(ImgclsError):
     exit_code = EXIT_INTERRUPTED

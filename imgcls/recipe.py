@@ -31,18 +31,27 @@ from imgcls.errors import RecipeError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False)
+    # allow_inf_nan=False: `lr: .inf` or `.nan` is a recipe error, not a run
+    # that trains to the end on NaN
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False, allow_inf_nan=False)
+
+
+# Strict scalars: `epochs: true`, `epochs: 2.5` or `seed: "3"` are errors, not
+# silently 1, 2 or 3. Ints are still welcome where a float is asked for.
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
 
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softmax", "none"]
-Padding = Union[Literal["valid", "same", "full"], Annotated[int, Field(ge=0)]]
-PosInt = Annotated[int, Field(gt=0)]
+Padding = Union[Literal["valid", "same", "full"], Annotated[int, Field(strict=True, ge=0)]]
+PosInt = Annotated[int, Field(strict=True, gt=0)]
 Pair = Union[PosInt, tuple[PosInt, PosInt]]
 
 
 class Regularized(Strict):
-    l1: Annotated[float, Field(ge=0)] | None = None
-    l2: Annotated[float, Field(ge=0)] | None = None
+    l1: Annotated[float, Field(strict=True, ge=0)] | None = None
+    l2: Annotated[float, Field(strict=True, ge=0)] | None = None
 
 
 class Windowed(Regularized):
@@ -53,8 +62,8 @@ class Windowed(Regularized):
     padding: Padding = "valid"
     dilation: Pair = 1
     activation: Activation = "none"
-    bias: bool | None = None  # default: True, False when batch_norm
-    batch_norm: bool = False
+    bias: Bool | None = None  # default: True, False when batch_norm
+    batch_norm: Bool = False
 
 
 class Conv(Windowed):
@@ -94,24 +103,24 @@ class Dense(Regularized):
     primary: ClassVar[str] = "units"
     units: PosInt
     activation: Activation = "none"
-    bias: bool = True
+    bias: Bool = True
 
 
 class Dropout(Strict):
     primary: ClassVar[str] = "rate"
-    rate: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    rate: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.5
 
 
 class BatchNorm(Strict):
-    momentum: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    eps: Annotated[float, Field(gt=0)] = 1e-5
+    momentum: Annotated[float, Field(strict=True, gt=0, lt=1)] = 0.1
+    eps: Annotated[float, Field(strict=True, gt=0)] = 1e-5
 
 
 class ActivationLayer(Strict):
     primary: ClassVar[str] = "name"
     name: Activation
-    negative_slope: float = 0.01  # leaky_relu
-    alpha: float = 1.0  # elu
+    negative_slope: Float = 0.01  # leaky_relu
+    alpha: Float = 1.0  # elu
 
 
 class Residual(Strict):
@@ -219,12 +228,12 @@ class ModelSpec(Strict):
     """Either ``layers`` (the vocabulary) or ``arch`` (a named architecture)."""
 
     arch: str | None = None
-    pretrained: bool = False
+    pretrained: Bool = False
     layers: list[Layer] | None = None
     input_shape: tuple[PosInt, PosInt, PosInt] | None = None  # C, H, W
     num_classes: PosInt | None = None
-    l1: Annotated[float, Field(ge=0)] = 0.0
-    l2: Annotated[float, Field(ge=0)] = 0.0
+    l1: Annotated[float, Field(strict=True, ge=0)] = 0.0
+    l2: Annotated[float, Field(strict=True, ge=0)] = 0.0
     head: Literal["auto", "none"] = "auto"
 
     @field_validator("input_shape", mode="before")
@@ -247,43 +256,43 @@ class ShapesSpec(Strict):
     classes: list[str] | None = None  # default: circle ring square triangle star cross
     per_class: PosInt = 300
     image_size: PosInt = 32
-    seed: int = 0
+    seed: Int = 0
 
 
 class RandomCrop(Strict):
     primary: ClassVar[str] = "padding"
-    padding: Annotated[int, Field(ge=0)] = 4
+    padding: Annotated[int, Field(strict=True, ge=0)] = 4
 
 
 class RandomResizedCrop(Strict):
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[Float, Float] = (0.08, 1.0)
+    ratio: tuple[Float, Float] = (3 / 4, 4 / 3)
 
 
 class ColorJitter(Strict):
-    brightness: Annotated[float, Field(ge=0)] = 0.0
-    contrast: Annotated[float, Field(ge=0)] = 0.0
-    saturation: Annotated[float, Field(ge=0)] = 0.0
-    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    brightness: Annotated[float, Field(strict=True, ge=0)] = 0.0
+    contrast: Annotated[float, Field(strict=True, ge=0)] = 0.0
+    saturation: Annotated[float, Field(strict=True, ge=0)] = 0.0
+    hue: Annotated[float, Field(strict=True, ge=0, le=0.5)] = 0.0
 
 
 class RandAugment(Strict):
     num_ops: PosInt = 2
-    magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+    magnitude: Annotated[int, Field(strict=True, ge=0, le=30)] = 9
 
 
 class AugmentSpec(Strict):
     random_crop: RandomCrop | None = None
     random_resized_crop: RandomResizedCrop | None = None
-    hflip: bool = False
-    vflip: bool = False
-    rotation: Annotated[float, Field(ge=0, le=180)] = 0.0
+    hflip: Bool = False
+    vflip: Bool = False
+    rotation: Annotated[float, Field(strict=True, ge=0, le=180)] = 0.0
     color_jitter: ColorJitter | None = None
-    trivial_augment: bool = False
+    trivial_augment: Bool = False
     randaugment: RandAugment | None = None
-    random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0
-    mixup: Annotated[float, Field(ge=0)] = 0.0  # beta(alpha, alpha); 0 = off
-    cutmix: Annotated[float, Field(ge=0)] = 0.0
+    random_erasing: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
+    mixup: Annotated[float, Field(strict=True, ge=0)] = 0.0  # beta(alpha, alpha); 0 = off
+    cutmix: Annotated[float, Field(strict=True, ge=0)] = 0.0
 
     @field_validator("random_crop", "random_resized_crop", "color_jitter", "randaugment", mode="before")
     @classmethod
@@ -313,14 +322,21 @@ class DataSpec(Strict):
     image_size: Pair = 32
     channels: Literal[1, 3] = 3
     resize: Literal["stretch", "center_crop", "pad"] = "stretch"
-    val_split: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    split_seed: int = 0
+    val_split: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.2
+    split_seed: Int = 0
     cache: Literal["auto", "ram", "disk", "none"] = "auto"
-    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
-    mean: list[float] | None = None  # default: measured on the training set
-    std: list[float] | None = None
+    max_bad_fraction: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.01
+    mean: list[Float] | None = None  # default: measured on the training set
+    std: list[Float] | None = None
     shapes: ShapesSpec = ShapesSpec()
     augment: AugmentSpec = AugmentSpec()
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _no_bool_channels(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # a Literal[1, 3] would take true as 1
+            raise ValueError(f"Input should be 1 or 3, not {_shown(value)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -343,32 +359,32 @@ class DataSpec(Strict):
 class OptimizerSpec(Strict):
     primary: ClassVar[str] = "name"
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
-    lr: Annotated[float, Field(gt=0)] = 1e-3
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: Annotated[float, Field(strict=True, gt=0)] = 1e-3
+    momentum: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.9
+    nesterov: Bool = False
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    weight_decay: Annotated[float, Field(strict=True, ge=0)] = 0.0
 
 
 class ScheduleSpec(Strict):
     primary: ClassVar[str] = "name"
     name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
-    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    warmup_epochs: Annotated[float, Field(strict=True, ge=0)] = 0.0
     step_size: PosInt = 10  # step: epochs between decays
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
-    min_lr: Annotated[float, Field(ge=0)] = 0.0  # cosine floor
-    max_lr: Annotated[float, Field(gt=0)] | None = None  # onecycle peak; default optimizer.lr
+    gamma: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.1
+    min_lr: Annotated[float, Field(strict=True, ge=0)] = 0.0  # cosine floor
+    max_lr: Annotated[float, Field(strict=True, gt=0)] | None = None  # onecycle peak; default optimizer.lr
 
 
 class EarlyStopping(Strict):
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
     patience: PosInt = 5
-    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    min_delta: Annotated[float, Field(strict=True, ge=0)] = 0.0
 
 
 class EMASpec(Strict):
     primary: ClassVar[str] = "decay"
-    decay: Annotated[float, Field(gt=0, lt=1)] = 0.999
+    decay: Annotated[float, Field(strict=True, gt=0, lt=1)] = 0.999
 
 
 class TrainSpec(Strict):
@@ -376,15 +392,15 @@ class TrainSpec(Strict):
     batch_size: PosInt = 64
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    grad_clip: Annotated[float, Field(gt=0)] | None = None
-    seed: int = 0
-    deterministic: bool = False
+    label_smoothing: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
+    grad_clip: Annotated[float, Field(strict=True, gt=0)] | None = None
+    seed: Int = 0
+    deterministic: Bool = False
     early_stopping: EarlyStopping | None = None
     ema: EMASpec | None = None
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto"] | bool = "auto"
+    channels_last: Literal["auto"] | Bool = "auto"
     threads: PosInt | None = None
     out: str = "runs"
 
@@ -500,6 +516,18 @@ def format_path(path: Path_) -> str:
     return out or "(top)"
 
 
+def _yaml_error(exc: yaml.MarkedYAMLError, where: str) -> str:
+    """``file:line:column: problem``, at the spot PyYAML points to, plus where
+    the construct it was reading began (an unclosed quote or bracket)."""
+    mark = exc.problem_mark or exc.context_mark
+    spot = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+    text = f"{where}{spot}: invalid YAML: {exc.problem or exc.context or exc}"
+    context = exc.context_mark
+    if exc.context and context is not None and mark is not None and context.line != mark.line:
+        text += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+    return text
+
+
 def read_yaml(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
     """Parse YAML safely; return the data and a map of key path -> line."""
     loader = _Loader(text)
@@ -511,9 +539,7 @@ def read_yaml(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
         _walk(node, (), lines, where)
         return loader.construct_document(node), lines
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{where}{line}: invalid YAML: {exc.problem or exc}") from None
+        raise RecipeError(_yaml_error(exc, where)) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: invalid YAML: {exc}") from None
     finally:
@@ -577,6 +603,8 @@ def _explain(exc: ValidationError, where: str, lines: dict[Path_, int], overridd
     # drop pydantic's union-member tags ("constrained-int", "literal[...]")
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (_TYPE_TAG.search(p) or p in _TYPE_NAMES))
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("int_type", "float_type", "bool_type", "finite_number", "literal_error"):
+        msg += f", not {_shown(err.get('input'))}"
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         known = list(parent.model_fields) if parent else []
@@ -595,6 +623,21 @@ def _explain(exc: ValidationError, where: str, lines: dict[Path_, int], overridd
         if loc[:n] in lines:
             return f"{where}:{lines[loc[:n]]} {path}: {msg}"
     return f"{where} {path}: {msg}"
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}' (a string)"
+    if isinstance(value, float) and value != value:
+        return ".nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return ".inf" if value > 0 else "-.inf"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
 
 
 def _model_at(loc: Path_) -> type[BaseModel] | None:

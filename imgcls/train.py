@@ -9,6 +9,7 @@ exactly the draws the uninterrupted run would have made, and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -27,8 +28,9 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls import checkpoint as ck
-from imgcls.errors import CheckpointError, Interrupted, RecipeError, UsageError
-from imgcls.models.build import build_model, main_logits
+from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
+from imgcls.infer import main_logits, model_input, tensor_logits
+from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 
 Log = Callable[[str], None]
@@ -193,10 +195,54 @@ class TrainResult:
     stopped_early: bool
 
 
+TIMINGS = ("seconds", "img_per_s")  # in metrics.csv, never in a weight file (bit-identical runs)
+
+
 def _is_better(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
     if best is None:
         return True
     return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
+
+
+@dataclass
+class Run:
+    """A prepared run: the model, its optimizer, the data, and where it writes."""
+
+    recipe: Recipe
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+    data: object  # imgcls.data.Prepared: train/val uint8 tensors, classes, mean, std
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    penalties: list
+    ema: EMA | None
+    meta: dict  # what every checkpoint carries
+    state: State
+    run_dir: Path
+    augment: Callable | None
+    mix: Callable | None
+    batch_size: int
+    steps_per_epoch: int
+    log: Log
+    created: bool = False  # this run made run_dir (a failed start may remove it)
+    written: list[str] = field(default_factory=list)  # files a failed start removes
+    saved: bool = False  # a checkpoint was written: the run has started
+    lr: float = 0.0  # the learning rate of the epoch's last step
+
+    @property
+    def spec(self):
+        return self.recipe.train
+
+    @property
+    def monitor(self) -> str:
+        if not len(self.data.val.y):
+            return "train_loss"
+        return self.spec.early_stopping.monitor if self.spec.early_stopping else "val_acc"
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
 
 
 def train(
@@ -208,12 +254,73 @@ def train(
     log: Log = _stderr,
     progress: bool = False,
     stop_after_steps: int | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Fit ``recipe``; write the run folder; return its history.
 
     ``resume`` continues a run folder where it stopped. ``stop_after_steps``
     behaves like Ctrl-C after that many optimizer steps (for tests).
+    ``on_epoch_end(row)`` is called after each finished epoch, once its
+    checkpoints and metrics.csv are written; what it raises propagates.
     """
+    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log)
+    spec = run.spec
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if interrupted["flag"]:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        interrupted["flag"] = True
+        log("stopping after this step (Ctrl-C again to abort without saving)")
+
+    previous_handler = None
+    bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
+    stopped_early = False
+    steps_left = stop_after_steps
+    try:
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        while run.state.epoch < spec.epochs:
+            finished, steps_left = train_one_epoch(run, bar, interrupted, steps_left)
+            if not finished:
+                raise Interrupted(
+                    f"interrupted in epoch {run.state.epoch + 1} at step {run.state.step}/"
+                    f"{run.steps_per_epoch}; state saved. Resume with: imgcls train --resume {run.run_dir}"
+                )
+            row = finish_epoch(run, bar, progress)
+            if on_epoch_end is not None:
+                on_epoch_end(dict(row))
+            if spec.early_stopping and run.state.bad_epochs >= spec.early_stopping.patience:
+                log(f"early stop: {run.monitor} has not improved for {run.state.bad_epochs} epochs")
+                stopped_early = True
+                break
+    except BaseException:
+        if not run.saved:  # a run that never started leaves nothing behind
+            ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+        raise
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if run.state.history and run.saved:
+            _plot(run.run_dir, run.state.history)
+    state = run.state
+    best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    # the run's report.html (imgcls.report): a failure is a warning, not a failed run
+    try:
+        from imgcls.report import write_report
+
+        write_report(run.run_dir)
+    except Exception as exc:
+        log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+    return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | None, log: Log) -> Run:
+    """Devices, data, model, optimizer, and (last, once all of that worked) the run folder."""
     spec = recipe.train
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -224,33 +331,9 @@ def train(
     channels_last = choose_channels_last(spec.channels_last, device)
 
     if out is not None and resume is None:
-        ck.claim_out_dir(out)  # a usage error before minutes of decoding, not after
-    saved_meta = None
-    if resume is not None:
-        saved_meta = ck.read_meta(resume / ck.LAST) if (resume / ck.LAST).exists() else None
-        if saved_meta is None:
-            raise CheckpointError(f"{resume}: no {ck.LAST}; this run cannot be resumed")
-        saved = recipe_from_dict(saved_meta["recipe"], f"{resume}/{ck.LAST} (recipe)")
-        if saved.model != recipe.model:
-            raise CheckpointError(
-                f"{resume}: the recipe's model differs from the run's; resume refuses to change the architecture"
-            )
-
-    from imgcls.data import prepare_data
-    from imgcls.data.loader import normalize
-
-    data_spec = recipe.data
-    if saved_meta is not None:  # a resumed run keeps the statistics it started with
-        pre = saved_meta["preprocessing"]
-        data_spec = data_spec.model_copy(update={"mean": pre["mean"], "std": pre["std"]})
-    elif recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
-        from imgcls.models.zoo import pretrained_stats
-
-        stats = pretrained_stats(recipe.model.arch, data_spec.channels)
-        if stats is not None:
-            data_spec = data_spec.model_copy(update={"mean": stats[0], "std": stats[1]})
-            log(f"normalising with {recipe.model.arch}'s pretraining statistics")
-    data = prepare_data(data_spec, base_dir, None, log)
+        ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
+    saved_meta = _resumable_meta(recipe, resume)
+    data = _prepare_data(recipe, base_dir, saved_meta, log)
     classes = data.classes
     if saved_meta is not None and saved_meta["classes"] != classes:
         raise CheckpointError(
@@ -272,9 +355,8 @@ def train(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec.optimizer)
-    penalties = regularized_weights(model, recipe.model.l1, recipe.model.l2)
     ema = EMA(model, spec.ema.decay) if spec.ema else None
-    state = State()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # the resolved recipe: data.path made absolute so evaluate finds the data from anywhere
     resolved = recipe_to_dict(recipe)
@@ -296,203 +378,332 @@ def train(
         },
         "imgcls_version": __version__,
     }
-
+    state = State()
     if resume is not None:
-        run_dir = resume
-        from safetensors.torch import load_file
+        state = _load_resume_state(resume, model, optimizer, ema, scaler)
 
-        try:
-            ck.load_weights(model, load_file(str(resume / ck.LAST)))
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
-        saved_state = ck.load_resume(resume / ck.RESUME)
-        optimizer.load_state_dict(saved_state["optimizer"])
-        if (ema is not None) != bool(saved_state.get("ema")):
-            raise CheckpointError(
-                f"{resume}: train.ema differs from the run's; resume cannot switch EMA on or off"
-            )
-        if ema is not None:
-            ema.model.load_state_dict(saved_state["ema"])
+    n = len(data.train.y)
+    batch_size = min(spec.batch_size, n)
+    augment, mix = _augmentation(recipe, len(classes))
+    run = Run(
+        recipe=recipe,
+        device=device,
+        dtype=dtype,
+        channels_last=channels_last,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        penalties=regularized_weights(model, recipe.model.l1, recipe.model.l2),
+        ema=ema,
+        meta=meta,
+        state=state,
+        run_dir=resume if resume is not None else Path(),
+        augment=augment,
+        mix=mix,
+        batch_size=batch_size,
+        steps_per_epoch=max(n // batch_size, 1),  # drop the ragged last batch (BatchNorm)
+        log=log,
+        saved=resume is not None,
+    )
+    # only now, with data and model ready, does the run get a folder
+    if resume is not None:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
-        ck.write_text_atomic(run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
-        state = State(**saved_state["state"])
-        log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
+        ck.write_text_atomic(resume / "recipe.yaml", dump_yaml(resolved_recipe))
+        log(f"resuming {resume} at epoch {state.epoch + 1}, step {state.step}")
     else:
-        run_dir = out if out is not None else ck.new_run_dir(Path(spec.out), recipe.name)
-        ck.write_text_atomic(run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
-        _write_summary(run_dir, model, input_shape)
-        log(f"run folder: {run_dir}")
+        if out is not None:
+            run.created, run.run_dir = ck.claim_out_dir(out), out
+        else:
+            run.created, run.run_dir = True, ck.new_run_dir(Path(spec.out), recipe.name)
+        try:
+            run.written += ["recipe.yaml", "summary.txt", "summary.json"]
+            ck.write_text_atomic(run.run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
+            _write_summary(run.run_dir, model, input_shape)
+        except BaseException:
+            ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            raise
+        log(f"run folder: {run.run_dir}")
+    if not len(data.val.y):
+        log("no validation split: the best checkpoint is chosen on training loss")
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
+    return run
 
-    augment, mix = _augmentation(recipe, len(classes))
-    train_x, train_y = data.train.x, data.train.y
-    n = len(train_y)
-    batch_size = min(spec.batch_size, n)
-    steps_per_epoch = max(n // batch_size, 1)  # drop the ragged last batch (BatchNorm)
-    total_steps = steps_per_epoch * spec.epochs
-    monitor = spec.early_stopping.monitor if spec.early_stopping else "val_acc"
-    has_val = len(data.val.y) > 0
-    if not has_val:
-        monitor = "train_loss"
-        log("no validation split: the best checkpoint is chosen on training loss")
 
-    def to_input(xb: torch.Tensor) -> torch.Tensor:
-        xb = normalize(xb.to(device, non_blocking=True), data.mean, data.std)
-        return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+def _resumable_meta(recipe: Recipe, resume: Path | None) -> dict | None:
+    if resume is None:
+        return None
+    if not (resume / ck.LAST).exists():
+        raise CheckpointError(f"{resume}: no {ck.LAST}; this run cannot be resumed")
+    saved_meta = ck.read_meta(resume / ck.LAST)
+    saved = recipe_from_dict(saved_meta["recipe"], f"{resume}/{ck.LAST} (recipe)")
+    if saved.model != recipe.model:
+        raise CheckpointError(
+            f"{resume}: the recipe's model differs from the run's; resume refuses to change the architecture"
+        )
+    return saved_meta
 
-    interrupted = {"flag": False}
 
-    def on_sigint(signum, frame):
-        if interrupted["flag"]:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        interrupted["flag"] = True
-        log("stopping after this step (Ctrl-C again to abort without saving)")
+def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: Log):
+    from imgcls.data import prepare_data
 
-    previous_handler = None
+    data_spec = recipe.data
+    if saved_meta is not None:  # a resumed run keeps the statistics it started with
+        pre = saved_meta["preprocessing"]
+        data_spec = data_spec.model_copy(update={"mean": pre["mean"], "std": pre["std"]})
+    elif recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
+        from imgcls.models.zoo import pretrained_stats
+
+        stats = pretrained_stats(recipe.model.arch, data_spec.channels)
+        if stats is not None:
+            data_spec = data_spec.model_copy(update={"mean": stats[0], "std": stats[1]})
+            log(f"normalising with {recipe.model.arch}'s pretraining statistics")
+    return prepare_data(data_spec, base_dir, None, log)
+
+
+def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
+    from safetensors.torch import load_file
+
     try:
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread
-        pass
+        ck.load_weights(model, load_file(str(resume / ck.LAST)))
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    saved = ck.load_resume(resume / ck.RESUME)
+    optimizer.load_state_dict(saved["optimizer"])
+    if (ema is not None) != bool(saved.get("ema")):
+        raise CheckpointError(
+            f"{resume}: train.ema differs from the run's; resume cannot switch EMA on or off"
+        )
+    if ema is not None:
+        ema.model.load_state_dict(saved["ema"])
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    return State(**saved["state"])
 
-    def save_state() -> None:
-        ck.save_checkpoint(run_dir / ck.LAST, model, {**meta, "epoch": state.epoch, "step": state.step})
-        ck.save_resume(
-            run_dir / ck.RESUME,
-            {
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.model.state_dict() if ema else {},
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "state": state.__dict__,
-            },
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def _diverged(what: str, epoch: int, step: int | None = None, steps: int = 0) -> Diverged:
+    where = (
+        f"at epoch {epoch + 1}, step {step + 1}/{steps}" if step is not None else f"after epoch {epoch + 1}"
+    )
+    return Diverged(
+        f"{what} {where}; stopped, nothing of it saved. "
+        "Lower train.optimizer.lr, set train.grad_clip, or use train.precision: fp32"
+    )
+
+
+class EpochSums:
+    """Loss and accuracy sums kept on the device: read back once per epoch (and
+    by the progress bar a few times a second), never per step. The first step
+    whose loss is not finite is recorded on the device too (torch.where)."""
+
+    def __init__(self, sums: dict, device: torch.device):
+        wide = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        self.loss = torch.tensor(sums["loss"], dtype=wide, device=device)
+        self.correct = torch.tensor(sums["correct"], dtype=torch.int64, device=device)
+        self.seen = sums["seen"]  # batch sizes are known on the host
+        self.first_bad = torch.tensor(-1, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+        loss = loss.detach()
+        self.loss += loss.to(self.loss.dtype) * len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += len(labels)
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+
+    def read(self) -> dict:
+        return {"loss": float(self.loss), "correct": int(self.correct), "seen": self.seen}
+
+    def bad_step(self) -> int | None:
+        step = int(self.first_bad)
+        return None if step < 0 else step
+
+
+def train_one_epoch(
+    run: Run, bar: _Progress, interrupted: dict, steps_left: int | None
+) -> tuple[bool, int | None]:
+    """Steps from ``run.state.step`` to the end of the epoch: batch, augment,
+    forward, loss, backward, optimizer step. Returns (finished, steps_left);
+    not finished means Ctrl-C (or ``steps_left`` ran out): the state is saved."""
+    spec, state, model, optimizer, device = run.spec, run.state, run.model, run.optimizer, run.device
+    epoch, steps = state.epoch, run.steps_per_epoch
+    train_x, train_y = run.data.train.x, run.data.train.y
+    total_steps = steps * spec.epochs
+    model.train()
+    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_seed(spec.seed, epoch)))
+    sums = EpochSums(state.sums, device)
+
+    def check_finite(last_step: int) -> None:
+        bad = sums.bad_step()
+        if bad is not None:
+            raise _diverged("the training loss became NaN or infinite", epoch, bad, steps)
+        if not _finite(model.parameters()):
+            raise _diverged("the weights became NaN or infinite", epoch, last_step, steps)
+
+    bar.start_epoch(epoch, state.step, lambda: _live_stats(sums))
+    started = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    for step in range(state.step, steps):
+        lr = lr_at(epoch * steps + step, total_steps, steps, spec.optimizer.lr, spec.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # randomness from (seed, epoch, step) alone: a resumed run draws the same
+        idx = perm[step * run.batch_size : (step + 1) * run.batch_size]
+        xb, yb = train_x[idx], train_y[idx]
+        gen = torch.Generator().manual_seed(_seed(spec.seed, epoch, step))
+        torch.manual_seed(_seed(spec.seed, epoch, step, 1))  # dropout, stochastic depth
+        if run.augment is not None:
+            xb = run.augment(xb, gen)
+        xb = model_input(xb, run.data.mean, run.data.std, device=device, channels_last=run.channels_last)
+        yb = yb.to(device)
+        target = yb
+        if run.mix is not None:
+            xb, target = run.mix(xb, yb, gen)
+
+        with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+            logits = main_logits(model(xb))
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=spec.label_smoothing)
+        if run.penalties:
+            loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
+        optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()  # fp16 only: loss scaling against underflow
+        if spec.grad_clip:
+            run.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update(model)
+
+        sums.add(loss, logits, yb if target.ndim == 1 else target.argmax(1), step)
+        state.step = step + 1
+        if steps_left is not None:
+            steps_left -= 1
+        if bar.advance():
+            check_finite(step)  # the bar read the device anyway: a free check
+        if interrupted["flag"] or steps_left == 0:
+            check_finite(step)  # never save weights after a non-finite step
+            state.sums = {**sums.read(), "seconds": state.sums["seconds"] + time.perf_counter() - started}
+            _save_last(run)
+            return False, steps_left
+    check_finite(steps - 1)
+    state.sums = {**sums.read(), "seconds": state.sums["seconds"] + time.perf_counter() - started}
+    run.lr = lr
+    return True, steps_left
+
+
+def _finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _live_stats(sums: EpochSums) -> tuple[float, float, int]:
+    now = sums.read()
+    return now["loss"] / max(now["seen"], 1), now["correct"] / max(now["seen"], 1), now["seen"]
+
+
+# --------------------------------------------------------------------------- finish an epoch
+
+
+def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
+    """Validate, pick the best, write checkpoints and metrics.csv; the epoch's row."""
+    spec, state = run.spec, run.state
+    sums = state.sums
+    seconds = sums["seconds"]
+    row = {
+        "epoch": state.epoch + 1,
+        "lr": run.lr,
+        "train_loss": sums["loss"] / max(sums["seen"], 1),
+        "train_acc": sums["correct"] / max(sums["seen"], 1),
+        "seconds": round(seconds, 3),
+        "img_per_s": round(sums["seen"] / max(seconds, 1e-9), 1),
+    }
+    eval_model = run.eval_model()
+    if len(run.data.val.y):
+        val = validate(run, eval_model)
+        if not (math.isfinite(val["loss"])):
+            raise _diverged(
+                "the validation loss is NaN or infinite (the model's outputs are not finite)", state.epoch
+            )
+        row.update(val_loss=val["loss"], val_acc=val["acc"])
+    if run.ema is not None and not _finite(run.ema.model.parameters()):
+        raise _diverged(
+            "the EMA weights became NaN or infinite",
+            state.epoch,
+            run.steps_per_epoch - 1,
+            run.steps_per_epoch,
         )
 
-    autocast = dtype != torch.float32
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if resume is not None and saved_state.get("scaler"):
-        scaler.load_state_dict(saved_state["scaler"])
-    steps_done = 0
-    bar = _Progress(progress, spec.epochs, steps_per_epoch)
-    stopped_early = False
-    try:
-        while state.epoch < spec.epochs:
-            epoch = state.epoch
-            model.train()
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(spec.seed, epoch)))
-            bar.start_epoch(epoch, state.step)
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            for step in range(state.step, steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                lr = lr_at(global_step, total_steps, steps_per_epoch, spec.optimizer.lr, spec.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = perm[step * batch_size : (step + 1) * batch_size]
-                xb, yb = train_x[idx], train_y[idx]
-                gen = torch.Generator().manual_seed(_seed(spec.seed, epoch, step))
-                torch.manual_seed(_seed(spec.seed, epoch, step, 1))  # dropout, stochastic depth
-                if augment is not None:
-                    xb = augment(xb, gen)
-                xb, yb = to_input(xb), yb.to(device)
-                target = yb
-                if mix is not None:
-                    xb, target = mix(xb, yb, gen)
-                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                    logits = main_logits(model(xb))
-                    loss = F.cross_entropy(logits.float(), target, label_smoothing=spec.label_smoothing)
-                if penalties:
-                    loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in penalties)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # fp16 only: loss scaling against underflow
-                if spec.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model)
-                labels = yb if target.ndim == 1 else target.argmax(1)
-                state.sums["loss"] += loss.item() * len(yb)
-                state.sums["correct"] += int((logits.argmax(1) == labels).sum())
-                state.sums["seen"] += len(yb)
-                state.step = step + 1
-                steps_done += 1
-                bar.advance(state.sums)
-                if interrupted["flag"] or (stop_after_steps is not None and steps_done >= stop_after_steps):
-                    state.sums["seconds"] += time.perf_counter() - started
-                    save_state()
-                    raise Interrupted(
-                        f"interrupted in epoch {epoch + 1} at step {state.step}/{steps_per_epoch}; "
-                        f"state saved. Resume with: imgcls train --resume {run_dir}"
-                    )
-            seconds = state.sums["seconds"] + time.perf_counter() - started
-            row = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": state.sums["loss"] / max(state.sums["seen"], 1),
-                "train_acc": state.sums["correct"] / max(state.sums["seen"], 1),
-                "seconds": round(seconds, 3),
-                "img_per_s": round(state.sums["seen"] / max(seconds, 1e-9), 1),
-            }
-            eval_model = ema.model if ema is not None else model
-            if has_val:
-                val = evaluate_tensors(
-                    eval_model, data.val.x, data.val.y, to_input, device, dtype, spec.batch_size * 2
-                )
-                row.update(val_loss=val["loss"], val_acc=val["acc"])
-            state.history.append(row)
-            state.epoch, state.step = epoch + 1, 0
-            state.sums = State().sums
-            value = row[monitor]
-            min_delta = spec.early_stopping.min_delta if spec.early_stopping else 0.0
-            if _is_better(value, state.best, monitor, min_delta):
-                state.best, state.best_epoch, state.bad_epochs = value, epoch + 1, 0
-                ck.save_checkpoint(
-                    run_dir / ck.BEST, eval_model, {**meta, "epoch": epoch + 1, "metrics": row}
-                )
-            else:
-                state.bad_epochs += 1
-            save_state()
-            _write_metrics(run_dir, state.history)
-            bar.end_epoch(row, spec.epochs)
-            if not progress:
-                log(_epoch_line(row, spec.epochs))
-            if spec.early_stopping and state.bad_epochs >= spec.early_stopping.patience:
-                log(f"early stop: {monitor} has not improved for {state.bad_epochs} epochs")
-                stopped_early = True
-                break
-    finally:
-        bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-        if state.history:
-            _plot(run_dir, state.history)
-    best = state.history[state.best_epoch - 1] if state.best_epoch else {}
-    # --- insight hook: the run's report.html (imgcls.report); a failure is a warning, not a failed run
-    try:
-        from imgcls.report import write_report
-
-        write_report(run_dir)
-    except Exception as exc:
-        log(f"warning: could not write {run_dir / 'report.html'}: {exc}")
-    # --- end insight hook
-    return TrainResult(run_dir, state.history, state.best_epoch, best, stopped_early)
+    state.history.append(row)
+    state.epoch, state.step = state.epoch + 1, 0
+    state.sums = State().sums
+    value = row[run.monitor]
+    min_delta = spec.early_stopping.min_delta if spec.early_stopping else 0.0
+    weight_row = {k: v for k, v in row.items() if k not in TIMINGS}
+    if _is_better(value, state.best, run.monitor, min_delta):
+        state.best, state.best_epoch, state.bad_epochs = value, row["epoch"], 0
+        ck.save_checkpoint(
+            run.run_dir / ck.BEST, eval_model, {**run.meta, "epoch": row["epoch"], "metrics": weight_row}
+        )
+    else:
+        state.bad_epochs += 1
+    _save_last(run)
+    _write_metrics(run.run_dir, state.history)
+    bar.end_epoch(row, spec.epochs)
+    if not progress:
+        run.log(_epoch_line(row, spec.epochs))
+    return row
 
 
 @torch.no_grad()
-def evaluate_tensors(model, x, y, to_input, device, dtype, batch_size: int) -> dict:
+def validate(run: Run, model: nn.Module) -> dict:
+    """Loss and accuracy on the validation split, through the one inference path;
+    summed on the device, read back once."""
+    x, y = run.data.val.x, run.data.val.y
     model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = to_input(x[i : i + batch_size]), y[i : i + batch_size].to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = main_logits(model(xb)).float()
-        loss += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += int((logits.argmax(1) == yb).sum())
-    return {"loss": loss / len(y), "acc": correct / len(y)}
+    loss = torch.zeros(
+        (), dtype=torch.float32 if run.device.type == "mps" else torch.float64, device=run.device
+    )
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    batches = tensor_logits(
+        model,
+        x,
+        run.data.mean,
+        run.data.std,
+        batch_size=run.spec.batch_size * 2,
+        device=run.device,
+        dtype=run.dtype,
+        channels_last=run.channels_last,
+    )
+    for rows, logits in batches:
+        yb = y[rows].to(run.device)
+        loss += F.cross_entropy(logits, yb, reduction="sum").to(loss.dtype)
+        correct += (logits.argmax(1) == yb).sum()
+    return {"loss": float(loss) / len(y), "acc": int(correct) / len(y)}
+
+
+def _save_last(run: Run) -> None:
+    state = run.state
+    ck.save_checkpoint(
+        run.run_dir / ck.LAST, run.model, {**run.meta, "epoch": state.epoch, "step": state.step}
+    )
+    ck.save_resume(
+        run.run_dir / ck.RESUME,
+        {
+            "optimizer": run.optimizer.state_dict(),
+            "ema": run.ema.model.state_dict() if run.ema else {},
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+            "state": state.__dict__,
+        },
+    )
+    run.saved = True
 
 
 def _augmentation(recipe: Recipe, num_classes: int):
@@ -564,6 +775,8 @@ class _Progress:
     """A live bar for the running epoch on a terminal (loss, accuracy, img/s,
     ETA), with one permanent line per finished epoch above it; nothing otherwise."""
 
+    REFRESH = 0.25  # seconds between reads of the device's running sums
+
     def __init__(self, enabled: bool, epochs: int, steps: int):
         self.epochs, self.steps = epochs, steps
         self.progress = self.task = None
@@ -582,20 +795,30 @@ class _Progress:
             )
             self.progress.start()
 
-    def start_epoch(self, epoch: int, step: int) -> None:
+    def start_epoch(self, epoch: int, step: int, stats: Callable[[], tuple[float, float, int]]) -> None:
         if self.progress:
             self.task = self.progress.add_task(
                 f"epoch {epoch + 1}/{self.epochs}", total=self.steps, completed=step, stats=""
             )
-            self.t0, self.seen0 = time.perf_counter(), None
+            self.stats, self.t0, self.seen0 = stats, time.perf_counter(), None
+            self.last = 0.0
 
-    def advance(self, sums: dict) -> None:
-        if self.progress:
-            if self.seen0 is None:
-                self.seen0 = sums["seen"]
-            rate = (sums["seen"] - self.seen0) / max(time.perf_counter() - self.t0, 1e-9)
-            stats = f"loss {sums['loss'] / sums['seen']:.3f} acc {sums['correct'] / sums['seen']:.3f} {rate:.0f} img/s"
-            self.progress.update(self.task, advance=1, stats=stats)
+    def advance(self) -> bool:
+        """One step done. The loss and accuracy are read from the device at most
+        every REFRESH seconds (each read waits for the device); True when read."""
+        if not self.progress:
+            return False
+        self.progress.update(self.task, advance=1)
+        now = time.perf_counter()
+        if now - self.last < self.REFRESH:
+            return False
+        self.last = now
+        loss, acc, seen = self.stats()
+        if self.seen0 is None:
+            self.seen0, self.t0 = seen, now
+        rate = (seen - self.seen0) / max(now - self.t0, 1e-9)
+        self.progress.update(self.task, stats=f"loss {loss:.3f} acc {acc:.3f} {rate:.0f} img/s")
+        return True
 
     def end_epoch(self, row: dict, epochs: int) -> None:
         if self.progress:

@@ -122,3 +122,61 @@ def test_switches_and_numbers_in_the_wrong_place():
     assert recipe_from_dict({"model": {"arch": "vgg16"}, "train": {"ema": True}}).train.ema.decay == 0.999
     with pytest.raises(RecipeError, match="data.augment.color_jitter: give a mapping"):
         recipe_from_dict({"model": {"arch": "vgg16"}, "data": {"augment": {"color_jitter": 0.4}}})
+
+
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [
+        ("train:\n  epochs", "true", "not true"),
+        ("train:\n  epochs", "2.5", "not 2.5"),
+        ("train:\n  epochs", "'3'", "not '3' (a string)"),
+        ("train:\n  batch_size", "false", "not false"),
+        ("train:\n  seed", "1.0", "not 1.0"),
+        ("data:\n  image_size", "[32, true]", "not [32, true]"),
+        ("data:\n  channels", "true", "not true"),
+        ("data:\n  augment:\n    random_crop", "{padding: 2.5}", "not 2.5"),
+        ("data:\n  augment:\n    hflip", "'yes'", "not 'yes' (a string)"),
+        ("train:\n  optimizer:\n    lr", "'1e-3'", "not '1e-3' (a string)"),
+    ],
+)
+def test_no_coercion_into_ints_bools_or_floats(tmp_path, key, value, shown):
+    """`epochs: true` used to train one epoch, `epochs: 2.5` two."""
+    line = key.count("\n") + 2
+    path = write(tmp_path, f"model: {{arch: resnet18}}\n{key}: {value}\n")
+    message = error(path)
+    assert message.startswith(f"{path}:{line} ") and shown in message, message
+
+
+def test_ints_are_still_fine_where_a_float_is_asked_for(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, "model: {arch: resnet18}\ntrain:\n  optimizer: {lr: 1, momentum: 0}\n")
+    )
+    assert recipe.train.optimizer.lr == 1.0 and recipe.train.optimizer.momentum == 0.0
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+@pytest.mark.parametrize("key", ["optimizer:\n    lr", "label_smoothing", "grad_clip"])
+def test_infinite_and_nan_floats_are_recipe_errors(tmp_path, key, value):
+    line = key.count("\n") + 3
+    path = write(tmp_path, f"model: {{arch: resnet18}}\ntrain:\n  {key}: {value}\n")
+    message = error(path)
+    assert message.startswith(f"{path}:{line} train.") and "finite number" in message, message
+
+
+def test_nan_in_a_list_and_in_an_override(tmp_path):
+    path = write(tmp_path, "model: {arch: resnet18}\ndata:\n  mean: [0.5, .nan, 0.5]\n")
+    assert error(path).startswith(f"{path}:3 data.mean[1]: Input should be a finite number")
+    ok = write(tmp_path, "model: {arch: resnet18}\n")
+    assert error(ok, "train.optimizer.lr=.inf").startswith("--set train.optimizer.lr:")
+
+
+def test_yaml_syntax_errors_give_line_and_column_of_the_problem(tmp_path):
+    path = write(tmp_path, "name: x\nmodel:\n  layers:\n    - conv: {filters: 8, kernel: 3\n    - flatten\n")
+    message = error(path)
+    # PyYAML's problem mark, with the column, and where the unclosed mapping began
+    assert message.startswith(f"{path}:6:1: invalid YAML:"), message
+    assert "line 4, column 13" in message
+    path = write(tmp_path, "name: x\nmodel: {arch: resnet18}\ntrain:\n  epochs: [1\n")
+    assert error(path).startswith(f"{path}:5:1: invalid YAML:")
+    path = write(tmp_path, "name: x\n  bad: 1\n")
+    assert error(path).startswith(f"{path}:2:6: invalid YAML:")

@@ -25,13 +25,20 @@ Shape = tuple[int, ...]
 # --------------------------------------------------------------------------- small modules
 
 
-def activation_module(name: str, negative_slope: float = 0.01, alpha: float = 1.0) -> nn.Module:
+def activation_module(
+    name: str, negative_slope: float = 0.01, alpha: float = 1.0, *, inplace: bool = False
+) -> nn.Module:
+    """``inplace=True`` only where the input is a tensor the same block just
+    created (a conv, norm or linear output, a residual sum): the torchvision
+    BasicBlock rule. A standalone activation layer may get a tensor someone
+    else still reads (the residual shortcut, a sibling branch, a flatten view
+    of one, the caller's batch), so it never works in place."""
     return {
-        "relu": lambda: nn.ReLU(inplace=True),
-        "leaky_relu": lambda: nn.LeakyReLU(negative_slope, inplace=True),
-        "elu": lambda: nn.ELU(alpha, inplace=True),
+        "relu": lambda: nn.ReLU(inplace=inplace),
+        "leaky_relu": lambda: nn.LeakyReLU(negative_slope, inplace=inplace),
+        "elu": lambda: nn.ELU(alpha, inplace=inplace),
         "gelu": nn.GELU,
-        "silu": lambda: nn.SiLU(inplace=True),
+        "silu": lambda: nn.SiLU(inplace=inplace),
         "sigmoid": nn.Sigmoid,
         "tanh": nn.Tanh,
         "softmax": lambda: nn.Softmax(dim=1),
@@ -182,7 +189,8 @@ def _conv_stack(parts: list[tuple[str, nn.Module]], out_c: int, spec, kind_bn: b
     if kind_bn:
         parts.append(("bn", nn.BatchNorm2d(out_c)))
     if spec.activation != "none":
-        parts.append(("act", activation_module(spec.activation)))
+        # in place is safe: the conv / norm output just above is this block's own
+        parts.append(("act", activation_module(spec.activation, inplace=True)))
     if len(parts) == 1:
         return parts[0][1]
     return nn.Sequential(OrderedDict(parts))
@@ -284,7 +292,8 @@ def build_dense(spec: r.Dense, shape: Shape, path: str, ctx: Context):
     linear = _tag(nn.Linear(shape[0], spec.units, bias=spec.bias), spec, ctx)
     if spec.activation == "none":
         return linear, (spec.units,)
-    return nn.Sequential(OrderedDict(linear=linear, act=activation_module(spec.activation))), (spec.units,)
+    act = activation_module(spec.activation, inplace=True)  # on the linear output: ours
+    return nn.Sequential(OrderedDict(linear=linear, act=act)), (spec.units,)
 
 
 def build_dropout(spec: r.Dropout, shape: Shape, path: str, ctx: Context):
@@ -324,7 +333,8 @@ def build_residual(spec: r.Residual, shape: Shape, path: str, ctx: Context):
             shortcut = nn.Sequential(
                 OrderedDict(conv=nn.Conv2d(c, oc, 1, (sh, sw), bias=False), bn=nn.BatchNorm2d(oc))
             )
-    return ResidualBlock(body, shortcut, activation_module(spec.activation)), out
+    # in place on body + shortcut, a sum the block itself made
+    return ResidualBlock(body, shortcut, activation_module(spec.activation, inplace=True)), out
 
 
 def build_parallel(spec: r.Parallel, shape: Shape, path: str, ctx: Context):
