@@ -92,13 +92,3 @@ def resolve_num_classes(recipe: r.Recipe, given: int | None = None) -> int:
         if last.kind == "dense":
             return last.spec.units
     raise RecipeError("the class count comes from the data; give --classes N or model.num_classes")
-
-
-def __getattr__(name: str):
-    # main_logits moved to imgcls.infer; train.py still imports it from here
-    # until its validation goes through imgcls.infer. Delete with that import.
-    if name == "main_logits":
-        from imgcls.infer import main_logits
-
-        return main_logits
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
