@@ -208,11 +208,14 @@ def train(
     log: Log = _stderr,
     progress: bool = False,
     stop_after_steps: int | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Fit ``recipe``; write the run folder; return its history.
 
     ``resume`` continues a run folder where it stopped. ``stop_after_steps``
     behaves like Ctrl-C after that many optimizer steps (for tests).
+    ``on_epoch_end`` gets each finished epoch's metrics row once checkpoints
+    and metrics.csv are written; an exception it raises ends the run.
     """
     spec = recipe.train
     if spec.threads:
@@ -223,6 +226,9 @@ def train(
     dtype = choose_precision(spec.precision, device)
     channels_last = choose_channels_last(spec.channels_last, device)
 
+    from imgcls.tracking import check_trackers, open_tracker  # train.log_to: tensorboard, mlflow
+
+    check_trackers(spec.log_to)
     if out is not None and resume is None:
         ck.claim_out_dir(out)  # a usage error before minutes of decoding, not after
     saved_meta = None
@@ -327,6 +333,10 @@ def train(
         log(f"run folder: {run_dir}")
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
+    run_info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+    ck.write_text_atomic(run_dir / "run.json", json.dumps({**run_info, "torch": torch.__version__}, indent=2))
+    tracker = open_tracker(spec.log_to, run_dir, log)
+    tracker.start(resolved, run_info)
 
     augment, mix = _augmentation(recipe, len(classes))
     train_x, train_y = data.train.x, data.train.y
@@ -457,15 +467,22 @@ def train(
                 state.bad_epochs += 1
             save_state()
             _write_metrics(run_dir, state.history)
+            tracker.epoch(row)
             bar.end_epoch(row, spec.epochs)
             if not progress:
                 log(_epoch_line(row, spec.epochs))
+            if on_epoch_end is not None:
+                on_epoch_end(row)
             if spec.early_stopping and state.bad_epochs >= spec.early_stopping.patience:
                 log(f"early stop: {monitor} has not improved for {state.bad_epochs} epochs")
                 stopped_early = True
                 break
     finally:
         bar.close()
+        tracker.finish(
+            run_dir / ck.BEST if state.best_epoch else None,
+            completed=state.epoch >= spec.epochs or stopped_early,
+        )
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
         if state.history:
