@@ -17,6 +17,7 @@ threads (``imgcls tune --jobs``) each log to their own run.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,7 +114,9 @@ class MLflowTracker:
         from mlflow.entities import Param, RunTag
 
         params = [
-            Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flatten(recipe).items()
+            # MLflow keys allow no brackets: model.layers[0].conv.filters -> model.layers.0.conv.filters
+            Param(re.sub(r"\[(\d+)\]", r".\1", k), json.dumps(v) if isinstance(v, list) else str(v))
+            for k, v in flatten(recipe).items()
         ]
         tags = [RunTag("run_dir", str(self.run_dir.resolve()))]
         tags += [RunTag(k, str(v)) for k, v in run_info.items()]
