@@ -878,6 +878,220 @@ def report(
     print(write_report(run))
 
 
+# --------------------------------------------------------------------------- tune
+
+
+@app.command()
+@command
+def tune(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML every trial starts from.")],
+    trials: Annotated[
+        int,
+        typer.Option(
+            "--trials", "-n", min=1, help="Finished trials the study should hold (a rerun adds the rest)."
+        ),
+    ],
+    space: Annotated[
+        Path | None,
+        typer.Option(help="Search space YAML (default: RECIPE's name with .space.yaml, beside it)."),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna database URL, shared by several processes (default: sqlite in the study folder)."
+        ),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Study name and folder (default: <recipe name>-tune).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.0, help="Start no new trial after this many seconds.")
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, in threads of this process.")
+    ] = 1,
+    metric: Annotated[
+        str, typer.Option(help="The objective: val_acc (maximised), val_loss, train_acc or train_loss.")
+    ] = "val_acc",
+    pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+    startup_trials: Annotated[
+        int, typer.Option(min=0, help="Median pruner: trials that run in full before any is pruned.")
+    ] = 2,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Override a recipe value for every trial: key.path=value.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Search hyperparameters with Optuna; each trial is a normal run folder.
+
+    The space file maps the key paths `--set` takes to distributions:
+    `train.optimizer.lr: {loguniform: [1e-4, 1e-1]}`, `{uniform: [0, 0.4]}`,
+    `{int: [16, 128]}`, `{choice: [adam, sgd]}`. Trials go to
+    runs/STUDY/N/; poor ones are pruned after an epoch. At the end:
+    trials.csv, best.yaml (a plain recipe) and importance.png in the study
+    folder. Ctrl-C stops after the running trial; rerun to continue.
+
+    Examples:
+
+        imgcls tune recipes/quickstart.yaml --trials 20
+
+        imgcls tune recipes/quickstart.yaml --trials 50 --space lr.yaml --timeout 3600
+
+        imgcls tune r.yaml --trials 100 --storage postgresql://host/db --study shared
+    """
+    from imgcls.tune import tune as run_tune
+
+    err = _stderr()
+    result = run_tune(
+        recipe,
+        trials=trials,
+        space=space,
+        overrides=list(set_ or []),
+        storage=storage,
+        study=study,
+        timeout=timeout,
+        jobs=jobs,
+        metric=metric,
+        pruner=pruner,
+        startup_trials=startup_trials,
+        log=lambda message: err.print(message, markup=False),
+    )
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        from rich.table import Table
+
+        keys = sorted({k for t in result.trials for k in t.params})
+        table = Table(title=f"study {result.study}: {result.metric} ({result.direction})")
+        for col in ("trial", "state", result.metric, "epochs", "seconds", *keys):
+            table.add_column(col, justify="left" if col == "state" else "right")
+        for t in result.trials:
+            table.add_row(
+                str(t.number),
+                t.state,
+                "-" if t.value is None else f"{t.value:.4f}",
+                str(t.epochs),
+                "-" if t.seconds is None else f"{t.seconds:.1f}",
+                *("-" if t.params.get(k) is None else _short(t.params[k]) for k in keys),
+            )
+        out = _wide_stdout()
+        out.print(table)
+        if result.best is not None:
+            out.print(
+                f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}, run {result.best.run_dir}"
+            )
+        for label, path in (("best recipe", result.best_yaml), ("importance", result.importance_png)):
+            if path is not None:
+                out.print(f"{label}: {path}")
+    if result.interrupted:
+        from imgcls.errors import Interrupted
+
+        raise Interrupted(f"stopped by Ctrl-C; rerun the same command to continue study '{result.study}'")
+
+
+def _wide_stdout():
+    """A wide table stays whole when piped (rich would squeeze it to 80 columns)."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@app.command()
+@command
+def runs(
+    root: Annotated[Path, typer.Argument(help="Folder of run folders (or one run folder).")] = Path("runs"),
+    sort: Annotated[
+        str | None, typer.Option(help="Sort by a column, best first: val_acc, test_acc, seconds, date, ...")
+    ] = None,
+    diff: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option("--diff", help="Two run folders: recipe and metric differences side by side."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
+) -> None:
+    """A table of every run: architecture, params, epochs, best val and test accuracy, time, device.
+
+    Examples:
+
+        imgcls runs
+
+        imgcls runs runs/quickstart-tune --sort val_acc
+
+        imgcls runs --csv > runs.csv
+
+        imgcls runs --diff runs/quickstart/1 runs/quickstart/2
+    """
+    import csv
+
+    from imgcls.errors import UsageError
+    from imgcls.runs import COLUMNS, diff_runs, fmt, list_runs
+
+    if as_json and as_csv:
+        raise UsageError("choose one of --json and --csv")
+    if diff is not None:
+        result = diff_runs(*diff)
+        if as_json:
+            print(json.dumps(result))
+            return
+        if as_csv:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(["section", "key", "a", "b"])
+            for r in result["recipe"]:
+                writer.writerow(["recipe", r["key"], r["a"], r["b"]])
+            for r in result["metrics"]:
+                writer.writerow(["metric", r["metric"], r["a"], r["b"]])
+            return
+        from rich.table import Table
+
+        out = _stdout()
+        table = Table(title="recipe")
+        for col in ("key", str(diff[0]), str(diff[1])):
+            table.add_column(col, overflow="fold")
+        for r in result["recipe"]:
+            table.add_row(
+                r["key"], "-" if r["a"] is None else str(r["a"]), "-" if r["b"] is None else str(r["b"])
+            )
+        if result["recipe"]:
+            out.print(table)
+        else:
+            out.print("recipes: identical")
+        table = Table(title="metrics")
+        for col in ("metric", str(diff[0]), str(diff[1])):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for r in result["metrics"]:
+            table.add_row(r["metric"], fmt(r["metric"], r["a"]), fmt(r["metric"], r["b"]))
+        out.print(table)
+        return
+    rows = list_runs(root, sort)
+    if as_json:
+        print(json.dumps(rows))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        _stderr().print(f"no runs under {root}", markup=False)
+    else:
+        from rich.table import Table
+
+        table = Table()
+        for col in COLUMNS:
+            table.add_column(
+                col, justify="left" if col in ("run", "date", "arch", "device", "precision") else "right"
+            )
+        for r in rows:
+            table.add_row(*(fmt(c, r[c]) for c in COLUMNS))
+        _wide_stdout().print(table)
+
+
 def main() -> None:
     hold_sigint()  # released once torch is imported (in `command`), or when app() returns
     try:

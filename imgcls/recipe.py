@@ -403,6 +403,13 @@ class TrainSpec(Strict):
     channels_last: Literal["auto"] | Bool = "auto"
     threads: PosInt | None = None
     out: str = "runs"
+    # trackers beside metrics.csv (always written: resume, `imgcls runs` read it); see imgcls/tracking.py
+    log_to: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"]
+
+    @field_validator("log_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("optimizer", "schedule", "ema", mode="before")
     @classmethod

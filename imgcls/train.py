@@ -30,6 +30,7 @@ from imgcls import __version__
 from imgcls import checkpoint as ck
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
+from imgcls.tracking import check_trackers, open_tracker
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 
@@ -229,6 +230,7 @@ class Run:
     created: bool = False  # this run made run_dir (a failed start may remove it)
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
+    info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
     lr: float = 0.0  # the learning rate of the epoch's last step
 
     @property
@@ -276,6 +278,7 @@ def train(
     previous_handler = None
     bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
     stopped_early = False
+    tracker = None  # train.log_to: opened at the first finished epoch, so a failed start leaves none
     steps_left = stop_after_steps
     try:
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
@@ -288,6 +291,10 @@ def train(
                     f"{run.steps_per_epoch}; state saved. Resume with: imgcls train --resume {run.run_dir}"
                 )
             row = finish_epoch(run, bar, progress)
+            if tracker is None:
+                tracker = open_tracker(spec.log_to, run.run_dir, log)
+                tracker.start(run.meta["recipe"], run.info)
+            tracker.epoch(row)
             if on_epoch_end is not None:
                 on_epoch_end(dict(row))
             if spec.early_stopping and run.state.bad_epochs >= spec.early_stopping.patience:
@@ -300,6 +307,9 @@ def train(
         raise
     finally:
         bar.close()
+        if tracker is not None:
+            best_file = run.run_dir / ck.BEST if run.state.best_epoch else None
+            tracker.finish(best_file, completed=run.state.epoch >= spec.epochs or stopped_early)
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
         if run.state.history and run.saved:
@@ -329,6 +339,7 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     device = choose_device(spec.device)
     dtype = choose_precision(spec.precision, device)
     channels_last = choose_channels_last(spec.channels_last, device)
+    check_trackers(spec.log_to)  # a missing extra fails before any work
 
     if out is not None and resume is None:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
@@ -428,6 +439,10 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         log("no validation split: the best checkpoint is chosen on training loss")
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
+    run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+    if "run.json" not in run.written and not run.saved:
+        run.written.append("run.json")
+    ck.write_text_atomic(run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2))
     return run
 
 
