@@ -30,9 +30,9 @@ from imgcls import __version__
 from imgcls import checkpoint as ck
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
-from imgcls.tracking import check_trackers, open_tracker
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
+from imgcls.tracking import check_trackers, open_tracker
 
 Log = Callable[[str], None]
 
@@ -442,7 +442,9 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
     if "run.json" not in run.written and not run.saved:
         run.written.append("run.json")
-    ck.write_text_atomic(run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2))
+    ck.write_text_atomic(
+        run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
+    )
     return run
 
 
