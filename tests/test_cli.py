@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from imgcls import __version__
 
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-def test_version(cli):
-    result = cli("--version")
+def test_version():
+    """A real `python -m imgcls` process starts and answers (every other test runs in-process)."""
+    result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"imgcls {__version__}"
 
