@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import json
 import logging
 import os
 import random
@@ -17,6 +18,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 TINY_RECIPE = {
     "name": "tiny",
@@ -221,6 +224,19 @@ def invoke_cli(
         stderr += "".join(traceback.format_exception(*result.exc_info))
         code = 1
     return subprocess.CompletedProcess(["imgcls", *args], code, stdout, stderr + fds[2])
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> tuple[Path, dict]:
+    """recipes/quickstart.yaml as shipped, trained once per session by `imgcls train --json`.
+
+    The run folder and the command's JSON result. Slow (20 epochs): a test
+    using it is `@pytest.mark.slow`; share it rather than training again.
+    """
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    result = invoke_cli("train", str(RECIPES / "quickstart.yaml"), "--out", str(out), "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
 
 
 @pytest.fixture
