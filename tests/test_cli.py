@@ -180,3 +180,19 @@ def test_in_process_runs_leave_no_state_behind(cli, tmp_path):
         dict(imgcls.cli._state),
     )
     assert after == before
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`imgcls ... | head`: the reader goes away; a real process exits 1 with no traceback on stderr."""
+    import os
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgcls", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    proc.stdout.close()  # before the child writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == ""
