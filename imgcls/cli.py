@@ -424,7 +424,7 @@ def cache_list(
     """
     import datetime
 
-    from imgcls.data.cache import cache_max, default_cache_dir, list_entries
+    from imgcls.data.cache import cache_max, default_cache_dir, human_bytes, list_entries
 
     entries = list_entries()
     if as_json:
@@ -438,11 +438,11 @@ def cache_list(
         table.add_column(name)
     for e in entries:
         used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
-        table.add_row(e["key"], e["source"], e["split"], str(e["images"]), _bytes(e["bytes"]), used)
+        table.add_row(e["key"], e["source"], e["split"], str(e["images"]), human_bytes(e["bytes"]), used)
     _stdout().print(table)
     total = sum(e["bytes"] for e in entries)
     _stderr().print(
-        f"{len(entries)} entries, {_bytes(total)} of {_bytes(cache_max())} (IMGCLS_CACHE_MAX) in {default_cache_dir()}",
+        f"{len(entries)} entries, {human_bytes(total)} of {human_bytes(cache_max())} (IMGCLS_CACHE_MAX) in {default_cache_dir()}",
         markup=False,
     )
 
@@ -463,23 +463,15 @@ def cache_clear(
 
         imgcls cache clear 3f9a1c
     """
-    from imgcls.data.cache import clear_entries, default_cache_dir
+    from imgcls.data.cache import clear_entries, default_cache_dir, human_bytes
     from imgcls.errors import UsageError
 
     if bool(keys) == all_:
         raise UsageError("name entry keys to remove, or pass --all (not both)")
     removed, freed = clear_entries(keys or ())
     _stderr().print(
-        f"removed {removed} cache entries, freed {_bytes(freed)} in {default_cache_dir()}", markup=False
+        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}", markup=False
     )
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # --------------------------------------------------------------------------- evaluate

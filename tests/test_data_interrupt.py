@@ -12,9 +12,8 @@ import time
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import TINY_RECIPE
+from PIL import Image
 
 N_FILES = 1_500  # ~2-4 ms each (512x512 down to 8x8): a few seconds of decoding
 

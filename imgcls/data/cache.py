@@ -439,10 +439,12 @@ def _evict(cache: Path, keep: str, log: Log) -> None:
         shutil.rmtree(cache / e["key"], ignore_errors=True)
         total -= e["bytes"]
         log(
-            f"cache: evicted {e['key']} ({e['source']} {e['split']}, {_human(e['bytes'])}) to stay under IMGCLS_CACHE_MAX"
+            f"cache: evicted {e['key']} ({e['source']} {e['split']}, {human_bytes(e['bytes'])}) to stay under IMGCLS_CACHE_MAX"
         )
     if total > cap:
-        log(f"warning: the decoded cache ({_human(total)}) exceeds IMGCLS_CACHE_MAX ({_human(cap)})")
+        log(
+            f"warning: the decoded cache ({human_bytes(total)}) exceeds IMGCLS_CACHE_MAX ({human_bytes(cap)})"
+        )
     _remove_stale_temps(cache)
 
 
@@ -506,7 +508,8 @@ def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None 
     return len(chosen), freed
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (for logs and `imgcls cache list`)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
