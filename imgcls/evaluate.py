@@ -193,9 +193,8 @@ def evaluate(
     metrics_json = out_dir / "metrics.json"
     result.files["metrics_json"] = str(metrics_json)
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
-    log(
-        f"wrote {', '.join(Path(f).name for k, f in result.files.items() if k.endswith('png'))} {metrics_json}"
-    )
+    png_path = result.files.get("confusion_png")
+    log(f"wrote {png_path} and {metrics_json.name}" if png_path else f"wrote {metrics_json}")
     # --- insight hook: refresh the run's report.html (imgcls.report); never fails the evaluation
     if ckpt.run_dir is not None and out_dir == ckpt.run_dir / "eval":
         try:
