@@ -225,21 +225,31 @@ def train(
         log=log,
         progress=not quiet and sys.stderr.isatty(),
     )
+    summary = _train_summary(result)
+    print(json.dumps(summary) if as_json else _train_closing(summary))
+
+
+def _train_summary(result) -> dict:
+    """The train command's result for --json (val_f1 on multi-label runs)."""
     best = result.best
-    summary = {
+    return {
         "run_dir": str(result.run_dir),
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
-        **{k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc") if k in best},
+        **{k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1") if k in best},
     }
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        text = f"best epoch {result.best_epoch}"
-        if "val_acc" in best:
-            text += f": val_acc {best['val_acc']:.4f}, val_loss {best['val_loss']:.4f}"
-        print(f"{text}\nrun folder: {result.run_dir}")
+
+
+def _train_closing(summary: dict) -> str:
+    """The closing lines; a multi-label run's best epoch was chosen on val_f1, so it leads."""
+    text = f"best epoch {summary['best_epoch']}"
+    if "val_f1" in summary:
+        text += f": val_f1 {summary['val_f1']:.4f}, val_acc (exact match) {summary['val_acc']:.4f}"
+        text += f", val_loss {summary['val_loss']:.4f}"
+    elif "val_acc" in summary:
+        text += f": val_acc {summary['val_acc']:.4f}, val_loss {summary['val_loss']:.4f}"
+    return f"{text}\nrun folder: {summary['run_dir']}"
 
 
 # --------------------------------------------------------------------------- summarize

@@ -254,3 +254,21 @@ def tiny_multilabel_checkpoint(tiny_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("ml-ckpt") / "tiny-ml.safetensors"
     save_checkpoint(path, ckpt.model, {**ckpt.meta, "task": "multilabel"})
     return path
+
+
+def test_train_closing_line_shows_val_f1_for_multilabel(tmp_path):
+    """The best multi-label checkpoint is chosen on val_f1: the closing line and --json name it."""
+    from imgcls.cli import _train_closing, _train_summary
+    from imgcls.train import TrainResult
+
+    row = {"epoch": 2, "train_loss": 0.3, "train_acc": 0.5, "val_loss": 0.25, "val_acc": 0.4, "val_f1": 0.875}
+    multi = _train_summary(TrainResult(tmp_path, [row, row], 2, row, False))
+    assert multi["val_f1"] == 0.875
+    assert _train_closing(multi).splitlines() == [
+        "best epoch 2: val_f1 0.8750, val_acc (exact match) 0.4000, val_loss 0.2500",
+        f"run folder: {tmp_path}",
+    ]
+    single_row = {k: v for k, v in row.items() if k != "val_f1"}
+    single = _train_summary(TrainResult(tmp_path, [single_row], 1, single_row, False))
+    assert "val_f1" not in single
+    assert _train_closing(single).splitlines()[0] == "best epoch 1: val_acc 0.4000, val_loss 0.2500"
