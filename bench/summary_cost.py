@@ -12,6 +12,15 @@ then our cost as a ratio of torchinfo's.
 
 ``--library`` measures ``summarize_target`` in place of the CLI command (for
 use before the CLI exists).
+
+    python bench/summary_cost.py --flop-counter [--runs 5]
+
+compares our MAC counting with ``torch.utils.flop_counter.FlopCounterMode``
+in one process, on meta models: the time of our whole measurement (hooks,
+parameter counts, per-module MACs) against FlopCounterMode's forward pass with
+its per-module breakdown, and the totals each gives (FLOPs / 2) next to
+torchvision's published GFLOPS. The reason we keep our own counter is in
+imgcls/summary.py's docstring; this is the measurement behind it.
 """
 
 from __future__ import annotations
@@ -43,12 +52,65 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
+FLOP_COUNTER_ARCHS = ("resnet50", "densenet121", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t")
+
+
+def compare_flop_counter(runs: int) -> None:
+    """Our counter against FlopCounterMode: time (medians) and totals, per arch."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imgcls.models.build import build_model
+    from imgcls.recipe import ModelSpec
+    from imgcls.summary import _measure, meta_init
+
+    print(f"per arch: medians of {runs} runs, one process, meta device, batch 1")
+    print(
+        f"  {'arch':18s} {'ours s':>7s} {'flopcm s':>8s} {'ratio':>6s}  {'ours MACs':>15s} {'flops/2':>15s} {'published':>15s}"
+    )
+    ratios = []
+    for arch in FLOP_COUNTER_ARCHS:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        size = weights.transforms().crop_size[0]
+        shape = (3, size, size)
+        with meta_init():
+            model = build_model(ModelSpec(arch=arch), shape, 1000)
+        model.to("meta").eval()
+        x = torch.empty(1, *shape, device="meta")
+        ours_t, fc_t = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            ours = _measure(model, shape, arch, 1000).total_macs
+            ours_t.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            counter = FlopCounterMode(depth=None, display=False)
+            with torch.no_grad(), counter:
+                model(x)
+            counter.get_flop_counts()
+            fc_t.append(time.perf_counter() - start)
+        o, f = statistics.median(ours_t), statistics.median(fc_t)
+        ratios.append(o / f)
+        published = round(weights.meta["_ops"] * 1e9)
+        print(
+            f"  {arch:18s} {o:7.3f} {f:8.3f} {o / f:6.2f}  {ours:15,} {counter.get_total_flops() // 2:15,} {published:15,}"
+        )
+    print(f"ours / FlopCounterMode time, median over archs: {statistics.median(ratios):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="vgg16")
     parser.add_argument("--runs", type=int, default=5, help="repeats per command (median reported)")
     parser.add_argument("--library", action="store_true", help="call summarize_target, not the CLI")
+    parser.add_argument(
+        "--flop-counter", action="store_true", help="compare our MAC counter with torch's FlopCounterMode"
+    )
     args = parser.parse_args()
+    if args.flop_counter:
+        compare_flop_counter(args.runs)
+        return
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

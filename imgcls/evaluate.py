@@ -354,7 +354,9 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
             raise DataError(
                 f"{root}: has train/ but no test/ or val/; point evaluate at the folder to evaluate"
             )
-    classes, found = scan_class_folders(root)
+    classes, found = scan_class_folders(root, for_training=False)
+    if not found:
+        raise DataError(f"{root}: no images in its class folders")
     return [(path, classes[label]) for path, label in found], str(root)
 
 

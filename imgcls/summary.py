@@ -23,6 +23,18 @@ Conventions (the same as torchinfo's where torchinfo counts at all):
   (BatchNorm, LayerNorm, GroupNorm...) counts its parameter count, as torchinfo
   does. Element-wise work (activations, pooling, residual adds, softmax) is
   not counted.
+* Why not ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2)? Measured
+  (``python bench/summary_cost.py --flop-counter``), it reproduces
+  torchvision's published GFLOPS (torchvision computed them with it) but not
+  the numbers above: it leaves out bias adds (``addmm`` and biased
+  convolutions) and counts nothing for norm layers, so every model differs
+  (alexnet 714,188,480 against our and torchinfo's 714,682,664; vgg16 -13.6 M;
+  vit_b_16 -0.09 %, convnext_tiny/swin_t -0.3 %; the seed-conv448 recipe loses
+  its 14,400 bias adds); it counts 0 for a CPU ``scaled_dot_product_attention``
+  (``_scaled_dot_product_flash_attention_for_cpu`` has no formula there); and
+  it is slower: our whole measurement takes 0.85x the time of its bare forward
+  pass with breakdown (median of 6 architectures). Restoring the bias adds
+  would need formulas of our own again, so the four short ones below stay.
 * **parameter memory**: ``numel x element size`` of each unique parameter;
   buffers (BatchNorm running statistics) are reported apart.
 * **activation memory**: the bytes of every tensor output by a leaf module

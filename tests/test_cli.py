@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from imgcls import __version__
 
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-def test_version(cli):
-    result = cli("--version")
+def test_version():
+    """A real `python -m imgcls` process starts and answers (every other test runs in-process)."""
+    result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"imgcls {__version__}"
 
@@ -124,16 +126,73 @@ def test_data_shapes_writes_and_never_overwrites(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_reaches_95_percent_and_beats_the_mlp(cli, tmp_path):
+def test_quickstart_reaches_95_percent_and_beats_the_mlp(cli, quickstart_run, tmp_path):
     """The README's main job, end to end: the CNN passes 95%, the MLP visibly does not."""
-    cnn = cli("train", str(RECIPES / "quickstart.yaml"), "--out", str(tmp_path / "cnn"), "--json", "-q")
-    assert cnn.returncode == 0, cnn.stderr
-    cnn_acc = json.loads(cnn.stdout)["val_acc"]
+    cnn_run, cnn = quickstart_run
+    cnn_acc = cnn["val_acc"]
     assert cnn_acc >= 0.95
     mlp = cli("train", str(RECIPES / "mlp.yaml"), "--out", str(tmp_path / "mlp"), "--json", "-q")
     assert mlp.returncode == 0, mlp.stderr
     assert json.loads(mlp.stdout)["val_acc"] < cnn_acc - 0.3
     # evaluate on the run's own validation split agrees with training's number
-    ev = cli("evaluate", str(tmp_path / "cnn"), "--json")
+    ev = cli("evaluate", str(cnn_run), "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(cnn_acc, abs=1e-6)
+
+
+def test_in_process_runs_leave_no_state_behind(cli, tmp_path):
+    """The `cli` fixture undoes what a command changes in this interpreter, as a process exit would."""
+    import os
+    import signal
+    import warnings
+
+    import torch
+    import yaml
+    from conftest import TINY_RECIPE
+
+    import imgcls.cli
+
+    recipe = tmp_path / "tiny.yaml"
+    raw = {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "threads": 1, "deterministic": True}}
+    recipe.write_text(yaml.safe_dump(raw))
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        signal.getsignal(signal.SIGINT),
+        os.getcwd(),
+        dict(os.environ),
+        list(warnings.filters),
+        dict(imgcls.cli._state),
+    )
+    assert before[0] > 1 or os.cpu_count() == 1  # threads: 1 is a change to undo
+    trained = cli("--debug", "train", str(recipe), "-q", cwd=tmp_path, env={"IMGCLS_TEST_VAR": "1"})
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "runs").is_dir()  # it ran where it was told
+    failed = cli("--debug", "summarize", "nope", cwd=tmp_path)
+    assert failed.returncode != 0 and "Traceback" in failed.stderr  # an escaping error reads as in a process
+    after = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        signal.getsignal(signal.SIGINT),
+        os.getcwd(),
+        dict(os.environ),
+        list(warnings.filters),
+        dict(imgcls.cli._state),
+    )
+    assert after == before
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`imgcls ... | head`: the reader goes away; a real process exits 1 with no traceback on stderr."""
+    import os
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgcls", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    proc.stdout.close()  # before the child writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == ""

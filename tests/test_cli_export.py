@@ -8,15 +8,6 @@ import sys
 import pytest
 
 
-def invoke(*args: str):
-    """Run the command in-process (for monkeypatched cases and quick usage errors)."""
-    from typer.testing import CliRunner
-
-    from imgcls.cli import app
-
-    return CliRunner().invoke(app, list(args))
-
-
 def test_export_torchscript_json(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "deploy" / "model.pt"
     result = cli("export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out), "--json")
@@ -65,31 +56,31 @@ def test_existing_file_is_refused_with_exit_2(cli, tiny_checkpoint, tmp_path):
         (["-f", "onnx", "--out", "x.pt"], "must end in .onnx"),
     ],
 )
-def test_bad_usage_exit_2(tiny_checkpoint, tmp_path, monkeypatch, args, message):
+def test_bad_usage_exit_2(cli, tiny_checkpoint, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    result = invoke("export", str(tiny_checkpoint), *args)
-    assert result.exit_code == 2 and message in result.output
+    result = cli("export", str(tiny_checkpoint), *args)
+    assert result.returncode == 2 and message in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_checkpoint_exit_2(tmp_path):
-    result = invoke("export", str(tmp_path / "nope"), "-f", "onnx")
-    assert result.exit_code == 2 and "no such checkpoint" in result.output
+def test_missing_checkpoint_exit_2(cli, tmp_path):
+    result = cli("export", str(tmp_path / "nope"), "-f", "onnx")
+    assert result.returncode == 2 and "no such checkpoint" in result.stderr
 
 
-def test_failed_parity_exit_1_and_no_file(tiny_checkpoint, tmp_path, monkeypatch):
+def test_failed_parity_exit_1_and_no_file(cli, tiny_checkpoint, tmp_path, monkeypatch):
     from imgcls.export import writers as ex
 
     monkeypatch.setattr(ex, "TOLERANCE", ex.Tolerance(logit_rtol=-1, logit_atol=-1, prob_atol=-1))
     out = tmp_path / "m.pt"
-    result = invoke("export", str(tiny_checkpoint), "-f", "torchscript", "--out", str(out))
-    assert result.exit_code == 1
-    assert "does not match PyTorch" in result.output
+    result = cli("export", str(tiny_checkpoint), "-f", "torchscript", "--out", str(out))
+    assert result.returncode == 1
+    assert "does not match PyTorch" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_onnx_extra_exit_2(tiny_checkpoint, tmp_path, monkeypatch):
+def test_missing_onnx_extra_exit_2(cli, tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    result = invoke("export", str(tiny_checkpoint), "-f", "onnx", "--out", str(tmp_path / "m.onnx"))
-    assert result.exit_code == 2
-    assert "ONNX export needs onnx and onnxruntime: pip install 'imgcls[onnx]'" in result.output
+    result = cli("export", str(tiny_checkpoint), "-f", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 2
+    assert "ONNX export needs onnx and onnxruntime: pip install 'imgcls[onnx]'" in result.stderr

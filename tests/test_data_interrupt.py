@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import TINY_RECIPE
+from conftest import TINY_RECIPE
 
 N_FILES = 1_500  # ~2-4 ms each (512x512 down to 8x8): a few seconds of decoding
 

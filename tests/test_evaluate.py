@@ -154,3 +154,16 @@ def test_default_split_of_a_run(tiny_checkpoint):
     result = ev.evaluate(tiny_checkpoint, log=lambda m: None)
     assert "val split" in result.data
     assert result.report["samples"] == 6  # 20% of 8 per class, rounded, x 3 classes
+
+
+def test_a_folder_with_one_of_the_models_classes_is_evaluated(tmp_path, tiny_checkpoint, shapes_folder):
+    """A subset of the model's classes is fine, down to one class (and an empty class folder is skipped)."""
+    import shutil
+
+    from imgcls.evaluate import evaluate
+
+    data = tmp_path / "only-squares"
+    shutil.copytree(shapes_folder / "square", data / "square")
+    (data / "circle").mkdir()  # empty: nothing to evaluate for it
+    result = evaluate(tiny_checkpoint, data, out=tmp_path / "eval", log=lambda m: None)
+    assert result.report["samples"] == len(list((shapes_folder / "square").iterdir()))

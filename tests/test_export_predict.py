@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, invoke_cli
 
 CONFIDENCE_ATOL = 1e-4  # export.Tolerance.prob_atol: the decimals a person reads
 
@@ -39,7 +39,7 @@ def exports(trained_run, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
         path = folder / name
-        result = run_cli("export", str(trained_run), "--format", fmt, "--out", str(path), "-q")
+        result = invoke_cli("export", str(trained_run), "--format", fmt, "--out", str(path), "-q")
         assert result.returncode == 0, result.stderr
         out[fmt] = path
     return out
@@ -47,7 +47,7 @@ def exports(trained_run, tmp_path_factory) -> dict[str, Path]:
 
 def predict_json(model: Path, folder: Path) -> dict[str, dict]:
     """`imgcls predict --model MODEL --json FOLDER`, as {file: record}."""
-    result = run_cli("predict", "--model", str(model), "--json", str(folder))
+    result = invoke_cli("predict", "--model", str(model), "--json", str(folder))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     return {r["file"]: r for r in records}

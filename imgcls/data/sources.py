@@ -191,15 +191,21 @@ def walk_images(
 
 
 def scan_class_folders(
-    folder: Path, stats: Stats | None = None, progress: Task | None = None
+    folder: Path,
+    stats: Stats | None = None,
+    progress: Task | None = None,
+    *,
+    for_training: bool = True,
 ) -> tuple[list[str], Items]:
     """``folder/<class>/...``: the class names (sorted) and every (image, class index).
 
-    ``stats``, when given, receives each file's (size, mtime_ns)."""
+    ``stats``, when given, receives each file's (size, mtime_ns). Training needs
+    at least 2 classes, each with images; ``for_training=False`` (evaluation on
+    a subset of a model's classes) accepts one class and skips empty folders."""
     class_dirs = _visible_dirs(folder)
     if not class_dirs:
         raise DataError(f"{folder}: no class folders found (expected one sub-folder of images per class)")
-    if len(class_dirs) < 2:
+    if len(class_dirs) < 2 and for_training:
         raise DataError(
             f"{folder}: need at least 2 classes (one sub-folder each), found only '{class_dirs[0].name}'"
         )
@@ -211,7 +217,7 @@ def scan_class_folders(
         found += len(files)
         if progress is not None:
             progress.advance(found - progress.done)
-        if not files:
+        if not files and for_training:
             raise DataError(
                 f"{d}: class folder has no images (a class with no examples cannot "
                 "be learned); add images or remove the folder"
