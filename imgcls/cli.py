@@ -225,21 +225,31 @@ def train(
         log=log,
         progress=not quiet and sys.stderr.isatty(),
     )
+    summary = _train_summary(result)
+    print(json.dumps(summary) if as_json else _train_closing(summary))
+
+
+def _train_summary(result) -> dict:
+    """The train command's result for --json (val_f1 on multi-label runs)."""
     best = result.best
-    summary = {
+    return {
         "run_dir": str(result.run_dir),
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
-        **{k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc") if k in best},
+        **{k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1") if k in best},
     }
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        text = f"best epoch {result.best_epoch}"
-        if "val_acc" in best:
-            text += f": val_acc {best['val_acc']:.4f}, val_loss {best['val_loss']:.4f}"
-        print(f"{text}\nrun folder: {result.run_dir}")
+
+
+def _train_closing(summary: dict) -> str:
+    """The closing lines; a multi-label run's best epoch was chosen on val_f1, so it leads."""
+    text = f"best epoch {summary['best_epoch']}"
+    if "val_f1" in summary:
+        text += f": val_f1 {summary['val_f1']:.4f}, val_acc (exact match) {summary['val_acc']:.4f}"
+        text += f", val_loss {summary['val_loss']:.4f}"
+    elif "val_acc" in summary:
+        text += f": val_acc {summary['val_acc']:.4f}, val_loss {summary['val_loss']:.4f}"
+    return f"{text}\nrun folder: {summary['run_dir']}"
 
 
 # --------------------------------------------------------------------------- summarize
@@ -502,8 +512,26 @@ def evaluate(
     explain: Annotated[
         bool, typer.Option("--explain", help="Overlay Grad-CAM heatmaps on the error gallery.")
     ] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Also report the metrics with test-time augmentation (logits averaged with the flipped image).",
+        ),
+    ] = False,
+    tune_thresholds: Annotated[
+        bool,
+        typer.Option(
+            "--tune-thresholds",
+            help="Multi-label: pick each class's F1-optimal threshold on the run's validation split, "
+            "write them into <checkpoint>-tuned.safetensors and evaluate with them.",
+        ),
+    ] = False,
 ) -> None:
     """Accuracy, top-k, loss, per-class precision/recall/F1 and the confusion matrix.
+
+    Multi-label models: per-class precision/recall/F1/AP at each class's
+    threshold, micro and macro F1, mAP and the exact-match ratio.
 
     The confusion matrix is always saved as a PNG in the output folder.
     Unreadable images are skipped: the report covers the others and the exit
@@ -530,6 +558,8 @@ def evaluate(
         misclassified=misclassified,
         log=log,
         explain=explain,
+        tta=tta,
+        tune_thresholds=tune_thresholds,
     )
     if as_json:
         print(json.dumps(result.to_dict()), flush=True)
@@ -571,11 +601,22 @@ def predict(
     ] = 3,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Mark files whose top probability is below this as unsure."),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Mark files whose top probability is below this as unsure. Multi-label models: "
+            "the probability a label needs, for every class (instead of the model's thresholds).",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta", help="Test-time augmentation: average the logits with the left-right flipped image."
+        ),
+    ] = False,
 ) -> None:
     """Top-k labels for each image file.
 
@@ -611,7 +652,11 @@ def predict(
         top_k=top_k,
         threshold=threshold,
         log=lambda message: err.print(message, markup=False),
+        tta=tta,
     )
+    if predictor.task == "multilabel":
+        _render_multilabel(records, as_json, as_csv, err)
+        return
     k = max(1, min(top_k, len(predictor.classes)))
     total = failed = 0
     writer = None
@@ -662,6 +707,54 @@ def predict(
                 cells.append(", ".join(f"{label} {p:.3f}" for label, p in r.top_k[1:]))
             cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
             table.add_row(*cells)
+        _stdout().print(table)
+    if failed == total:
+        raise UsageError(f"none of the {total} files could be read")
+    if failed:
+        raise PartialFailure(f"{failed} of {total} files could not be read (the others were predicted)")
+
+
+def _render_multilabel(records, as_json: bool, as_csv: bool, err) -> None:
+    """predict's output for a multi-label model: every label on, with its probability.
+
+    CSV: ``file,labels,probabilities,error`` with ``;`` between labels (the
+    training CSV's own syntax, so the output can be corrected and trained on).
+    """
+    import csv
+
+    from imgcls.errors import PartialFailure, UsageError
+    from imgcls.predict import Failure
+
+    total = failed = 0
+    writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
+    if writer is not None:
+        writer.writerow(["file", "labels", "probabilities", "error"])
+    rows = []
+    for record in records:
+        total += 1
+        if isinstance(record, Failure):
+            failed += 1
+            err.print(f"error: {record.file}: {record.error}", markup=False)
+        if as_json:
+            print(json.dumps(record.to_dict()), flush=True)
+        elif writer is not None:
+            if isinstance(record, Failure):
+                writer.writerow([record.file, "", "", record.error])
+            else:
+                probs = ";".join(f"{p:.6f}" for _, p in record.labels)
+                writer.writerow([record.file, record.label, probs, ""])
+            sys.stdout.flush()
+        elif not isinstance(record, Failure):
+            rows.append(record)
+    if not as_json and not as_csv and rows:
+        from rich.table import Table
+
+        table = Table()
+        table.add_column("file", overflow="fold")
+        table.add_column("labels (probability)")
+        for r in rows:
+            shown = ", ".join(f"{label} {p:.3f}" for label, p in r.labels) or "[dim](none)[/dim]"
+            table.add_row(r.file, shown)
         _stdout().print(table)
     if failed == total:
         raise UsageError(f"none of the {total} files could be read")

@@ -15,6 +15,20 @@ partial failure (exit 3). None readable is a :class:`DataError` (exit 2).
 Writes ``confusion.png`` and ``metrics.json`` into the output folder
 (default ``<run>/eval/``, or ``<checkpoint stem>-eval/`` beside a loose
 checkpoint), and optionally a CSV of the misclassified files.
+
+Multi-label checkpoints (``task: multilabel``): labels are sets (a CSV's
+``dog;cat``; a class folder gives a set of one), each class is decided by its
+sigmoid probability against its threshold, and the report holds per-class
+precision / recall / F1 / AP, micro and macro F1, mAP and the exact-match
+ratio (also under ``accuracy``: scikit-learn's subset accuracy). No confusion
+matrix: with several labels per image there is no single "predicted as".
+``tune_thresholds`` picks each class's F1-optimal threshold on the run's
+validation split and writes a copy of the checkpoint carrying them
+(``<stem>-tuned.safetensors``), which predict and export then use.
+
+``tta``: the metrics are computed twice, on the plain logits and on the
+logits averaged with the flipped image (:func:`imgcls.infer.tta_logits`);
+the report keeps the plain numbers and adds the TTA ones under ``tta``.
 """
 
 from __future__ import annotations
@@ -30,14 +44,20 @@ from pathlib import Path
 
 import torch
 
-from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, write_text_atomic
+from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, save_checkpoint, write_text_atomic
 from imgcls.data.sources import read_labelled_rows, scan_class_folders
-from imgcls.errors import DataError, PartialFailure
-from imgcls.infer import decoded_batches, logits, model_input
-from imgcls.metrics import classification_report
+from imgcls.errors import DataError, PartialFailure, UsageError
+from imgcls.infer import decoded_batches, logits, model_input, tta_logits
+from imgcls.metadata import task_of, thresholds_of
+from imgcls.metrics import (
+    classification_report,
+    f1_optimal_thresholds,
+    multilabel_decisions,
+    multilabel_report,
+)
 
 Log = Callable[[str], None]
-Items = list[tuple[Path, str]]  # (file, class name)
+Items = list[tuple[Path, str | tuple[str, ...]]]  # (file, class name; or label names, multi-label)
 MAX_LOGGED_BAD = 10
 MATRIX_TABLE_LIMIT = 20  # larger confusion matrices go to the PNG only
 
@@ -89,14 +109,41 @@ def evaluate(
     misclassified: Path | None = None,
     log: Log = _stderr,
     explain: bool = False,
+    tta: bool = False,
+    tune_thresholds: bool = False,
 ) -> EvalResult:
     """Evaluate the checkpoint ``target`` (file or run folder) on ``data``."""
     ckpt = load_checkpoint(target)
+    multilabel = task_of(ckpt.meta) == "multilabel"
+    if tune_thresholds and not multilabel:
+        raise UsageError(
+            f"{ckpt.path}: --tune-thresholds is for multi-label models (a threshold per class); "
+            "this checkpoint is single-label (softmax: the top class wins)"
+        )
     items, where = labelled_items(ckpt, data)
-    index = class_index(ckpt.classes, {name for _, name in items}, where)
-    log(f"evaluating {ckpt.path} on {where}: {len(items)} images")
+    several = next((label for _, label in items if isinstance(label, tuple)), None)
+    if several is not None and not multilabel:
+        raise DataError(
+            f"{where}: rows with several labels ('{';'.join(several)}') but {ckpt.path} is a "
+            "single-label model; evaluate it on data with one label per image"
+        )
+    index = class_index(ckpt.classes, {n for _, label in items for n in _names(label)}, where)
+    thresholds = thresholds_of(ckpt.meta) if multilabel else None
+    tuned: Path | None = None
+    if tune_thresholds:
+        val_items, val_where = _run_split(ckpt, "val")
+        log(f"tuning thresholds on {val_where}: {len(val_items)} images")
+        scores, _, targets, _, _ = _run(ckpt, val_items, index, batch_size, multilabel)
+        thresholds = f1_optimal_thresholds(torch.sigmoid(scores), targets)
+        tuned = tuned_path(ckpt.path)
+        save_checkpoint(tuned, ckpt.model, {**ckpt.meta, "thresholds": thresholds})
+        shown = ", ".join(f"{c} {t:.3f}" for c, t in zip(ckpt.classes, thresholds, strict=True))
+        log(f"thresholds: {shown}; wrote {tuned} (predict --model {tuned} uses them)")
+        if where == val_where:
+            log("note: evaluated on the split the thresholds were tuned on: the numbers are optimistic")
+    log(f"evaluating {ckpt.path} on {where}: {len(items)} images" + (" (and with TTA)" if tta else ""))
 
-    logits, targets, files, bad = _run(ckpt, items, index, batch_size)
+    scores, tta_scores, targets, files, bad = _run(ckpt, items, index, batch_size, multilabel, tta)
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
@@ -104,40 +151,50 @@ def evaluate(
     if not files:
         raise DataError(f"{where}: none of the {len(items)} images could be read")
 
-    report = classification_report(logits, targets, ckpt.classes, top_k=top_k)
-    probs = torch.softmax(logits, dim=1)
-    conf, pred = probs.max(1)
-    wrong = [
-        {
-            "file": str(files[i]),
-            "true": ckpt.classes[int(targets[i])],
-            "predicted": ckpt.classes[int(pred[i])],
-            "confidence": float(conf[i]),
-        }
-        for i in torch.nonzero(pred != targets).flatten().tolist()
-    ]
+    if multilabel:
+        report = multilabel_report(torch.sigmoid(scores), targets, ckpt.classes, thresholds)
+        wrong = _multilabel_mistakes(torch.sigmoid(scores), targets, files, ckpt.classes, thresholds)
+    else:
+        report = classification_report(scores, targets, ckpt.classes, top_k=top_k)
+        probs = torch.softmax(scores, dim=1)
+        conf, pred = probs.max(1)
+        wrong = [
+            {
+                "file": str(files[i]),
+                "true": ckpt.classes[int(targets[i])],
+                "predicted": ckpt.classes[int(pred[i])],
+                "confidence": float(conf[i]),
+            }
+            for i in torch.nonzero(pred != targets).flatten().tolist()
+        ]
+    if tta_scores is not None:
+        report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
     result = EvalResult(ckpt.path, where, report, wrong, bad)
+    if tuned is not None:
+        result.files["tuned_checkpoint"] = str(tuned)
 
     result.out_dir = out_dir = Path(out) if out is not None else default_out_dir(ckpt)
-    png = out_dir / "confusion.png"
-    save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
-    result.files["confusion_png"] = str(png)
-    # --- insight hook: the error gallery next to the confusion PNG (imgcls.explain)
-    from imgcls.explain import write_error_gallery
+    if not multilabel:
+        png = out_dir / "confusion.png"
+        save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
+        result.files["confusion_png"] = str(png)
+        # --- insight hook: the error gallery next to the confusion PNG (imgcls.explain)
+        from imgcls.explain import write_error_gallery
 
-    gallery = write_error_gallery(
-        out_dir / "errors.png", ckpt, wrong, report["confused_pairs"], with_heatmaps=explain
-    )
-    if gallery is not None:
-        result.files["errors_png"] = str(gallery)
-    # --- end insight hook
+        gallery = write_error_gallery(
+            out_dir / "errors.png", ckpt, wrong, report["confused_pairs"], with_heatmaps=explain
+        )
+        if gallery is not None:
+            result.files["errors_png"] = str(gallery)
+        # --- end insight hook
     if misclassified is not None:
         write_misclassified(Path(misclassified), wrong)
         result.files["misclassified_csv"] = str(misclassified)
     metrics_json = out_dir / "metrics.json"
     result.files["metrics_json"] = str(metrics_json)
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
-    log(f"wrote {png} and {metrics_json.name}")
+    png_path = result.files.get("confusion_png")
+    log(f"wrote {png_path} and {metrics_json.name}" if png_path else f"wrote {metrics_json}")
     # --- insight hook: refresh the run's report.html (imgcls.report); never fails the evaluation
     if ckpt.run_dir is not None and out_dir == ckpt.run_dir / "eval":
         try:
@@ -150,6 +207,49 @@ def evaluate(
     return result
 
 
+def _names(label: str | tuple[str, ...]) -> tuple[str, ...]:
+    return label if isinstance(label, tuple) else (label,)
+
+
+def tuned_path(path: Path) -> Path:
+    """``best.safetensors`` -> ``best-tuned.safetensors`` (tuning a tuned copy replaces it)."""
+    stem = path.stem.removesuffix("-tuned")
+    return path.with_name(f"{stem}-tuned{path.suffix}")
+
+
+def tta_summary(scores: torch.Tensor, targets: torch.Tensor, classes, top_k: int, thresholds) -> dict:
+    """The headline metrics of the TTA logits (what evaluate shows next to the plain ones)."""
+    if thresholds is not None:
+        full = multilabel_report(torch.sigmoid(scores), targets, classes, thresholds)
+        keys = ("accuracy", "exact_match", "micro_f1", "macro_f1", "mAP", "loss")
+        return {k: full[k] for k in keys}
+    full = classification_report(scores, targets, classes, top_k=top_k)
+    return {
+        "accuracy": full["accuracy"],
+        "top_k_accuracy": full["top_k_accuracy"],
+        "loss": full["loss"],
+        "macro_f1": full["macro"]["f1"],
+    }
+
+
+def _multilabel_mistakes(probs, targets, files, classes, thresholds) -> list[dict]:
+    """Images whose set of labels is not exactly right: true and predicted as ``a;b``."""
+    pred = multilabel_decisions(probs, thresholds)
+    truth = targets.bool()
+    out = []
+    for i in torch.nonzero((pred != truth).any(1)).flatten().tolist():
+        on = torch.nonzero(pred[i]).flatten().tolist()
+        out.append(
+            {
+                "file": str(files[i]),
+                "true": ";".join(classes[k] for k in torch.nonzero(truth[i]).flatten().tolist()),
+                "predicted": ";".join(classes[k] for k in on),
+                "confidence": float(probs[i, on].max()) if on else 0.0,
+            }
+        )
+    return out
+
+
 def default_out_dir(ckpt: Checkpoint) -> Path:
     if ckpt.run_dir is not None:
         return ckpt.run_dir / "eval"
@@ -157,18 +257,35 @@ def default_out_dir(ckpt: Checkpoint) -> Path:
 
 
 @torch.inference_mode()
-def _run(ckpt: Checkpoint, items: Items, index: dict[str, int], batch_size: int):
+def _run(
+    ckpt: Checkpoint,
+    items: Items,
+    index: dict[str, int],
+    batch_size: int,
+    multilabel: bool,
+    tta: bool = False,
+):
+    """(logits, TTA logits or None, targets, files read, unreadable) over ``items``.
+
+    Targets: class indices, or multi-hot float rows for a multi-label model."""
     paths = [p for p, _ in items]
-    outputs, targets, files, bad = [], [], [], []
+    n = len(ckpt.classes)
+    outputs, tta_outputs, targets, files, bad = [], [], [], [], []
     done = 0
     for results in decoded_batches(paths, ckpt.preprocessing, batch_size):
         batch_items = items[done : done + len(results)]
         done += len(results)
         good = []
-        for (path, name), r in zip(batch_items, results, strict=True):
+        for (path, label), r in zip(batch_items, results, strict=True):
             if isinstance(r, torch.Tensor):
                 good.append(r)
-                targets.append(index[name])
+                if multilabel:
+                    hot = [0.0] * n
+                    for name in _names(label):
+                        hot[index[name]] = 1.0
+                    targets.append(hot)
+                else:
+                    targets.append(index[label])
                 files.append(path)
             else:
                 bad.append((path, r.reason))
@@ -176,9 +293,15 @@ def _run(ckpt: Checkpoint, items: Items, index: dict[str, int], batch_size: int)
             pre = ckpt.preprocessing
             x = model_input(torch.stack(good), pre["mean"], pre["std"])
             outputs.append(logits(ckpt.model, x))
-    n = len(ckpt.classes)
+            if tta:
+                tta_outputs.append(tta_logits(ckpt.model, x))
     scores = torch.cat(outputs) if outputs else torch.empty(0, n)
-    return scores, torch.tensor(targets, dtype=torch.int64), files, bad
+    tta_scores = (torch.cat(tta_outputs) if tta_outputs else torch.empty(0, n)) if tta else None
+    if multilabel:
+        target = torch.tensor(targets, dtype=torch.float32).reshape(-1, n)
+    else:
+        target = torch.tensor(targets, dtype=torch.int64)
+    return scores, tta_scores, target, files, bad
 
 
 # --------------------------------------------------------------------------- which images
@@ -198,19 +321,25 @@ def labelled_items(ckpt: Checkpoint, data: str | os.PathLike | None) -> tuple[It
     raise DataError(f"{path}: no such folder or CSV file")
 
 
-def _run_split(ckpt: Checkpoint) -> tuple[Items, str]:
+def _run_split(ckpt: Checkpoint, split: str | None = None) -> tuple[Items, str]:
+    """The run's held-out images: its test split when it has one, else val (or ``split``)."""
     from imgcls.data.sources import open_source
 
     spec = ckpt.recipe.data
     base = ckpt.run_dir or ckpt.path.parent
     source = open_source(spec, base)
-    split, items = ("test", source.test) if source.test else ("val", source.val)
+    if split is None:
+        split = "test" if source.test else "val"
+    items = source.test if split == "test" else source.val
     if not items:
         raise DataError(
             f"{ckpt.path}: the run has no validation or test split (data.val_split is 0); "
             "give the images to evaluate: imgcls evaluate RUN DATA"
         )
     where = f"the run's {split} split ({source.root})"
+    if source.task == "multilabel":
+        named = [(p, tuple(c for c, bit in zip(source.classes, hot, strict=True) if bit)) for p, hot in items]
+        return named, where
     return [(p, source.classes[label]) for p, label in items], where
 
 
@@ -233,11 +362,13 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
 
 def read_labels_csv(path: Path) -> Items:
     """Every ``file,label[,split]`` row (the split is ignored: every row counts).
+    A label cell with several labels (``dog;cat``) gives a tuple of names.
 
     A listed file that is missing is not an error here: it is skipped and
     counted like an unreadable one.
     """
-    return [(row.path, row.label) for row in read_labelled_rows(path, must_exist=False)]
+    rows = read_labelled_rows(path, must_exist=False)
+    return [(row.path, row.labels if len(row.labels) > 1 else row.label) for row in rows]
 
 
 def class_index(model_classes: list[str], data_classes: set[str], where: str) -> dict[str, int]:
@@ -307,19 +438,32 @@ def report_renderables(result: EvalResult) -> list:
     from rich.table import Table
 
     r = result.report
+    if r.get("task") == "multilabel":
+        return _multilabel_renderables(result)
     out: list = []
-    summary = Table(title=f"{result.checkpoint} on {result.data}", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column(justify="right")
-    summary.add_row(
-        "images", str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
+    tta = r.get("tta")
+    summary = Table(
+        title=f"{result.checkpoint} on {result.data}", title_justify="left", show_header=bool(tta)
     )
-    summary.add_row("accuracy", f"{r['accuracy']:.4f}")
-    summary.add_row(f"top-{r['top_k']} accuracy", f"{r['top_k_accuracy']:.4f}")
-    summary.add_row("loss", f"{r['loss']:.4f}")
+    summary.add_column("", style="bold")
+    summary.add_column("plain", justify="right")
+    if tta:
+        summary.add_column("with TTA (flip)", justify="right")
+    images = str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
+    summary.add_row("images", images, *([images] if tta else []))
+    summary.add_row("accuracy", f"{r['accuracy']:.4f}", *([f"{tta['accuracy']:.4f}"] if tta else []))
+    summary.add_row(
+        f"top-{r['top_k']} accuracy",
+        f"{r['top_k_accuracy']:.4f}",
+        *([f"{tta['top_k_accuracy']:.4f}"] if tta else []),
+    )
+    summary.add_row("loss", f"{r['loss']:.4f}", *([f"{tta['loss']:.4f}"] if tta else []))
     for kind in ("macro", "weighted"):
         a = r[kind]
-        summary.add_row(f"{kind} P / R / F1", f"{a['precision']:.4f} / {a['recall']:.4f} / {a['f1']:.4f}")
+        extra = [f"F1 {tta['macro_f1']:.4f}"] if tta and kind == "macro" else ([""] if tta else [])
+        summary.add_row(
+            f"{kind} P / R / F1", f"{a['precision']:.4f} / {a['recall']:.4f} / {a['f1']:.4f}", *extra
+        )
     out.append(summary)
 
     per = Table(title="per class", title_justify="left")
@@ -360,3 +504,44 @@ def report_renderables(result: EvalResult) -> list:
             pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{p['share']:.1%}")
         out.append(pairs)
     return out
+
+
+def _multilabel_renderables(result: EvalResult) -> list:
+    from rich.table import Table
+
+    r = result.report
+    tta = r.get("tta")
+    summary = Table(
+        title=f"{result.checkpoint} on {result.data} (multi-label)",
+        title_justify="left",
+        show_header=bool(tta),
+    )
+    summary.add_column("", style="bold")
+    summary.add_column("plain", justify="right")
+    if tta:
+        summary.add_column("with TTA (flip)", justify="right")
+    images = str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
+    summary.add_row("images", images, *([images] if tta else []))
+    for key, name in (
+        ("exact_match", "exact match"),
+        ("micro_f1", "micro F1"),
+        ("macro_f1", "macro F1"),
+        ("mAP", "mAP"),
+        ("loss", "loss (BCE)"),
+    ):
+        summary.add_row(name, f"{r[key]:.4f}", *([f"{tta[key]:.4f}"] if tta else []))
+    per = Table(title="per class (a label is on at probability >= threshold)", title_justify="left")
+    per.add_column("class")
+    for col in ("threshold", "precision", "recall", "f1", "AP", "support"):
+        per.add_column(col, justify="right")
+    for row in r["per_class"]:
+        per.add_row(
+            row["class"],
+            f"{row['threshold']:.3f}",
+            f"{row['precision']:.4f}",
+            f"{row['recall']:.4f}",
+            f"{row['f1']:.4f}",
+            "-" if row["ap"] is None else f"{row['ap']:.4f}",
+            str(row["support"]),
+        )
+    return [summary, per]

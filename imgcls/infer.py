@@ -77,6 +77,31 @@ def logits(forward: Forward, x: torch.Tensor, *, dtype: torch.dtype = torch.floa
         return main_logits(forward(x)).float()
 
 
+def tta_logits(forward: Forward, x: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Test-time augmentation: the mean of the logits of ``x`` and of ``x``
+    flipped left-right (a batch from :func:`model_input`; flipping commutes
+    with the normalisation).
+
+    Only the flip: the input is already the model's size (resized or centre-
+    cropped as in training), so a crop would have to be scaled back up and
+    show the network objects at a size it did not train on. Two forward
+    passes rather than one of twice the batch, so an export with a fixed
+    batch size takes them too. Averaging logits (not probabilities) keeps
+    one rule for softmax and sigmoid heads.
+    """
+    plain = logits(forward, x, dtype=dtype)
+    flipped = logits(forward, x.flip(-1), dtype=dtype)
+    return (plain + flipped) / 2
+
+
+def predict_scores(predictor: Predictor, logits_: torch.Tensor) -> torch.Tensor:
+    """Logits -> probabilities: softmax over classes (single label), or one
+    sigmoid per class (multi-label: each label on its own)."""
+    if predictor.task == "multilabel":
+        return torch.sigmoid(logits_)
+    return torch.softmax(logits_, dim=1)
+
+
 def tensor_logits(
     forward: Forward,
     x: torch.Tensor,
@@ -190,6 +215,20 @@ class Predictor:
     preprocessing: dict
     forward: Forward  # normalised float NCHW -> model output (see main_logits)
     source: str  # what was loaded, for the log
+    task: str = "single"  # or "multilabel": a sigmoid per class, a label on at its threshold
+    thresholds: list[float] | None = None  # multi-label: per class (0.5 unless tuned)
+
+    def batch_logits(self, x_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+        """A decoded uint8 batch through the model (with test-time augmentation when ``tta``)."""
+        x = model_input(x_uint8, self.preprocessing["mean"], self.preprocessing["std"])
+        return tta_logits(self.forward, x) if tta else logits(self.forward, x)
+
+
+def _task_fields(meta: dict) -> dict:
+    from imgcls.metadata import task_of, thresholds_of
+
+    task = task_of(meta)
+    return {"task": task, "thresholds": thresholds_of(meta) if task == "multilabel" else None}
 
 
 def load_predictor(
@@ -224,7 +263,9 @@ def load_predictor(
     from imgcls.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    return Predictor(list(ckpt.classes), dict(ckpt.preprocessing), ckpt.model, str(ckpt.path))
+    return Predictor(
+        list(ckpt.classes), dict(ckpt.preprocessing), ckpt.model, str(ckpt.path), **_task_fields(ckpt.meta)
+    )
 
 
 def _load_exported(path: Path) -> Predictor:
@@ -237,7 +278,13 @@ def _load_exported(path: Path) -> Predictor:
             f"{path}: exported models need imgcls.export, which this install lacks"
         ) from None
     exported = load_exported(path)
-    return Predictor(list(exported.classes), dict(exported.preprocessing), exported, str(path))
+    return Predictor(
+        list(exported.classes),
+        dict(exported.preprocessing),
+        exported,
+        str(path),
+        **_task_fields(exported.meta),
+    )
 
 
 def pretrained_preprocessing(weights) -> dict:

@@ -36,6 +36,7 @@ MAX_BATCH = 65536  # a static export's fixed batch size
 CHANNELS = (1, 3)
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+TASKS = ("single", "multilabel")  # absent means single
 
 
 def parse_checkpoint_meta(raw: str | bytes | None, where: str) -> dict:
@@ -63,8 +64,10 @@ def parse_export_meta(raw: str | bytes | None, where: str) -> dict:
 
 
 def check_common(meta: dict, where: str) -> None:
-    """Rules shared by checkpoints and exports: classes, preprocessing, input_shape."""
+    """Rules shared by checkpoints and exports: classes, preprocessing, input_shape,
+    task and per-class thresholds."""
     check_classes(meta.get("classes"), where)
+    check_task(meta, where)
     pre = meta.get("preprocessing")
     check_preprocessing(pre, where)
     shape = meta.get("input_shape")
@@ -74,6 +77,36 @@ def check_common(meta: dict, where: str) -> None:
             f"{where}: input_shape: {shape!r} does not match the preprocessing "
             f"(channels {pre['channels']}, image_size {pre['image_size']}: expected {expected})"
         )
+
+
+def task_of(meta: dict) -> str:
+    """``single`` (one class per image, softmax) or ``multilabel`` (sigmoid per class)."""
+    return meta.get("task") or "single"
+
+
+def check_task(meta: dict, where: str) -> None:
+    """``task`` is single or multilabel; ``thresholds`` (multi-label only) is one
+    probability in [0, 1] per class."""
+    task = meta.get("task", "single")
+    if task not in TASKS:
+        raise CheckpointError(f"{where}: task: {task!r} is not one of {', '.join(TASKS)}")
+    thresholds = meta.get("thresholds")
+    if thresholds is None:
+        return
+    if task != "multilabel":
+        raise CheckpointError(f"{where}: thresholds: only a multilabel model has per-class thresholds")
+    classes = meta.get("classes") or []
+    if not (isinstance(thresholds, list) and len(thresholds) == len(classes)):
+        raise CheckpointError(f"{where}: thresholds: not a list of {len(classes)} numbers (one per class)")
+    for i, t in enumerate(thresholds):
+        if not (_is_number(t) and 0 <= t <= 1):
+            raise CheckpointError(f"{where}: thresholds[{i}]: {t!r} is not a probability in 0..1")
+
+
+def thresholds_of(meta: dict) -> list[float]:
+    """The per-class decision thresholds of a multi-label model (0.5 unless tuned)."""
+    stored = meta.get("thresholds")
+    return [float(t) for t in stored] if stored else [0.5] * len(meta["classes"])
 
 
 def check_classes(classes: object, where: str) -> None:

@@ -136,3 +136,131 @@ def classification_report(
         "confusion": cm.tolist(),
         "confused_pairs": confused_pairs(cm, classes, pairs),
     }
+
+
+# --------------------------------------------------------------------------- multi-label
+#
+# Multi-label: ``target`` is (N, K) multi-hot (bool or 0/1), ``scores`` are
+# (N, K) sigmoid probabilities (or logits: only their order matters for AP).
+# A label is predicted when its probability is >= its class's threshold.
+# Macro averages run over every class (scikit-learn's multi-label default),
+# micro averages pool every (image, class) decision.
+
+
+def multilabel_decisions(probs: torch.Tensor, thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """bool (N, K): label k is on where ``probs[:, k] >= thresholds[k]``."""
+    t = torch.as_tensor(thresholds, dtype=probs.dtype, device=probs.device)
+    return probs >= t
+
+
+def multilabel_f1(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """Per-class precision / recall / F1 / support and micro and macro F1 of
+    bool decisions ``pred`` against ``target``, both (N, K)."""
+    pred, target = pred.bool(), target.bool()
+    tp = (pred & target).sum(0).double()
+    predicted = pred.sum(0).double()
+    support = target.sum(0).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    denom = predicted + support
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    all_denom = float(denom.sum())
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support.long(),
+        "micro": 2 * float(tp.sum()) / all_denom if all_denom else 0.0,
+        "macro": float(f1.mean()) if len(f1) else 0.0,
+    }
+
+
+def average_precision(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """float64 (K,): per class, the area under the precision-recall curve as
+    scikit-learn's ``average_precision_score`` computes it (sum over distinct
+    thresholds of recall gained x precision there); NaN for a class with no
+    positive label."""
+    scores, target = scores.double(), target.bool()
+    out = torch.full((scores.shape[1],), float("nan"), dtype=torch.float64)
+    for k in range(scores.shape[1]):
+        positives = int(target[:, k].sum())
+        if positives == 0:
+            continue
+        s, order = torch.sort(scores[:, k], descending=True, stable=True)
+        hits = target[order, k].double()
+        tp = hits.cumsum(0)
+        # the last row of each group of tied scores: one point per distinct threshold
+        last = torch.ones_like(s, dtype=torch.bool)
+        last[:-1] = s[:-1] != s[1:]
+        tp_at = tp[last]
+        seen = torch.arange(1, len(s) + 1, dtype=torch.float64)[last]
+        precision = tp_at / seen
+        recall = tp_at / positives
+        gained = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
+        out[k] = (gained * precision).sum()
+    return out
+
+
+def f1_optimal_thresholds(probs: torch.Tensor, target: torch.Tensor, default: float = 0.5) -> list[float]:
+    """Per class, the threshold that maximises F1 on (``probs``, ``target``).
+
+    The threshold sits halfway between the lowest probability kept on and the
+    next lower one (not on a seen value, so a new image with the same score
+    as a tuning one is decided the same way, with a margin on both sides).
+    A class without a positive label keeps ``default``.
+    """
+    probs, target = probs.double(), target.bool()
+    out: list[float] = []
+    for k in range(probs.shape[1]):
+        positives = int(target[:, k].sum())
+        if positives == 0:
+            out.append(default)
+            continue
+        s, order = torch.sort(probs[:, k], descending=True, stable=True)
+        tp = target[order, k].double().cumsum(0)
+        last = torch.ones_like(s, dtype=torch.bool)
+        last[:-1] = s[:-1] != s[1:]
+        index = torch.nonzero(last).flatten()
+        f1 = 2 * tp[index] / (index.double() + 1 + positives)
+        best = int(index[int(torch.argmax(f1))])  # the first (highest threshold) of equal F1s
+        below = float(s[best + 1]) if best + 1 < len(s) else 0.0
+        out.append((float(s[best]) + below) / 2)
+    return out
+
+
+def multilabel_report(probs: torch.Tensor, target: torch.Tensor, classes: Sequence[str], thresholds) -> dict:
+    """Every multi-label metric evaluate prints, as plain JSON-ready values:
+    per-class P/R/F1 at the thresholds and AP, micro/macro F1, mAP (mean AP
+    over classes with a positive label), exact-match ratio, mean BCE loss."""
+    target = target.bool()
+    pred = multilabel_decisions(probs, thresholds)
+    stats = multilabel_f1(pred, target)
+    ap = average_precision(probs, target)
+    known = ~torch.isnan(ap)
+    p = probs.double().clamp(1e-12, 1 - 1e-12)
+    loss = -(target * p.log() + (~target) * (1 - p).log()).mean() if len(target) else torch.tensor(0.0)
+    thresholds = [float(t) for t in torch.as_tensor(thresholds, dtype=torch.float64).tolist()]
+    return {
+        "task": "multilabel",
+        "samples": len(target),
+        # scikit-learn's accuracy_score on multi-label data is this exact-match (subset) ratio
+        "accuracy": float((pred == target).all(1).double().mean()) if len(target) else 0.0,
+        "exact_match": float((pred == target).all(1).double().mean()) if len(target) else 0.0,
+        "micro_f1": stats["micro"],
+        "macro_f1": stats["macro"],
+        "mAP": float(ap[known].mean()) if bool(known.any()) else 0.0,
+        "loss": float(loss),
+        "per_class": [
+            {
+                "class": name,
+                "threshold": thresholds[i],
+                "precision": float(stats["precision"][i]),
+                "recall": float(stats["recall"][i]),
+                "f1": float(stats["f1"][i]),
+                "ap": None if not bool(known[i]) else float(ap[i]),
+                "support": int(stats["support"][i]),
+            }
+            for i, name in enumerate(classes)
+        ],
+        "classes": list(classes),
+    }

@@ -24,7 +24,7 @@ import torch
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
-from imgcls.infer import Predictor, decoded_batches, load_predictor, logits, model_input
+from imgcls.infer import Predictor, decoded_batches, load_predictor, predict_scores
 
 Log = Callable[[str], None]
 _GLOB_CHARS = re.compile(r"[*?[]")
@@ -44,8 +44,16 @@ class Prediction:
     confidence: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
     unsure: bool = False
+    # multi-label models: every label at or above its threshold, highest first (may be empty)
+    labels: list[tuple[str, float]] | None = None
 
     def to_dict(self) -> dict:
+        if self.labels is not None:
+            return {
+                "file": self.file,
+                "labels": [{"label": label, "p": p} for label, p in self.labels],
+                "top_k": [{"label": label, "p": p} for label, p in self.top_k],
+            }
         return {
             "file": self.file,
             "label": self.label,
@@ -132,10 +140,25 @@ def predict_files(
     top_k: int = 3,
     threshold: float | None = None,
     threads: int | None = None,
+    tta: bool = False,
 ) -> Iterator[Prediction | Failure]:
-    """One record per file, in input order, streamed batch by batch."""
+    """One record per file, in input order, streamed batch by batch.
+
+    Multi-label models: ``labels`` holds every class whose sigmoid probability
+    is at or above its threshold (the model's tuned thresholds, 0.5 by
+    default; ``threshold`` replaces them all). ``tta``: logits averaged with
+    the left-right flipped image (:func:`imgcls.infer.tta_logits`).
+    """
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
+    multilabel = predictor.task == "multilabel"
+    cuts = None
+    if multilabel:
+        cuts = torch.tensor(
+            [threshold] * len(classes)
+            if threshold is not None
+            else predictor.thresholds or [0.5] * len(classes)
+        )
     done = 0
     for results in decoded_batches(files, predictor.preprocessing, batch_size, threads):
         names = [str(p) for p in files[done : done + len(results)]]
@@ -143,9 +166,7 @@ def predict_files(
         good = [r for r in results if isinstance(r, torch.Tensor)]
         probs = top_p = top_i = None
         if good:
-            pre = predictor.preprocessing
-            x = model_input(torch.stack(good), pre["mean"], pre["std"])
-            probs = torch.softmax(logits(predictor.forward, x), dim=1)
+            probs = predict_scores(predictor, predictor.batch_logits(torch.stack(good), tta=tta))
             top_p, top_i = probs.topk(k, dim=1)
         row = 0
         for name, result in zip(names, results, strict=True):
@@ -153,6 +174,18 @@ def predict_files(
                 yield Failure(name, result.reason)
                 continue
             ps, idx = top_p[row].tolist(), top_i[row].tolist()
+            if multilabel:
+                on = torch.nonzero(probs[row] >= cuts).flatten().tolist()
+                labels = sorted(((classes[i], float(probs[row, i])) for i in on), key=lambda t: -t[1])
+                row += 1
+                yield Prediction(
+                    file=name,
+                    label=";".join(label for label, _ in labels),
+                    confidence=labels[0][1] if labels else 0.0,
+                    top_k=[(classes[i], p) for i, p in zip(idx, ps, strict=True)],
+                    labels=labels,
+                )
+                continue
             row += 1
             yield Prediction(
                 file=name,
@@ -174,6 +207,7 @@ def predict(
     threshold: float | None = None,
     stdin: TextIO | None = None,
     log: Log = _stderr,
+    tta: bool = False,
 ) -> tuple[Predictor, Iterable[Prediction | Failure]]:
     """Resolve inputs and model; return the predictor and the record stream.
 
@@ -185,9 +219,20 @@ def predict(
         detail = "; ".join(f"{m.file}: {m.error}" for m in missing[:3])
         raise UsageError(f"no input files found{f' ({detail})' if detail else ''}")
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
+    if predictor.task == "multilabel":
+        cuts = (
+            "tuned thresholds"
+            if predictor.thresholds and set(predictor.thresholds) != {0.5}
+            else "threshold 0.5"
+        )
+        if threshold is not None:
+            cuts = f"threshold {threshold:g} (--threshold) for every class"
+        log(f"multi-label model: every label with a probability at or above its {cuts}")
 
     def stream() -> Iterator[Prediction | Failure]:
         yield from missing
-        yield from predict_files(predictor, files, batch_size=batch_size, top_k=top_k, threshold=threshold)
+        yield from predict_files(
+            predictor, files, batch_size=batch_size, top_k=top_k, threshold=threshold, tta=tta
+        )
 
     return predictor, stream()

@@ -318,6 +318,8 @@ class DataSpec(Strict):
     """
 
     source: Literal["shapes", "folder", "csv"] = "shapes"
+    # multilabel: several labels per image (csv only); auto: multilabel when any row has several
+    task: Literal["auto", "single", "multilabel"] = "auto"
     path: str | None = None  # folder or csv file; for shapes, where to write them
     image_size: Pair = 32
     channels: Literal[1, 3] = 3
@@ -342,6 +344,8 @@ class DataSpec(Strict):
     def _check(self) -> DataSpec:
         if self.source in ("folder", "csv") and not self.path:
             raise ValueError(f"source '{self.source}' needs 'path'")
+        if self.task == "multilabel" and self.source != "csv":
+            raise ValueError("task 'multilabel' needs source 'csv' (a labels column like 'dog;cat')")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) != self.channels:
@@ -377,7 +381,7 @@ class ScheduleSpec(Strict):
 
 
 class EarlyStopping(Strict):
-    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+    monitor: Literal["val_loss", "val_acc", "val_f1"] = "val_loss"  # val_f1: multi-label macro F1
     patience: PosInt = 5
     min_delta: Annotated[float, Field(strict=True, ge=0)] = 0.0
 
@@ -393,6 +397,7 @@ class TrainSpec(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     label_smoothing: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
+    pos_weight: Literal["none", "auto"] = "none"  # multi-label BCE: auto = negatives/positives per class
     grad_clip: Annotated[float, Field(strict=True, gt=0)] | None = None
     seed: Int = 0
     deterministic: Bool = False

@@ -232,6 +232,8 @@ class Run:
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
     lr: float = 0.0  # the learning rate of the epoch's last step
+    task: str = "single"  # or "multilabel" (imgcls.data.sources: multi-hot targets, sigmoid outputs)
+    loss: Callable | None = None  # (logits, target) -> loss: make_loss
 
     @property
     def spec(self):
@@ -241,7 +243,9 @@ class Run:
     def monitor(self) -> str:
         if not len(self.data.val.y):
             return "train_loss"
-        return self.spec.early_stopping.monitor if self.spec.early_stopping else "val_acc"
+        if self.spec.early_stopping:
+            return self.spec.early_stopping.monitor
+        return "val_f1" if self.task == "multilabel" else "val_acc"
 
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
@@ -396,6 +400,9 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     n = len(data.train.y)
     batch_size = min(spec.batch_size, n)
     augment, mix = _augmentation(recipe, len(classes))
+    task = _task(recipe, data, log)
+    if task == "multilabel":
+        meta["task"] = "multilabel"  # absent means single-label: older checkpoints stay as they were
     run = Run(
         recipe=recipe,
         device=device,
@@ -416,6 +423,8 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         steps_per_epoch=max(n // batch_size, 1),  # drop the ragged last batch (BatchNorm)
         log=log,
         saved=resume is not None,
+        task=task,
+        loss=make_loss(task, spec, data.train.y, device),
     )
     # only now, with data and model ready, does the run get a folder
     if resume is not None:
@@ -530,7 +539,10 @@ class EpochSums:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         loss = loss.detach()
         self.loss += loss.to(self.loss.dtype) * len(labels)
-        self.correct += (logits.detach().argmax(1) == labels).sum()
+        if labels.ndim == 2:  # multi-label: exact match at the 0.5 threshold
+            self.correct += ((logits.detach() >= 0) == (labels > 0.5)).all(1).sum()
+        else:
+            self.correct += (logits.detach().argmax(1) == labels).sum()
         self.seen += len(labels)
         bad = (self.first_bad < 0) & ~torch.isfinite(loss)
         self.first_bad = torch.where(bad, step, self.first_bad)
@@ -586,7 +598,7 @@ def train_one_epoch(
 
         with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
             logits = main_logits(model(xb))
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=spec.label_smoothing)
+            loss = run.loss(logits.float(), target)
         if run.penalties:
             loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
         optimizer.zero_grad(set_to_none=True)
@@ -599,7 +611,7 @@ def train_one_epoch(
         if run.ema is not None:
             run.ema.update(model)
 
-        sums.add(loss, logits, yb if target.ndim == 1 else target.argmax(1), step)
+        sums.add(loss, logits, yb if target.ndim == 1 or yb.ndim == 2 else target.argmax(1), step)
         state.step = step + 1
         if steps_left is not None:
             steps_left -= 1
@@ -649,7 +661,7 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
             raise _diverged(
                 "the validation loss is NaN or infinite (the model's outputs are not finite)", state.epoch
             )
-        row.update(val_loss=val["loss"], val_acc=val["acc"])
+        row.update(val_loss=val["loss"], val_acc=val["acc"], **({"val_f1": val["f1"]} if "f1" in val else {}))
     if run.ema is not None and not _finite(run.ema.model.parameters()):
         raise _diverged(
             "the EMA weights became NaN or infinite",
@@ -682,8 +694,15 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
 @torch.no_grad()
 def validate(run: Run, model: nn.Module) -> dict:
     """Loss and accuracy on the validation split, through the one inference path;
-    summed on the device, read back once."""
+    summed on the device, read back once.
+
+    Multi-label: ``loss`` is the mean binary cross-entropy per label, ``acc``
+    the exact-match ratio and ``f1`` the macro F1, both at the 0.5 threshold
+    (``val_f1`` is what the best checkpoint and early stopping monitor by default).
+    """
     x, y = run.data.val.x, run.data.val.y
+    if run.task == "multilabel":
+        return _validate_multilabel(run, model)
     model.eval()
     loss = torch.zeros(
         (), dtype=torch.float32 if run.device.type == "mps" else torch.float64, device=run.device
@@ -704,6 +723,73 @@ def validate(run: Run, model: nn.Module) -> dict:
         loss += F.cross_entropy(logits, yb, reduction="sum").to(loss.dtype)
         correct += (logits.argmax(1) == yb).sum()
     return {"loss": float(loss) / len(y), "acc": int(correct) / len(y)}
+
+
+def _task(recipe: Recipe, data, log: Log) -> str:
+    task = getattr(data.source, "task", "single")
+    if task == "multilabel":
+        if recipe.data.task == "auto":
+            log(
+                "data: some rows carry several labels: training a multi-label model "
+                "(sigmoid outputs, binary cross-entropy); data.task: single refuses such rows"
+            )
+        monitor = recipe.train.early_stopping.monitor if recipe.train.early_stopping else None
+        if monitor == "val_acc":
+            log("note: for multi-label, val_acc is the exact-match ratio; val_f1 (macro F1) is the default")
+    elif recipe.train.early_stopping and recipe.train.early_stopping.monitor == "val_f1":
+        raise RecipeError(
+            "train.early_stopping.monitor: val_f1 is a multi-label metric; use val_acc or val_loss"
+        )
+    return task
+
+
+def make_loss(task: str, spec, train_y: torch.Tensor, device: torch.device) -> Callable:
+    """The training loss, ``(float logits, target) -> scalar``.
+
+    Single label: cross-entropy (targets: class indices, or soft rows from
+    mixup/cutmix). Multi-label: binary cross-entropy with logits, one sigmoid
+    per class; ``train.pos_weight: auto`` weighs each class's positives by
+    negatives/positives in the training split (rare labels count more);
+    label smoothing moves targets towards 0.5.
+    """
+    smoothing = spec.label_smoothing
+    if task != "multilabel":
+        return lambda logits, target: F.cross_entropy(logits, target, label_smoothing=smoothing)
+    pos_weight = None
+    if spec.pos_weight == "auto":
+        positives = train_y.sum(0)
+        pos_weight = ((len(train_y) - positives) / positives.clamp(min=1)).clamp(min=1e-3).to(device)
+
+    def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if smoothing:
+            target = target * (1 - smoothing) + smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+
+    return bce
+
+
+@torch.no_grad()
+def _validate_multilabel(run: Run, model: nn.Module) -> dict:
+    from imgcls.metrics import multilabel_f1
+
+    x, y = run.data.val.x, run.data.val.y
+    model.eval()
+    batches = tensor_logits(
+        model,
+        x,
+        run.data.mean,
+        run.data.std,
+        batch_size=run.spec.batch_size * 2,
+        device=run.device,
+        dtype=run.dtype,
+        channels_last=run.channels_last,
+    )
+    scores = torch.cat([logits for _, logits in batches]).float()
+    target = y.to(scores.device)
+    loss = F.binary_cross_entropy_with_logits(scores.double(), target.double())
+    predicted = scores >= 0  # sigmoid >= 0.5, as predict decides
+    exact = (predicted == (target > 0.5)).all(1).double().mean()
+    return {"loss": float(loss), "acc": float(exact), "f1": multilabel_f1(predicted, target > 0.5)["macro"]}
 
 
 def _save_last(run: Run) -> None:
@@ -753,7 +839,8 @@ COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "sec
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore")
+    columns = COLUMNS if "val_f1" not in history[0] else [*COLUMNS[:6], "val_f1", *COLUMNS[6:]]
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     ck.write_text_atomic(run_dir / "metrics.csv", buffer.getvalue())
@@ -785,6 +872,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
     text = f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}"
     if "val_loss" in row:
         text += f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}"
+        if "val_f1" in row:
+            text += f"  val_f1 {row['val_f1']:.4f}"
     return text + f"  {row['img_per_s']:.0f} img/s  {row['seconds']:.1f}s"
 
 

@@ -247,7 +247,8 @@ def mix_batch(
     two with equal chance. CutMix pastes one box (same for the whole batch)
     and sets lambda to the exact unpasted area.
     """
-    soft = F.one_hot(y, num_classes).to(torch.float32)
+    # multi-hot rows (multi-label) are already targets; mixing them stays valid for BCE
+    soft = y.to(torch.float32) if y.ndim == 2 else F.one_hot(y, num_classes).to(torch.float32)
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, soft
     x = to_float(x)

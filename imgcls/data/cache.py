@@ -71,7 +71,7 @@ META = "meta.json"
 @dataclass
 class DecodedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W); may be backed by a memory-mapped file
-    y: torch.Tensor  # int64 (N,)
+    y: torch.Tensor  # int64 (N,) class indices, or float32 (N, K) multi-hot (multi-label)
     files: list[str | Path]  # as listed (str from a folder scan: no Path per file)
     bad: list[tuple[str | Path, str]] = field(default_factory=list)
     # (2, C) int64: per channel, exact sum and sum of squares of x's pixels,
@@ -168,7 +168,9 @@ def load_split(
     """
     paths = [p for p, _ in items]
     names = [p if isinstance(p, str) else os.fspath(p) for p in paths]
-    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    # a class index per row, or a multi-hot row (multi-label source): float targets for BCE
+    multi_hot = bool(items) and isinstance(items[0][1], tuple)
+    labels = torch.tensor([label for _, label in items], dtype=torch.float32 if multi_hot else torch.int64)
     h, w = spec.size
     shape = (len(paths), spec.channels, h, w)
     progress = progress or Progress(log)

@@ -9,6 +9,11 @@ Three sources, one result (:class:`Source`):
 - ``csv``: rows of ``file,label`` or ``file,label,split`` (split: train, val,
   test, or empty), paths relative to the CSV file, header row optional.
   Without any ``val`` rows, the train rows are split automatically.
+  Multi-label: the label cell may hold several labels separated by ``;`` or
+  ``|`` (``dog;cat``; quote nothing, a comma would start a new column). When
+  any training row has more than one label (or ``data.task: multilabel``),
+  the source's task is ``multilabel`` and each item's label is a multi-hot
+  tuple (one 0/1 per class) instead of a class index.
 - ``shapes``: the built-in synthetic set, written once, then read as a folder.
 
 The automatic split is stratified and seeded (``val_split``, ``split_seed``):
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
@@ -40,9 +46,11 @@ from imgcls.data.shapes import shapes_dir, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
-# (file, class index). A folder scan gives ``str`` paths (a Path per file
-# costs ~18 us: 18 s for a million files); a CSV gives Paths.
+# (file, class index), or (file, multi-hot tuple) for a multi-label source.
+# A folder scan gives ``str`` paths (a Path per file costs ~18 us: 18 s for a
+# million files); a CSV gives Paths.
 Items = list[tuple[str | Path, int]]
+LABEL_SEPARATORS = re.compile(r"[;|]")
 SPLITS = ("train", "val", "test")
 _VAL_NAMES = ("val", "valid", "validation")
 
@@ -57,6 +65,7 @@ class Source:
     # (size, mtime_ns) per listed file, from the listing itself: the decoded
     # cache's key, without a second stat per file. May miss files (CSV).
     stats: dict[str, tuple[int, int]] = field(default_factory=dict)
+    task: str = "single"  # or "multilabel": labels are multi-hot tuples
 
     def __len__(self) -> int:
         return len(self.train) + len(self.val) + len(self.test)
@@ -77,7 +86,7 @@ def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Tas
     if spec.source == "folder":
         return read_folder(path, spec.val_split, spec.split_seed, progress)
     if spec.source == "csv":
-        return read_csv(path, spec.val_split, spec.split_seed)
+        return read_csv(path, spec.val_split, spec.split_seed, spec.task)
     raise DataError(f"unknown data source '{spec.source}'")
 
 
@@ -292,6 +301,11 @@ class LabelledRow:
     label: str
     split: str  # "train", "val", "test", or "" when the row has none
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The row's labels: ``dog;cat`` or ``dog|cat`` is two (order kept, repeats dropped)."""
+        return tuple(dict.fromkeys(part.strip() for part in LABEL_SEPARATORS.split(self.label)))
+
 
 def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[LabelledRow]:
     """Every ``file,label[,split]`` row of a CSV; an error names the CSV line.
@@ -328,6 +342,10 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
                 split = cells[2].lower() if len(cells) == 3 else ""
                 if not name or not label:
                     raise DataError(f"{where}: empty file name or label")
+                if any(not part.strip() for part in LABEL_SEPARATORS.split(label)):
+                    raise DataError(
+                        f"{where}: empty label in '{label}' (several labels are separated by ';' or '|')"
+                    )
                 if split in _VAL_NAMES:
                     split = "val"
                 if split not in ("", *SPLITS):
@@ -347,27 +365,75 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
     return rows
 
 
-def read_csv(csv_path: Path, val_split: float, split_seed: int) -> Source:
-    """A CSV source: rows without a split are training rows; classes come from them."""
+def read_csv(csv_path: Path, val_split: float, split_seed: int, task: str = "auto") -> Source:
+    """A CSV source: rows without a split are training rows; classes come from them.
+
+    ``task``: ``auto`` is multi-label when any row holds several labels,
+    ``single`` refuses such rows, ``multilabel`` makes every row multi-hot.
+    """
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV file (check data.path)")
     rows = read_labelled_rows(csv_path)
-    train_labels = sorted({r.label for r in rows if r.split in ("", "train")})
+    several = next((r for r in rows if len(r.labels) > 1), None)
+    if task == "single" and several is not None:
+        raise DataError(
+            f"{csv_path}:{several.line}: '{several.label}' holds several labels but data.task is "
+            "single; set data.task: multilabel (or auto)"
+        )
+    multilabel = task == "multilabel" or several is not None
+    train_labels = sorted({name for r in rows if r.split in ("", "train") for name in r.labels})
     if len(train_labels) < 2:
         raise DataError(f"{csv_path}: need at least 2 classes with training rows, found {len(train_labels)}")
     index = {label: i for i, label in enumerate(train_labels)}
     out: dict[str, Items] = {s: [] for s in SPLITS}
     for r in rows:
-        if r.label not in index:
-            raise DataError(
-                f"{csv_path}:{r.line}: label '{r.label}' has no training rows "
-                "(a class must appear in train to be learned)"
-            )
-        out[r.split or "train"].append((r.path, index[r.label]))
+        for name in r.labels:
+            if name not in index:
+                raise DataError(
+                    f"{csv_path}:{r.line}: label '{name}' has no training rows "
+                    "(a class must appear in train to be learned)"
+                )
+        if multilabel:
+            hot = [0] * len(train_labels)
+            for name in r.labels:
+                hot[index[name]] = 1
+            out[r.split or "train"].append((r.path, tuple(hot)))
+        else:
+            out[r.split or "train"].append((r.path, index[r.label]))
     train, val = out["train"], out["val"]
     if not val:
-        train, val = stratified_split(train, train_labels, val_split, split_seed)
-    return Source(train_labels, train, val, out["test"], csv_path)
+        split = multilabel_split if multilabel else stratified_split
+        train, val = split(train, train_labels, val_split, split_seed)
+    task_name = "multilabel" if multilabel else "single"
+    return Source(train_labels, train, val, out["test"], csv_path, task=task_name)
+
+
+def multilabel_split(items: Items, classes: list[str], val_split: float, seed: int) -> tuple[Items, Items]:
+    """Split multi-hot rows as :func:`stratified_split` splits classes, with
+    each combination of labels as a stratum (combinations seen once pooled
+    into one): ``round(n * val_split)`` of a stratum to val, at least 1 when
+    it has 2 rows or more; seeded per stratum."""
+    if val_split <= 0:
+        return list(items), []
+    by_combo: dict[tuple, list] = {}
+    for path, hot in items:
+        by_combo.setdefault(tuple(hot), []).append(path)
+    groups = [
+        (";".join(map(str, combo)), [(p, combo) for p in ps]) for combo, ps in by_combo.items() if len(ps) > 1
+    ]
+    # combinations seen once are pooled, so rare ones still reach val in proportion
+    groups.append(("", [(p, combo) for combo, ps in by_combo.items() if len(ps) == 1 for p in ps]))
+    train: Items = []
+    val: Items = []
+    for key, rows in sorted(groups, key=lambda g: g[0]):
+        rows.sort(key=lambda r: _path_key(r[0]))
+        n = len(rows)
+        n_val = min(max(round(n * val_split), 1), n - 1) if n >= 2 else 0
+        order = np.random.default_rng([seed, zlib.crc32(key.encode())]).permutation(n)
+        chosen = set(order[:n_val].tolist())
+        val.extend(r for i, r in enumerate(rows) if i in chosen)
+        train.extend(r for i, r in enumerate(rows) if i not in chosen)
+    return train, val
 
 
 def _is_header(cells: list[str]) -> bool:

@@ -49,6 +49,8 @@ def export_meta(ckpt, batch_size: int | None = None) -> dict:
         "output": OUTPUT_NAME,
         "batch_size": batch_size,
         "model": ckpt.meta.get("recipe", {}).get("model"),
+        # multi-label models keep their semantics in the file: sigmoid per class, tuned thresholds
+        **{k: ckpt.meta[k] for k in ("task", "thresholds") if ckpt.meta.get(k) is not None},
     }
 
 
@@ -203,8 +205,8 @@ def _load_safetensors(path: Path) -> ExportedModel:
     else:
         meta = parse_export_meta(raw, str(path))
         ckpt = load_checkpoint(path)
-        for key in ("classes", "preprocessing", "input_shape"):
-            if meta[key] != ckpt.meta[key]:
+        for key in ("classes", "preprocessing", "input_shape", "task", "thresholds"):
+            if meta.get(key) != ckpt.meta.get(key):
                 raise CheckpointError(
                     f"{path}: {key}: the export metadata ({META_KEY}.export) and the checkpoint's "
                     f"({META_KEY}) disagree"
