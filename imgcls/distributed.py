@@ -173,16 +173,36 @@ def join(device_name: str) -> Group:
     if not dist.is_initialized():
         try:
             dist.init_process_group(
-                "nccl" if cuda else "gloo", timeout=timeout, **({"device_id": local_rank} if cuda else {})
+                "nccl" if cuda else "gloo",
+                timeout=timeout,
+                store=_attempt_store(world, timeout),
+                rank=rank,
+                world_size=world,
+                **({"device_id": torch.device("cuda", local_rank)} if cuda else {}),
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ImgclsError(
-                f"rank {rank} could not reach the rendezvous at {where} within {timeout.seconds}s "
-                f"({first}); check --rdzv-endpoint / MASTER_ADDR and that every node started"
+                f"rank {rank} could not join the group at {where} (timeout {timeout.seconds}s): {first}; "
+                "check --rdzv-endpoint / MASTER_ADDR and that every node started"
             ) from None
     control = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
     return Group(rank=rank, world=world, local_rank=local_rank, control=control)
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """Under the elastic agent, the agent's store with a key prefix of its own
+    per restart attempt: a restarted group must not read the addresses the dead
+    attempt published (gloo then connects to a process that is gone: seen as
+    'Connection refused' on the first restart). None: torch's env:// store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"imgcls/attempt_{_restart_count()}/", store)
 
 
 def per_rank_batch(batch_size: int, world: int) -> int:
@@ -248,8 +268,10 @@ def launch(worker_args: list[str], nproc: int, *, max_restarts: int = 0, port: i
     else:
         check_port(port)
     # the launcher's own logs repeat what the workers already said, in many lines
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # (torch gives each of its modules' loggers its own level, so each is quieted)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:  # N processes share the cores, as torchrun does
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     config = LaunchConfig(

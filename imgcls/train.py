@@ -488,7 +488,7 @@ def prepare(
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
             raise
         log(f"run folder: {run.run_dir}")
-    if group.main:
+    if group.main and out is None and resume is None:  # a given folder needs no record
         distributed.record_run_dir(recipe, run.run_dir)
     run.run_dir = group.broadcast(run.run_dir)
     if not len(data.val.y):
