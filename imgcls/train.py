@@ -403,6 +403,10 @@ def prepare(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if group.active and spec.sync_batchnorm:
+        if device.type != "cuda":
+            raise RecipeError(
+                "train.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel)"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, spec.optimizer)
     ema = EMA(model, spec.ema.decay) if spec.ema else None
@@ -467,15 +471,17 @@ def prepare(
     if group.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # only now, with data and model ready, does the run get a folder
-    if not group.main:
-        pass
-    elif resume is not None:
+        # auxiliary heads (inception, googlenet) get no gradient from the main loss
+        aux = any("aux" in name.lower() for name, _ in model.named_children())
+        run.ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
+        )
+    # only now, with data and model ready, does the run get a folder (rank 0 makes it)
+    if resume is not None and group.main:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
         ck.write_text_atomic(resume / "recipe.yaml", dump_yaml(resolved_recipe))
         log(f"resuming {resume} at epoch {state.epoch + 1}, step {state.step}")
-    else:
+    elif group.main:
         if out is not None:
             run.created, run.run_dir = ck.claim_out_dir(out), out
         else:
