@@ -263,7 +263,8 @@ def train(
             raise
         from imgcls.errors import Interrupted
 
-        if isinstance(exc, Interrupted):  # rank 0 says it once
+        # rank 0 says it once: Ctrl-C, and bad input (every rank reads the same recipe)
+        if isinstance(exc, Interrupted) or exc.exit_code == 2:
             raise typer.Exit(exc.exit_code) from None
         error = ImgclsError(f"rank {rank}: {exc}")
         error.exit_code = exc.exit_code

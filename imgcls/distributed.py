@@ -290,10 +290,18 @@ def launch(worker_args: list[str], nproc: int, *, max_restarts: int = 0, port: i
         elastic_launch(config, sys.executable)(*["-m", "imgcls", *worker_args])
     except ChildFailedError as exc:
         failures = exc.failures
-        first = failures[min(failures)]  # the lowest rank that failed
-        code = first.exitcode
-        if code < 0:  # killed by a signal
-            return EXIT_INTERRUPTED if -code == signal.SIGINT else EXIT_FAILURE
+        rank = min(failures)  # the lowest rank that failed (it printed why, if it could)
+        code = failures[rank].exitcode
+        if code < 0:  # killed by a signal: nobody printed anything
+            if -code == signal.SIGINT:
+                return EXIT_INTERRUPTED
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            restarts = (
+                f" after {max_restarts} restarts"
+                if max_restarts
+                else " (--max-restarts K restarts the group)"
+            )
+            raise ImgclsError(f"rank {rank} was killed by {name} (out of memory?){restarts}") from None
         return code or EXIT_FAILURE
     except SignalException:
         return EXIT_INTERRUPTED
