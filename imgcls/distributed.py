@@ -205,6 +205,19 @@ def _attempt_store(world: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"imgcls/attempt_{_restart_count()}/", store)
 
 
+def broken_group(group: Group, exc: BaseException) -> ImgclsError | None:
+    """A collective that failed because another process died or hung, as one line."""
+    text = str(exc)
+    if not group.active or not any(w in text for w in ("gloo", "Gloo", "NCCL", "Connection", "timed out")):
+        return None
+    first = text.strip().splitlines()[0]
+    if "]" in first:  # "[/path/to/pair.cc:545] Read error ..."
+        first = first.split("]", 1)[1].strip()
+    return ImgclsError(
+        f"rank {group.rank}: the process group broke (another process died or hung): {first[:160]}"
+    )
+
+
 def per_rank_batch(batch_size: int, world: int) -> int:
     if batch_size % world:
         raise RecipeError(
@@ -289,9 +302,8 @@ def launch(worker_args: list[str], nproc: int, *, max_restarts: int = 0, port: i
     try:
         elastic_launch(config, sys.executable)(*["-m", "imgcls", *worker_args])
     except ChildFailedError as exc:
-        failures = exc.failures
-        rank = min(failures)  # the lowest rank that failed (it printed why, if it could)
-        code = failures[rank].exitcode
+        rank, failure = exc.get_first_failure()  # the first to fail: the cause, not the ones stopped after
+        code = failure.exitcode
         if code < 0:  # killed by a signal: nobody printed anything
             if -code == signal.SIGINT:
                 return EXIT_INTERRUPTED

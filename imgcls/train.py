@@ -273,7 +273,15 @@ def train(
         if not group.main:
             log, progress = (lambda message: None), False
         out, resume = distributed.restart_target(group, recipe, out, resume, log)
-        result = _train(recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end)
+        try:
+            result = _train(
+                recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
+            )
+        except RuntimeError as exc:
+            broken = distributed.broken_group(group, exc)
+            if broken is None:
+                raise
+            raise broken from None
         if group.main:
             distributed.forget_run_dir(recipe)
         return result
