@@ -28,12 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(recipe: Path, out: Path, epochs: int, device: str, nproc: int | None) -> float:
+def run(
+    recipe: Path, out: Path, epochs: int, device: str, nproc: int | None, threads: int | None = None
+) -> float:
     cmd = [sys.executable, "-m", "imgcls", "train", str(recipe), "--epochs", str(epochs), "--quiet"]
     cmd += ["--device", device, "--out", str(out)]
     if nproc is not None:
         cmd += ["--nproc", str(nproc)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
@@ -62,9 +66,18 @@ def main() -> None:
         print(f"{recipe.name} on {args.device}, {args.epochs} epochs, last epoch's img/s")
         print(f"{'processes':>10} {'img/s':>10} {'speed-up':>9} {'efficiency':>11}")
         print(f"{'1 (plain)':>10} {base:>10.0f} {1.0:>9.2f} {1.0:>11.2f}")
+        cores = os.cpu_count() or 1
         for n in counts:
             rate = run(recipe, Path(tmp) / f"nproc{n}", args.epochs, args.device, n)
             print(f"{n:>10} {rate:>10.0f} {rate / base:>9.2f} {rate / base / n:>11.2f}")
+            if args.device == "cpu" and n > 1 and cores // n >= 1:
+                # --nproc gives each process cores / N threads: the same per-process
+                # threads in one process separates process scaling from threading
+                one = run(recipe, Path(tmp) / f"plain{n}", args.epochs, args.device, None, cores // n)
+                label = f"1 ({cores // n} thr)"
+                print(
+                    f"{label:>10} {one:>10.0f} {one / base:>9.2f}   (N={n} vs this: {rate / one / n:.2f} efficiency)"
+                )
 
 
 if __name__ == "__main__":
