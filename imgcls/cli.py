@@ -175,6 +175,20 @@ def train(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final result as JSON.")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train with N local processes (one per GPU on CUDA) through torch's elastic launcher.",
+        ),
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option(min=0, help="With --nproc: restart the group up to K times if a process dies.")
+    ] = 0,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="With --nproc: the rendezvous port (default: a free one)."),
+    ] = None,
 ) -> None:
     """Fit the network a recipe declares; write the run folder `runs/NAME/N/`.
 
@@ -191,6 +205,8 @@ def train(
         imgcls train recipes/quickstart.yaml --set data.source=folder --set data.path=~/pets
 
         imgcls train --resume runs/quickstart/1
+
+        imgcls train recipes/quickstart.yaml --nproc 2
     """
     from imgcls.recipe import load_recipe
 
@@ -214,17 +230,51 @@ def train(
     else:
         recipe_path = recipe
     parsed = load_recipe(recipe_path, overrides)
+    if nproc is not None:
+        from imgcls.distributed import check_launch, launch
+
+        check_launch(nproc, parsed)
+        worker = ["--debug"] if _state["debug"] else []
+        worker += ["train", str(recipe_path), *(f"--set={o}" for o in overrides)]
+        worker += [f"--out={out}"] if out is not None else []
+        worker += [f"--resume={resume}"] if resume is not None else []
+        worker += ["--quiet"] if quiet else []
+        worker += ["--json"] if as_json else []
+        raise typer.Exit(launch(worker, nproc, max_restarts=max_restarts, port=port))
+    if max_restarts or port is not None:
+        raise typer.BadParameter("--max-restarts and --port go with --nproc (torchrun has its own)")
+    from imgcls.distributed import launched
     from imgcls.train import train as run_training
 
+    rank = int(os.environ.get("RANK", "0")) if launched() else 0
+
     log = (lambda message: None) if quiet else (lambda message: _stderr().print(message, markup=False))
-    result = run_training(
-        parsed,
-        base_dir=recipe_path.parent,
-        out=out,
-        resume=resume,
-        log=log,
-        progress=not quiet and sys.stderr.isatty(),
-    )
+    try:
+        result = run_training(
+            parsed,
+            base_dir=recipe_path.parent,
+            out=out,
+            resume=resume,
+            log=log,
+            progress=not quiet and sys.stderr.isatty(),
+        )
+    except ImgclsError as exc:
+        if rank == 0:
+            raise
+        from imgcls.errors import Interrupted
+
+        # rank 0 says it once: Ctrl-C, and bad input (every rank reads the same recipe)
+        if isinstance(exc, Interrupted) or exc.exit_code == 2:
+            raise typer.Exit(exc.exit_code) from None
+        error = ImgclsError(f"rank {rank}: {exc}")
+        error.exit_code = exc.exit_code
+        raise error from None
+    except KeyboardInterrupt:
+        if rank == 0:
+            raise
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if rank != 0:  # rank 0 reports the run
+        return
     summary = _train_summary(result)
     print(json.dumps(summary) if as_json else _train_closing(summary))
 

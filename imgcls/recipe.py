@@ -408,6 +408,11 @@ class TrainSpec(Strict):
     channels_last: Literal["auto"] | Bool = "auto"
     threads: PosInt | None = None
     out: str = "runs"
+    # several processes (imgcls train --nproc N / torchrun): BatchNorm statistics
+    # over the whole global batch instead of each process's share (CUDA only)
+    sync_batchnorm: Bool = False
+    # optimizer step every K batches: the step sees batch_size * K images
+    gradient_accumulation: PosInt = 1
     # trackers beside metrics.csv (always written: resume, `imgcls runs` read it); see imgcls/tracking.py
     log_to: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"]
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgcls import __version__
+from imgcls import __version__, distributed
 from imgcls import checkpoint as ck
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
@@ -234,6 +234,9 @@ class Run:
     lr: float = 0.0  # the learning rate of the epoch's last step
     task: str = "single"  # or "multilabel" (imgcls.data.sources: multi-hot targets, sigmoid outputs)
     loss: Callable | None = None  # (logits, target) -> loss: make_loss
+    group: distributed.Group = distributed.SINGLE  # ranks: rank 0 alone writes files
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of model (several processes)
+    accumulation: int = 1  # micro-batches per optimizer step (train.gradient_accumulation)
 
     @property
     def spec(self):
@@ -269,7 +272,31 @@ def train(
     ``on_epoch_end(row)`` is called after each finished epoch, once its
     checkpoints and metrics.csv are written; what it raises propagates.
     """
-    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log)
+    group = distributed.join(recipe.train.device)  # one process unless torchrun started several
+    try:
+        if not group.main:
+            log, progress = (lambda message: None), False
+        out, resume = distributed.restart_target(group, recipe, out, resume, log)
+        try:
+            result = _train(
+                recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
+            )
+        except RuntimeError as exc:
+            broken = distributed.broken_group(group, exc)
+            if broken is None:
+                raise
+            raise broken from None
+        if group.main:
+            distributed.forget_run_dir(recipe)
+        return result
+    finally:
+        group.close()
+
+
+def _train(
+    recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
+) -> TrainResult:
+    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
     spec = run.spec
     interrupted = {"flag": False}
 
@@ -295,10 +322,11 @@ def train(
                     f"{run.steps_per_epoch}; state saved. Resume with: imgcls train --resume {run.run_dir}"
                 )
             row = finish_epoch(run, bar, progress)
-            if tracker is None:
+            if tracker is None and group.main:
                 tracker = open_tracker(spec.log_to, run.run_dir, log)
                 tracker.start(run.meta["recipe"], run.info)
-            tracker.epoch(row)
+            if tracker is not None:
+                tracker.epoch(row)
             if on_epoch_end is not None:
                 on_epoch_end(dict(row))
             if spec.early_stopping and run.state.bad_epochs >= spec.early_stopping.patience:
@@ -316,10 +344,12 @@ def train(
             tracker.finish(best_file, completed=run.state.epoch >= spec.epochs or stopped_early)
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
-        if run.state.history and run.saved:
+        if run.state.history and run.saved and group.main:
             _plot(run.run_dir, run.state.history)
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    if not group.main:
+        return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
     # the run's report.html (imgcls.report): a failure is a warning, not a failed run
     try:
         from imgcls.report import write_report
@@ -333,22 +363,37 @@ def train(
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | None, log: Log) -> Run:
+def prepare(
+    recipe: Recipe,
+    *,
+    base_dir: Path,
+    out: Path | None,
+    resume: Path | None,
+    log: Log,
+    group: distributed.Group = distributed.SINGLE,
+) -> Run:
     """Devices, data, model, optimizer, and (last, once all of that worked) the run folder."""
     spec = recipe.train
+    distributed.per_rank_batch(spec.batch_size, group.world)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
     device = choose_device(spec.device)
+    if group.active and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)  # one GPU per process
     dtype = choose_precision(spec.precision, device)
     channels_last = choose_channels_last(spec.channels_last, device)
     check_trackers(spec.log_to)  # a missing extra fails before any work
 
-    if out is not None and resume is None:
+    if out is not None and resume is None and group.main:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
     saved_meta = _resumable_meta(recipe, resume)
-    data = _prepare_data(recipe, base_dir, saved_meta, log)
+    # rank 0 decodes (and fills the persistent cache); the others then read it
+    data = _prepare_data(recipe, base_dir, saved_meta, log) if group.main else None
+    group.barrier()
+    if data is None:
+        data = _prepare_data(recipe, base_dir, saved_meta, log)
     classes = data.classes
     if saved_meta is not None and saved_meta["classes"] != classes:
         raise CheckpointError(
@@ -369,6 +414,12 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     model = build_model(recipe.model, input_shape, len(classes)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if group.active and spec.sync_batchnorm:
+        if device.type != "cuda":
+            raise RecipeError(
+                "train.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel)"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, spec.optimizer)
     ema = EMA(model, spec.ema.decay) if spec.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -399,6 +450,12 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
 
     n = len(data.train.y)
     batch_size = min(spec.batch_size, n)
+    if group.active or spec.gradient_accumulation > 1:
+        batch_size = spec.batch_size * spec.gradient_accumulation  # one optimizer step, all ranks
+        if batch_size > n:
+            raise RecipeError(
+                f"train.batch_size x gradient_accumulation is {batch_size}, more than the {n} training images"
+            )
     augment, mix = _augmentation(recipe, len(classes))
     task = _task(recipe, data, log)
     if task == "multilabel":
@@ -425,13 +482,23 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         saved=resume is not None,
         task=task,
         loss=make_loss(task, spec, data.train.y, device),
+        group=group,
+        accumulation=spec.gradient_accumulation,
     )
-    # only now, with data and model ready, does the run get a folder
-    if resume is not None:
+    if group.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # auxiliary heads (inception, googlenet) get no gradient from the main loss
+        aux = any("aux" in name.lower() for name, _ in model.named_children())
+        run.ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
+        )
+    # only now, with data and model ready, does the run get a folder (rank 0 makes it)
+    if resume is not None and group.main:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
         ck.write_text_atomic(resume / "recipe.yaml", dump_yaml(resolved_recipe))
         log(f"resuming {resume} at epoch {state.epoch + 1}, step {state.step}")
-    else:
+    elif group.main:
         if out is not None:
             run.created, run.run_dir = ck.claim_out_dir(out), out
         else:
@@ -444,11 +511,21 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
             raise
         log(f"run folder: {run.run_dir}")
+    if group.main and out is None and resume is None:  # a given folder needs no record
+        distributed.record_run_dir(recipe, run.run_dir)
+    run.run_dir = group.broadcast(run.run_dir)
     if not len(data.val.y):
         log("no validation split: the best checkpoint is chosen on training loss")
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
     run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+    if group.active:
+        log(f"{group.world} processes, {spec.batch_size // group.world} images each per batch")
+        run.info.update(world_size=group.world, sync_batchnorm=spec.sync_batchnorm)
+    if spec.gradient_accumulation > 1:
+        run.info["gradient_accumulation"] = spec.gradient_accumulation
+    if not group.main:
+        return run
     if "run.json" not in run.written and not run.saved:
         run.written.append("run.json")
     ck.write_text_atomic(
@@ -567,7 +644,9 @@ def train_one_epoch(
     total_steps = steps * spec.epochs
     model.train()
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_seed(spec.seed, epoch)))
-    sums = EpochSums(state.sums, device)
+    # the sums of a resumed epoch are global: rank 0 carries them, the others add theirs
+    sums = EpochSums(state.sums if run.group.main else State().sums, device)
+    net, group, accumulation = run.ddp or model, run.group, run.accumulation
 
     def check_finite(last_step: int) -> None:
         bad = sums.bad_step()
@@ -581,28 +660,36 @@ def train_one_epoch(
     lr = optimizer.param_groups[0]["lr"]
     for step in range(state.step, steps):
         lr = lr_at(epoch * steps + step, total_steps, steps, spec.optimizer.lr, spec.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # randomness from (seed, epoch, step) alone: a resumed run draws the same
-        idx = perm[step * run.batch_size : (step + 1) * run.batch_size]
-        xb, yb = train_x[idx], train_y[idx]
-        gen = torch.Generator().manual_seed(_seed(spec.seed, epoch, step))
-        torch.manual_seed(_seed(spec.seed, epoch, step, 1))  # dropout, stochastic depth
-        if run.augment is not None:
-            xb = run.augment(xb, gen)
-        xb = model_input(xb, run.data.mean, run.data.std, device=device, channels_last=run.channels_last)
-        yb = yb.to(device)
-        target = yb
-        if run.mix is not None:
-            xb, target = run.mix(xb, yb, gen)
-
-        with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
-            logits = main_logits(model(xb))
-            loss = run.loss(logits.float(), target)
-        if run.penalties:
-            loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        distributed.maybe_die(group, epoch * steps + step)
+        # randomness from (seed, epoch, step) alone: a resumed run draws the same;
+        # the global batch is the one-process batch, this rank takes its slice
+        rows = group.shard(perm[step * run.batch_size : (step + 1) * run.batch_size])
         optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()  # fp16 only: loss scaling against underflow
+        for micro, idx in enumerate(rows.chunk(accumulation)):
+            xb, yb = train_x[idx], train_y[idx]
+            gen = torch.Generator().manual_seed(_draw_seed(spec.seed, epoch, step, group.rank, micro))
+            torch.manual_seed(_draw_seed(spec.seed, epoch, step, group.rank, micro, 1))  # dropout etc.
+            if run.augment is not None:
+                xb = run.augment(xb, gen)
+            xb = model_input(xb, run.data.mean, run.data.std, device=device, channels_last=run.channels_last)
+            yb = yb.to(device)
+            target = yb
+            if run.mix is not None:
+                xb, target = run.mix(xb, yb, gen)
+            # DDP averages gradients once per optimizer step, on the last micro-batch
+            sync = run.ddp is None or micro == accumulation - 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+                    logits = main_logits(net(xb))
+                    loss = run.loss(logits.float(), target)
+                if run.penalties:
+                    loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
+                # fp16 only: loss scaling against underflow; / K: the mean over the whole step
+                run.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
+            if micro < accumulation - 1:
+                sums.add(loss, logits, yb if target.ndim == 1 or yb.ndim == 2 else target.argmax(1), step)
         if spec.grad_clip:
             run.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
@@ -617,15 +704,39 @@ def train_one_epoch(
             steps_left -= 1
         if bar.advance():
             check_finite(step)  # the bar read the device anyway: a free check
-        if interrupted["flag"] or steps_left == 0:
+        # every rank stops at the same step (one host-side flag exchange per step)
+        if group.any(interrupted["flag"]) or steps_left == 0:
             check_finite(step)  # never save weights after a non-finite step
-            state.sums = {**sums.read(), "seconds": state.sums["seconds"] + time.perf_counter() - started}
+            state.sums = {
+                **_global_sums(group, sums),
+                "seconds": state.sums["seconds"] + time.perf_counter() - started,
+            }
             _save_last(run)
             return False, steps_left
     check_finite(steps - 1)
-    state.sums = {**sums.read(), "seconds": state.sums["seconds"] + time.perf_counter() - started}
+    state.sums = {
+        **_global_sums(group, sums),
+        "seconds": state.sums["seconds"] + time.perf_counter() - started,
+    }
     run.lr = lr
     return True, steps_left
+
+
+def _draw_seed(seed: int, epoch: int, step: int, rank: int, micro: int, *more: int) -> int:
+    """The seed of a (rank, micro-batch)'s draws; rank 0's first micro-batch
+    draws what a one-process run without accumulation draws."""
+    if rank == 0 and micro == 0:
+        return _seed(seed, epoch, step, *more)
+    return _seed(seed, epoch, step, *more, 2 + rank, micro)
+
+
+def _global_sums(group: distributed.Group, sums: EpochSums) -> dict:
+    """The epoch's loss / correct / seen over all ranks (one reduction per epoch)."""
+    now = sums.read()
+    if not group.active:
+        return now
+    total = group.sum_host([now["loss"], now["correct"], now["seen"]])
+    return {"loss": total[0], "correct": int(total[1]), "seen": int(total[2])}
 
 
 def _finite(tensors) -> bool:
@@ -678,13 +789,15 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
     weight_row = {k: v for k, v in row.items() if k not in TIMINGS}
     if _is_better(value, state.best, run.monitor, min_delta):
         state.best, state.best_epoch, state.bad_epochs = value, row["epoch"], 0
-        ck.save_checkpoint(
-            run.run_dir / ck.BEST, eval_model, {**run.meta, "epoch": row["epoch"], "metrics": weight_row}
-        )
+        if run.group.main:
+            ck.save_checkpoint(
+                run.run_dir / ck.BEST, eval_model, {**run.meta, "epoch": row["epoch"], "metrics": weight_row}
+            )
     else:
         state.bad_epochs += 1
     _save_last(run)
-    _write_metrics(run.run_dir, state.history)
+    if run.group.main:
+        _write_metrics(run.run_dir, state.history)
     bar.end_epoch(row, spec.epochs)
     if not progress:
         run.log(_epoch_line(row, spec.epochs))
@@ -703,6 +816,9 @@ def validate(run: Run, model: nn.Module) -> dict:
     x, y = run.data.val.x, run.data.val.y
     if run.task == "multilabel":
         return _validate_multilabel(run, model)
+    n = len(y)
+    share = run.group.split(n)  # each rank its rows; the sums are added over ranks
+    x, y = x[share.start : share.stop], y[share.start : share.stop]
     model.eval()
     loss = torch.zeros(
         (), dtype=torch.float32 if run.device.type == "mps" else torch.float64, device=run.device
@@ -722,7 +838,9 @@ def validate(run: Run, model: nn.Module) -> dict:
         yb = y[rows].to(run.device)
         loss += F.cross_entropy(logits, yb, reduction="sum").to(loss.dtype)
         correct += (logits.argmax(1) == yb).sum()
-    return {"loss": float(loss) / len(y), "acc": int(correct) / len(y)}
+    run.group.sum(loss)
+    run.group.sum(correct)
+    return {"loss": float(loss) / n, "acc": int(correct) / n}
 
 
 def _task(recipe: Recipe, data, log: Log) -> str:
@@ -794,6 +912,9 @@ def _validate_multilabel(run: Run, model: nn.Module) -> dict:
 
 def _save_last(run: Run) -> None:
     state = run.state
+    if not run.group.main:
+        run.saved = True
+        return
     ck.save_checkpoint(
         run.run_dir / ck.LAST, run.model, {**run.meta, "epoch": state.epoch, "step": state.step}
     )

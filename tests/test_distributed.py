@@ -1,0 +1,245 @@
+"""Several processes: `imgcls train --nproc N` through torch's elastic launcher.
+
+The multi-process launches cost several seconds of imports each, so one module
+fixture starts the two 2-rank runs and every assertion shares them."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import TINY_RECIPE, run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _recipe_dict(out: Path, **train) -> dict:
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["data"]["shapes"]["per_class"] = 16  # 39 train / 9 val images
+    recipe["train"] = {
+        "epochs": 2,
+        "batch_size": 8,
+        "deterministic": True,
+        "schedule": "constant",
+        "out": str(out),
+        **train,
+    }
+    return recipe
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "last.safetensors"))
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _train(recipe: dict, **kwargs):
+    from imgcls.recipe import recipe_from_dict
+    from imgcls.train import train
+
+    return train(recipe_from_dict(recipe), log=lambda m: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """One 2-rank launch, shared by the assertions below (each launch costs
+    several seconds of imports): a 1-rank run stopped after its first step is
+    resumed with `--nproc 2 --max-restarts 1`; rank 1 is killed in epoch 2, the
+    group restarts from the epoch-1 checkpoint and finishes. Beside it, the
+    uninterrupted 1-rank reference."""
+    from imgcls.errors import Interrupted
+
+    tmp = tmp_path_factory.mktemp("dist")
+    recipe = _recipe_dict(tmp / "runs")
+    recipe_file = tmp / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    reference = _train(recipe, out=tmp / "reference")
+    with pytest.raises(Interrupted):
+        _train(recipe, out=tmp / "run", stop_after_steps=1)
+    result = run_cli(
+        "train",
+        str(recipe_file),
+        "--nproc",
+        "2",
+        "--max-restarts",
+        "1",
+        "--resume",
+        str(tmp / "run"),
+        "--json",
+        env={"IMGCLS_KILL_AT": "1:5"},  # rank 1 dies before step 2 of epoch 2 (4 steps an epoch)
+    )
+    assert result.returncode == 0, result.stderr
+    return {"tmp": tmp, "run": tmp / "run", "recipe": recipe, "reference": reference, "result": result}
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_one_rank_through_a_restart_and_only_rank_0_writes(launch):
+    result, run, tmp = launch["result"], launch["run"], launch["tmp"]
+    # rank 0 alone reports: one JSON line, each epoch logged once
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["run_dir"] == str(run)
+    assert result.stderr.count("epoch 2/2") == 1
+    assert "2 processes, 4 images each per batch" in result.stderr
+    assert f"restart 1: resuming {run} from its last checkpoint" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.safetensors",
+        "curves.png",
+        "last.safetensors",
+        "metrics.csv",
+        "recipe.yaml",
+        "report.html",
+        "resume.pt",
+        "run.json",
+        "summary.json",
+        "summary.txt",
+    ]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert not (tmp / "runs").exists()  # no other run folder, no restart record
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+    # no BatchNorm: 2 ranks averaging gradients follow the one-process run (up
+    # to summation order), across the 1 -> 2 resume and the restart; a step
+    # skipped or repeated would move the weights by ~lr * grad >> 1e-6
+    ref = launch["reference"]
+    one, two = _weights(ref.run_dir), _weights(run)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    last = _rows(run)[-1]
+    assert abs(float(last["val_acc"]) - ref.history[-1]["val_acc"]) <= 1 / 9 + 1e-9
+    assert float(last["train_loss"]) == pytest.approx(ref.history[-1]["train_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_validation_equals_one_process_on_the_same_weights(launch):
+    """The 2-rank run's last validation numbers, recomputed in one process on its weights."""
+    from imgcls.data import prepare_data
+    from imgcls.infer import tensor_logits
+    from imgcls.models.build import build_model
+    from imgcls.recipe import recipe_from_dict
+
+    run = launch["run"]
+    recipe = recipe_from_dict(launch["recipe"])
+    data = prepare_data(recipe.data, ".", None)
+    model = build_model(recipe.model, recipe.input_shape(), 3)
+    model.load_state_dict(_weights(run))
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for rows, logits in tensor_logits(model, data.val.x, data.mean, data.std, batch_size=4):
+            y = data.val.y[rows]
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    row = _rows(run)[-1]
+    assert float(row["val_acc"]) == correct / len(data.val.y)
+    assert float(row["val_loss"]) == pytest.approx(loss / len(data.val.y), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_a_two_rank_run_in_one_process(launch):
+    """2 ranks -> 1 (the launch itself resumed 1 -> 2)."""
+    tmp, recipe = launch["tmp"], launch["recipe"]
+    longer = {**recipe, "train": {**recipe["train"], "epochs": 3}}
+    _train(longer, resume=launch["run"])
+    reference = _train(longer, out=tmp / "reference3")
+    one, two = _weights(reference.run_dir), _weights(launch["run"])
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    assert [r["epoch"] for r in _rows(launch["run"])] == ["1", "2", "3"]
+
+
+def test_gradient_accumulation_gives_the_larger_batch_weights(tmp_path):
+    big = _train(_recipe_dict(tmp_path, batch_size=8, epochs=1), out=tmp_path / "big")
+    accumulated = _train(
+        _recipe_dict(tmp_path, batch_size=4, gradient_accumulation=2, epochs=1), out=tmp_path / "acc"
+    )
+    a, b = _weights(big.run_dir), _weights(accumulated.run_dir)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+    assert json.loads((accumulated.run_dir / "run.json").read_text())["gradient_accumulation"] == 2
+
+
+def test_a_restarted_group_finds_its_run_folder(tmp_path, monkeypatch):
+    from imgcls import distributed
+    from imgcls.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(_recipe_dict(tmp_path / "runs"))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job/7")
+    run_dir = tmp_path / "runs" / "tiny" / "1"
+    run_dir.mkdir(parents=True)
+    distributed.record_run_dir(recipe, run_dir)
+    (run_dir / "recipe.yaml").write_text("x")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert distributed.restart_target(distributed.SINGLE, recipe, None, None, print) == (None, None)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    # killed before its first checkpoint: the start's files go, the folder is used again
+    assert distributed.restart_target(distributed.SINGLE, recipe, None, None, print) == (run_dir, None)
+    assert not any(run_dir.iterdir())
+    (run_dir / "last.safetensors").write_text("x")
+    assert distributed.restart_target(distributed.SINGLE, recipe, None, None, print) == (None, run_dir)
+    distributed.forget_run_dir(recipe)
+    assert not (tmp_path / "runs" / "tiny" / distributed.RECORDS).exists()
+
+
+def test_bad_launches_fail_in_one_line(monkeypatch):
+    from imgcls import distributed
+    from imgcls.errors import RecipeError, UsageError
+    from imgcls.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(_recipe_dict(Path("runs")))
+    with pytest.raises(UsageError, match="--nproc 0"):
+        distributed.check_launch(0, recipe)
+    with pytest.raises(RecipeError, match="batch_size 8 does not divide among 3 processes"):
+        distributed.check_launch(3, recipe)
+    cuda = recipe_from_dict(_recipe_dict(Path("runs"), device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="needs 2 GPUs; this machine has 1"):
+        distributed.check_launch(2, cuda)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UsageError, match=f"--port {port}: already in use"):
+            distributed.launch(["train", "x.yaml"], 2, port=port)
+
+
+def test_a_rank_that_cannot_reach_the_rendezvous_fails_in_time(monkeypatch):
+    from imgcls import distributed
+    from imgcls.errors import ImgclsError
+
+    port = distributed.free_port()  # nobody listens there
+    for key, value in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        distributed.TIMEOUT_ENV: "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ImgclsError, match=f"rank 1 could not join the group at 127.0.0.1:{port}"):
+        distributed.join("cpu")  # within the 1 s timeout, not a hang
+
+
+def test_validation_rows_split_without_overlap():
+    from imgcls.distributed import Group
+
+    for n in (0, 1, 9, 10):
+        shares = [Group(rank=r, world=4).split(n) for r in range(4)]
+        assert [i for share in shares for i in share] == list(range(n))
+
+
+def test_nproc_zero_is_a_usage_error(cli):
+    result = cli("train", "x.yaml", "--nproc", "0")
+    assert result.returncode == 2
