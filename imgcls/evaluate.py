@@ -95,6 +95,15 @@ def evaluate(
     items, where = labelled_items(ckpt, data)
     index = class_index(ckpt.classes, {name for _, name in items}, where)
     log(f"evaluating {ckpt.path} on {where}: {len(items)} images")
+    from imgcls.imbalance import count_lines
+
+    present = {name for _, name in items}
+    shown = [c for c in ckpt.classes if c in present]
+    counted = {c: 0 for c in shown}
+    for _, name in items:
+        counted[name] += 1
+    for line in count_lines("evaluated", shown, [counted[c] for c in shown]):
+        log(line)
 
     logits, targets, files, bad = _run(ckpt, items, index, batch_size)
     for path, reason in bad[:MAX_LOGGED_BAD]:
@@ -313,6 +322,7 @@ def report_renderables(result: EvalResult) -> list:
         "images", str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
     )
     summary.add_row("accuracy", f"{r['accuracy']:.4f}")
+    summary.add_row("balanced accuracy", f"{r['balanced_accuracy']:.4f}")
     summary.add_row(f"top-{r['top_k']} accuracy", f"{r['top_k_accuracy']:.4f}")
     summary.add_row("loss", f"{r['loss']:.4f}")
     for kind in ("macro", "weighted"):

@@ -174,7 +174,6 @@ def summarize_target(
 
         meta = read_meta(resolve_checkpoint(path))
         recipe = r.recipe_from_dict(meta["recipe"], where=str(path), overrides=tuple(overrides))
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": False})})
         shape = tuple(input_shape or meta["input_shape"])
         classes = num_classes or len(meta["classes"])
         name = recipe.name
@@ -194,14 +193,19 @@ def summarize_target(
         classes = num_classes or recipe.model.num_classes or default_classes
         name = target
     shape = _check_shape(shape)
+    # the architecture only: published or local starting weights are not read
+    spec = recipe.model.model_copy(update={"pretrained": False, "weights": None})
     try:
         with meta_init():
-            model = build_model(recipe.model, shape, classes)
+            model = build_model(spec, shape, classes)
     except ImgclsError:
         raise
     except Exception as exc:  # a torchvision/timm constructor refusing the size
         raise UsageError(f"{name}: cannot build for input {_fmt(shape)}: {_one_line(exc)}") from exc
     model.to("meta")  # the few tensors made on the CPU (index tables) follow the weights
+    from imgcls.models.finetune import freeze_spec, frozen_names, set_frozen
+
+    set_frozen(model, frozen_names(model, freeze_spec(recipe)))  # frozen show as non-trainable
     summary = _measure(model, shape, name, classes)
     return summary.fold(depth)
 

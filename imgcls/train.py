@@ -30,6 +30,7 @@ from imgcls import __version__
 from imgcls import checkpoint as ck
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
+from imgcls.models import finetune
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 from imgcls.tracking import check_trackers, open_tracker
@@ -92,13 +93,9 @@ def choose_channels_last(value: str | bool, device: torch.device) -> bool:
 
 
 def make_optimizer(model: nn.Module, spec) -> torch.optim.Optimizer:
-    """Weight decay applies to weights (ndim > 1), not to biases or norm scales."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
-        {"params": other, "weight_decay": 0.0},
-    ]
+    """Weight decay applies to weights (ndim > 1), not to biases or norm scales;
+    per-stage lr scales and frozen parameters: imgcls.models.finetune.param_groups."""
+    groups = finetune.param_groups(model, spec)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
     if spec.name == "adam":
@@ -232,6 +229,7 @@ class Run:
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
     lr: float = 0.0  # the learning rate of the epoch's last step
+    loss: Callable | None = None  # the training loss (imgcls.imbalance.loss_fn)
 
     @property
     def spec(self):
@@ -362,7 +360,10 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         )
 
     torch.manual_seed(spec.seed)
-    model = build_model(recipe.model, input_shape, len(classes)).to(device)
+    model = build_model(_model_spec(recipe, base_dir, resume), input_shape, len(classes), log=log).to(device)
+    finetune.set_frozen(model, finetune.frozen_at(model, recipe, 0))  # before the summary: shown frozen
+    if line := finetune.freeze_line(model, recipe):
+        log(line)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec.optimizer)
@@ -375,6 +376,8 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         from imgcls.data.sources import resolve
 
         resolved["data"]["path"] = str(resolve(recipe.data.path, base_dir).resolve())
+    if recipe.model.weights and resume is None:
+        resolved["model"]["weights"] = _model_spec(recipe, base_dir, None).weights
     resolved_recipe = recipe_from_dict(resolved)
     meta = {
         "recipe": resolved,
@@ -393,6 +396,12 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     if resume is not None:
         state = _load_resume_state(resume, model, optimizer, ema, scaler)
 
+    from imgcls.imbalance import class_counts, class_weights, count_lines, loss_fn
+
+    counts = class_counts(data.train.y, len(classes))
+    for line in count_lines("train", classes, counts):
+        log(line)
+    weights = class_weights(spec.class_weights, classes, counts)
     n = len(data.train.y)
     batch_size = min(spec.batch_size, n)
     augment, mix = _augmentation(recipe, len(classes))
@@ -416,6 +425,7 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         steps_per_epoch=max(n // batch_size, 1),  # drop the ragged last batch (BatchNorm)
         log=log,
         saved=resume is not None,
+        loss=loss_fn(weights, spec.label_smoothing, device),
     )
     # only now, with data and model ready, does the run get a folder
     if resume is not None:
@@ -455,11 +465,24 @@ def _resumable_meta(recipe: Recipe, resume: Path | None) -> dict | None:
         raise CheckpointError(f"{resume}: no {ck.LAST}; this run cannot be resumed")
     saved_meta = ck.read_meta(resume / ck.LAST)
     saved = recipe_from_dict(saved_meta["recipe"], f"{resume}/{ck.LAST} (recipe)")
-    if saved.model != recipe.model:
+    # the starting weights' path is stored absolute; a resume does not read them
+    if saved.model.model_copy(update={"weights": None}) != recipe.model.model_copy(update={"weights": None}):
         raise CheckpointError(
             f"{resume}: the recipe's model differs from the run's; resume refuses to change the architecture"
         )
     return saved_meta
+
+
+def _model_spec(recipe: Recipe, base_dir: Path, resume: Path | None):
+    """model.weights resolved against the recipe's folder; dropped on resume (last.safetensors follows)."""
+    spec = recipe.model
+    if spec.weights and resume is not None:
+        return spec.model_copy(update={"weights": None})
+    if spec.weights:
+        from imgcls.data.sources import resolve
+
+        return spec.model_copy(update={"weights": str(resolve(spec.weights, base_dir).resolve())})
+    return spec
 
 
 def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: Log):
@@ -553,8 +576,10 @@ def train_one_epoch(
     epoch, steps = state.epoch, run.steps_per_epoch
     train_x, train_y = run.data.train.x, run.data.train.y
     total_steps = steps * spec.epochs
+    finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))  # train.unfreeze_at
     model.train()
-    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_seed(spec.seed, epoch)))
+    finetune.hold_frozen_norms(model)  # frozen batch norms keep their statistics
+    perm = _epoch_order(run, epoch)
     sums = EpochSums(state.sums, device)
 
     def check_finite(last_step: int) -> None:
@@ -570,7 +595,7 @@ def train_one_epoch(
     for step in range(state.step, steps):
         lr = lr_at(epoch * steps + step, total_steps, steps, spec.optimizer.lr, spec.schedule)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer_decay / head_lr
         # randomness from (seed, epoch, step) alone: a resumed run draws the same
         idx = perm[step * run.batch_size : (step + 1) * run.batch_size]
         xb, yb = train_x[idx], train_y[idx]
@@ -586,7 +611,7 @@ def train_one_epoch(
 
         with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
             logits = main_logits(model(xb))
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=spec.label_smoothing)
+            loss = run.loss(logits.float(), target)
         if run.penalties:
             loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
         optimizer.zero_grad(set_to_none=True)
@@ -614,6 +639,16 @@ def train_one_epoch(
     state.sums = {**sums.read(), "seconds": state.sums["seconds"] + time.perf_counter() - started}
     run.lr = lr
     return True, steps_left
+
+
+def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
+    """The epoch's image order from (seed, epoch): a shuffle, or balanced classes."""
+    gen = torch.Generator().manual_seed(_seed(run.spec.seed, epoch))
+    if run.recipe.data.sampler == "balanced":
+        from imgcls.imbalance import balanced_order
+
+        return balanced_order(run.data.train.y, len(run.data.classes), gen)
+    return torch.randperm(len(run.data.train.y), generator=gen)
 
 
 def _finite(tensors) -> bool:
