@@ -98,7 +98,7 @@ def build_torchvision(
     if small_stem:
         from imgcls.models.finetune import small_stem as apply_small_stem
 
-        apply_small_stem(model, name, log)
+        apply_small_stem(model, name, log if pretrained else None)  # says what pretrained part is new
     if channels != 3:
         replace_first_conv(model, channels)
     return model
