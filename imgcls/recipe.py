@@ -246,6 +246,11 @@ class ModelSpec(Strict):
     def _shape_string(cls, value: Any) -> Any:
         return parse_shape(value) if isinstance(value, str) else value
 
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) and value != "backbone" else value
+
     @model_validator(mode="after")
     def _one_of(self) -> ModelSpec:
         if (self.arch is None) == (self.layers is None):

@@ -168,7 +168,8 @@ def summarize_target(
     from imgcls.models.build import build_model, resolve_num_classes
 
     path = Path(target)
-    if path.is_dir() or path.suffix.lower() == ".safetensors":
+    trained = path.is_dir() or path.suffix.lower() == ".safetensors"
+    if trained:
         # a trained model: its own recipe, input shape and classes
         from imgcls.checkpoint import read_meta, resolve_checkpoint
 
@@ -203,9 +204,10 @@ def summarize_target(
     except Exception as exc:  # a torchvision/timm constructor refusing the size
         raise UsageError(f"{name}: cannot build for input {_fmt(shape)}: {_one_line(exc)}") from exc
     model.to("meta")  # the few tensors made on the CPU (index tables) follow the weights
-    from imgcls.models.finetune import freeze_spec, frozen_names, set_frozen
+    from imgcls.models.finetune import frozen_at, set_frozen
 
-    set_frozen(model, frozen_names(model, freeze_spec(recipe)))  # frozen show as non-trainable
+    # frozen parameters show as non-trainable: at the start for a recipe, at the end for a trained model
+    set_frozen(model, frozen_at(model, recipe, recipe.train.epochs if trained else 0))
     summary = _measure(model, shape, name, classes)
     return summary.fold(depth)
 

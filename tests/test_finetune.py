@@ -212,3 +212,8 @@ def test_summarize_shows_frozen_parameters_as_non_trainable(tmp_path):
     assert summary.non_trainable_params == summary.total_params - 27
     rows = {r.name: r.trainable for r in summary.rows}
     assert rows["conv1"] == "no" and rows["head"] == "yes"
+
+
+def test_a_single_freeze_pattern_is_a_list_of_one():
+    spec = recipe_from_dict({"model": {"arch": "resnet18", "freeze": "layer1*"}}).model
+    assert spec.freeze == ["layer1*"]
