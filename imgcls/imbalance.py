@@ -20,8 +20,9 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels.long(), minlength=num_classes).tolist()
 
 
-def count_lines(what: str, classes: Sequence[str], counts: Sequence[int]) -> list[str]:
-    """``train class counts: a 200, b 10`` and, past 10:1, a warning saying what helps."""
+def count_lines(what: str, classes: Sequence[str], counts: Sequence[int], hint: bool = False) -> list[str]:
+    """``train class counts: a 200, b 10`` and, past 10:1, a warning (with ``hint``:
+    naming the recipe keys that help)."""
     shown = ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=True))
     lines = [f"{what} class counts: {shown}"]
     present = [n for n in counts if n > 0]
@@ -31,7 +32,7 @@ def count_lines(what: str, classes: Sequence[str], counts: Sequence[int]) -> lis
         lines.append(
             f"warning: imbalanced classes: '{big}' has {max(present)} images, '{small}' {min(present)} "
             f"({max(present) / min(present):.0f}:1); accuracy flatters the large classes, read balanced accuracy"
-            + (" (consider train.class_weights: auto or data.sampler: balanced)" if what == "train" else "")
+            + (" (consider train.class_weights: auto or data.sampler: balanced)" if hint else "")
         )
     return lines
 

@@ -399,7 +399,8 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     from imgcls.imbalance import class_counts, class_weights, count_lines, loss_fn
 
     counts = class_counts(data.train.y, len(classes))
-    for line in count_lines("train", classes, counts):
+    untreated = spec.class_weights == "none" and recipe.data.sampler == "shuffle"
+    for line in count_lines("train", classes, counts, hint=untreated):
         log(line)
     weights = class_weights(spec.class_weights, classes, counts)
     n = len(data.train.y)

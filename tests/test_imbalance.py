@@ -50,7 +50,8 @@ def test_balanced_sampler_draws_classes_equally_and_repeatably():
 
 
 def test_counts_warn_past_ten_to_one():
-    lines = count_lines("train", ["big", "small"], [200, 10])
+    assert "class_weights" not in count_lines("train", ["big", "small"], [200, 10])[1]
+    lines = count_lines("train", ["big", "small"], [200, 10], hint=True)
     assert lines[0] == "train class counts: big 200, small 10"
     assert "imbalanced classes: 'big' has 200 images, 'small' 10 (20:1)" in lines[1]
     assert "train.class_weights: auto" in lines[1]
