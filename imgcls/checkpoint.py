@@ -164,7 +164,8 @@ def build_from_meta(meta: dict, where: str):
     from imgcls.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(meta["recipe"], f"{where} (recipe)")
-    spec = recipe.model.model_copy(update={"pretrained": False})
+    # the trained weights follow: the starting ones (published, model.weights) are not read
+    spec = recipe.model.model_copy(update={"pretrained": False, "weights": None})
     return build_model(spec, tuple(meta["input_shape"]), len(meta["classes"]))
 
 

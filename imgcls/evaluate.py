@@ -142,6 +142,15 @@ def evaluate(
         if where == val_where:
             log("note: evaluated on the split the thresholds were tuned on: the numbers are optimistic")
     log(f"evaluating {ckpt.path} on {where}: {len(items)} images" + (" (and with TTA)" if tta else ""))
+    from imgcls.imbalance import count_lines
+
+    counted = {c: 0 for c in ckpt.classes}
+    for _, label in items:
+        for name in _names(label):
+            counted[name] += 1
+    shown = [c for c in ckpt.classes if counted[c]]
+    for line in count_lines("evaluated", shown, [counted[c] for c in shown]):
+        log(line)
 
     scores, tta_scores, targets, files, bad = _run(ckpt, items, index, batch_size, multilabel, tta)
     for path, reason in bad[:MAX_LOGGED_BAD]:
@@ -226,6 +235,7 @@ def tta_summary(scores: torch.Tensor, targets: torch.Tensor, classes, top_k: int
     full = classification_report(scores, targets, classes, top_k=top_k)
     return {
         "accuracy": full["accuracy"],
+        "balanced_accuracy": full["balanced_accuracy"],
         "top_k_accuracy": full["top_k_accuracy"],
         "loss": full["loss"],
         "macro_f1": full["macro"]["f1"],
@@ -458,6 +468,12 @@ def report_renderables(result: EvalResult) -> list:
         *([f"{tta['top_k_accuracy']:.4f}"] if tta else []),
     )
     summary.add_row("loss", f"{r['loss']:.4f}", *([f"{tta['loss']:.4f}"] if tta else []))
+    if "balanced_accuracy" in r:
+        summary.add_row(
+            "balanced accuracy",
+            f"{r['balanced_accuracy']:.4f}",
+            *([f"{tta['balanced_accuracy']:.4f}"] if tta else []),
+        )
     for kind in ("macro", "weighted"):
         a = r[kind]
         extra = [f"F1 {tta['macro_f1']:.4f}"] if tta and kind == "macro" else ([""] if tta else [])

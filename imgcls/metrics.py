@@ -27,6 +27,18 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     return float((logits.argmax(1) == target).float().mean())
 
 
+def balanced_accuracy(cm: torch.Tensor) -> float:
+    """Mean recall over the classes present in the labels (scikit-learn's
+    ``balanced_accuracy_score``): every class counts the same however many
+    images it has, so a model that ignores a rare class cannot score high."""
+    support = cm.sum(1)
+    present = support > 0
+    if not bool(present.any()):
+        return 0.0
+    recall = cm.diag().double()[present] / support[present].double()
+    return float(recall.mean())
+
+
 def top_k_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
     """Share of samples whose true class is among the ``k`` highest logits."""
     if len(target) == 0:
@@ -117,6 +129,7 @@ def classification_report(
     return {
         "samples": len(target),
         "accuracy": accuracy(logits, target),
+        "balanced_accuracy": balanced_accuracy(cm),
         "top_k": k,
         "top_k_accuracy": top_k_accuracy(logits, target, k),
         "loss": mean_loss(logits, target),

@@ -235,11 +235,21 @@ class ModelSpec(Strict):
     l1: Annotated[float, Field(strict=True, ge=0)] = 0.0
     l2: Annotated[float, Field(strict=True, ge=0)] = 0.0
     head: Literal["auto", "none"] = "auto"
+    # fine-tuning (imgcls/models/finetune.py): start from a local safetensors file,
+    # freeze part of the network, CIFAR-style stem for small images
+    weights: str | None = None
+    freeze: Literal["backbone"] | Annotated[int, Field(strict=True, ge=0)] | list[str] | None = None
+    stem: Literal["default", "small"] = "default"
 
     @field_validator("input_shape", mode="before")
     @classmethod
     def _shape_string(cls, value: Any) -> Any:
         return parse_shape(value) if isinstance(value, str) else value
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) and value != "backbone" else value
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelSpec:
@@ -247,6 +257,10 @@ class ModelSpec(Strict):
             raise ValueError("give either 'arch' (a named architecture) or 'layers'")
         if self.pretrained and self.arch is None:
             raise ValueError("'pretrained' needs 'arch'")
+        if self.pretrained and self.weights:
+            raise ValueError("give either 'pretrained: true' or 'weights: FILE', not both")
+        if self.stem != "default" and self.arch is None:
+            raise ValueError("'stem' applies to a named architecture ('arch')")
         return self
 
 
@@ -328,6 +342,7 @@ class DataSpec(Strict):
     split_seed: Int = 0
     cache: Literal["auto", "ram", "disk", "none"] = "auto"
     max_bad_fraction: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.01
+    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: classes drawn equally often
     mean: list[Float] | None = None  # default: measured on the training set
     std: list[Float] | None = None
     shapes: ShapesSpec = ShapesSpec()
@@ -368,6 +383,10 @@ class OptimizerSpec(Strict):
     nesterov: Bool = False
     betas: tuple[Float, Float] = (0.9, 0.999)
     weight_decay: Annotated[float, Field(strict=True, ge=0)] = 0.0
+    # per-stage learning rates (imgcls/models/finetune.py): stage i of n gets
+    # lr * layer_decay ** (n - i), the classifier lr * head_lr
+    layer_decay: Annotated[float, Field(strict=True, gt=0, le=1)] | None = None
+    head_lr: Annotated[float, Field(strict=True, gt=0)] | None = None
 
 
 class ScheduleSpec(Strict):
@@ -398,6 +417,9 @@ class TrainSpec(Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     label_smoothing: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
     pos_weight: Literal["none", "auto"] = "none"  # multi-label BCE: auto = negatives/positives per class
+    # auto: inverse class frequency, normalised so the mean weight per image is 1
+    class_weights: Literal["auto", "none"] | dict[str, Annotated[float, Field(strict=True, ge=0)]] = "none"
+    unfreeze_at: Annotated[int, Field(strict=True, ge=0)] | None = None  # epochs of head-only training
     grad_clip: Annotated[float, Field(strict=True, gt=0)] | None = None
     seed: Int = 0
     deterministic: Bool = False

@@ -180,13 +180,13 @@ def summarize_target(
     from imgcls.models.build import build_model, resolve_num_classes
 
     path = Path(target)
-    if path.is_dir() or path.suffix.lower() == ".safetensors":
+    trained = path.is_dir() or path.suffix.lower() == ".safetensors"
+    if trained:
         # a trained model: its own recipe, input shape and classes
         from imgcls.checkpoint import read_meta, resolve_checkpoint
 
         meta = read_meta(resolve_checkpoint(path))
         recipe = r.recipe_from_dict(meta["recipe"], where=str(path), overrides=tuple(overrides))
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": False})})
         shape = tuple(input_shape or meta["input_shape"])
         classes = num_classes or len(meta["classes"])
         name = recipe.name
@@ -206,14 +206,20 @@ def summarize_target(
         classes = num_classes or recipe.model.num_classes or default_classes
         name = target
     shape = _check_shape(shape)
+    # the architecture only: published or local starting weights are not read
+    spec = recipe.model.model_copy(update={"pretrained": False, "weights": None})
     try:
         with meta_init():
-            model = build_model(recipe.model, shape, classes)
+            model = build_model(spec, shape, classes)
     except ImgclsError:
         raise
     except Exception as exc:  # a torchvision/timm constructor refusing the size
         raise UsageError(f"{name}: cannot build for input {_fmt(shape)}: {_one_line(exc)}") from exc
     model.to("meta")  # the few tensors made on the CPU (index tables) follow the weights
+    from imgcls.models.finetune import frozen_at, set_frozen
+
+    # frozen parameters show as non-trainable: at the start for a recipe, at the end for a trained model
+    set_frozen(model, frozen_at(model, recipe, recipe.train.epochs if trained else 0))
     summary = _measure(model, shape, name, classes)
     return summary.fold(depth)
 

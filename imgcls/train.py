@@ -30,6 +30,7 @@ from imgcls import __version__, distributed
 from imgcls import checkpoint as ck
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
+from imgcls.models import finetune
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 from imgcls.tracking import check_trackers, open_tracker
@@ -92,13 +93,9 @@ def choose_channels_last(value: str | bool, device: torch.device) -> bool:
 
 
 def make_optimizer(model: nn.Module, spec) -> torch.optim.Optimizer:
-    """Weight decay applies to weights (ndim > 1), not to biases or norm scales."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
-        {"params": other, "weight_decay": 0.0},
-    ]
+    """Weight decay applies to weights (ndim > 1), not to biases or norm scales;
+    per-stage lr scales and frozen parameters: imgcls.models.finetune.param_groups."""
+    groups = finetune.param_groups(model, spec)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
     if spec.name == "adam":
@@ -411,7 +408,10 @@ def prepare(
         )
 
     torch.manual_seed(spec.seed)
-    model = build_model(recipe.model, input_shape, len(classes)).to(device)
+    model = build_model(_model_spec(recipe, base_dir, resume), input_shape, len(classes), log=log).to(device)
+    finetune.set_frozen(model, finetune.frozen_at(model, recipe, 0))  # before the summary: shown frozen
+    if line := finetune.freeze_line(model, recipe):
+        log(line)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if group.active and spec.sync_batchnorm:
@@ -430,6 +430,8 @@ def prepare(
         from imgcls.data.sources import resolve
 
         resolved["data"]["path"] = str(resolve(recipe.data.path, base_dir).resolve())
+    if recipe.model.weights and resume is None:
+        resolved["model"]["weights"] = _model_spec(recipe, base_dir, None).weights
     resolved_recipe = recipe_from_dict(resolved)
     meta = {
         "recipe": resolved,
@@ -448,6 +450,14 @@ def prepare(
     if resume is not None:
         state = _load_resume_state(resume, model, optimizer, ema, scaler)
 
+    from imgcls.imbalance import class_counts, class_weights, count_lines
+
+    task = _task(recipe, data, log)
+    counts = class_counts(data.train.y, len(classes))
+    untreated = spec.class_weights == "none" and recipe.data.sampler == "shuffle"
+    for line in count_lines("train", classes, counts, hint=untreated):
+        log(line)
+    weights = class_weights(spec.class_weights, classes, counts)
     n = len(data.train.y)
     batch_size = min(spec.batch_size, n)
     if group.active or spec.gradient_accumulation > 1:
@@ -457,7 +467,6 @@ def prepare(
                 f"train.batch_size x gradient_accumulation is {batch_size}, more than the {n} training images"
             )
     augment, mix = _augmentation(recipe, len(classes))
-    task = _task(recipe, data, log)
     if task == "multilabel":
         meta["task"] = "multilabel"  # absent means single-label: older checkpoints stay as they were
     run = Run(
@@ -481,7 +490,7 @@ def prepare(
         log=log,
         saved=resume is not None,
         task=task,
-        loss=make_loss(task, spec, data.train.y, device),
+        loss=make_loss(task, spec, data.train.y, device, weights),
         group=group,
         accumulation=spec.gradient_accumulation,
     )
@@ -541,11 +550,24 @@ def _resumable_meta(recipe: Recipe, resume: Path | None) -> dict | None:
         raise CheckpointError(f"{resume}: no {ck.LAST}; this run cannot be resumed")
     saved_meta = ck.read_meta(resume / ck.LAST)
     saved = recipe_from_dict(saved_meta["recipe"], f"{resume}/{ck.LAST} (recipe)")
-    if saved.model != recipe.model:
+    # the starting weights' path is stored absolute; a resume does not read them
+    if saved.model.model_copy(update={"weights": None}) != recipe.model.model_copy(update={"weights": None}):
         raise CheckpointError(
             f"{resume}: the recipe's model differs from the run's; resume refuses to change the architecture"
         )
     return saved_meta
+
+
+def _model_spec(recipe: Recipe, base_dir: Path, resume: Path | None):
+    """model.weights resolved against the recipe's folder; dropped on resume (last.safetensors follows)."""
+    spec = recipe.model
+    if spec.weights and resume is not None:
+        return spec.model_copy(update={"weights": None})
+    if spec.weights:
+        from imgcls.data.sources import resolve
+
+        return spec.model_copy(update={"weights": str(resolve(spec.weights, base_dir).resolve())})
+    return spec
 
 
 def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: Log):
@@ -642,8 +664,10 @@ def train_one_epoch(
     epoch, steps = state.epoch, run.steps_per_epoch
     train_x, train_y = run.data.train.x, run.data.train.y
     total_steps = steps * spec.epochs
+    finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))  # train.unfreeze_at
     model.train()
-    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_seed(spec.seed, epoch)))
+    finetune.hold_frozen_norms(model)  # frozen batch norms keep their statistics
+    perm = _epoch_order(run, epoch)
     # the sums of a resumed epoch are global: rank 0 carries them, the others add theirs
     sums = EpochSums(state.sums if run.group.main else State().sums, device)
     net, group, accumulation = run.ddp or model, run.group, run.accumulation
@@ -661,7 +685,7 @@ def train_one_epoch(
     for step in range(state.step, steps):
         lr = lr_at(epoch * steps + step, total_steps, steps, spec.optimizer.lr, spec.schedule)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)  # layer_decay / head_lr
         distributed.maybe_die(group, epoch * steps + step)
         # randomness from (seed, epoch, step) alone: a resumed run draws the same;
         # the global batch is the one-process batch, this rank takes its slice
@@ -737,6 +761,16 @@ def _global_sums(group: distributed.Group, sums: EpochSums) -> dict:
         return now
     total = group.sum_host([now["loss"], now["correct"], now["seen"]])
     return {"loss": total[0], "correct": int(total[1]), "seen": int(total[2])}
+
+
+def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
+    """The epoch's image order from (seed, epoch): a shuffle, or balanced classes."""
+    gen = torch.Generator().manual_seed(_seed(run.spec.seed, epoch))
+    if run.recipe.data.sampler == "balanced":
+        from imgcls.imbalance import balanced_order
+
+        return balanced_order(run.data.train.y, len(run.data.classes), gen)
+    return torch.randperm(len(run.data.train.y), generator=gen)
 
 
 def _finite(tensors) -> bool:
@@ -851,6 +885,11 @@ def _task(recipe: Recipe, data, log: Log) -> str:
                 "data: some rows carry several labels: training a multi-label model "
                 "(sigmoid outputs, binary cross-entropy); data.task: single refuses such rows"
             )
+        if recipe.train.class_weights != "none" or recipe.data.sampler != "shuffle":
+            raise RecipeError(
+                "train.class_weights and data.sampler: balanced are for single-label data; "
+                "a multi-label run weighs rare labels with train.pos_weight: auto"
+            )
         monitor = recipe.train.early_stopping.monitor if recipe.train.early_stopping else None
         if monitor == "val_acc":
             log("note: for multi-label, val_acc is the exact-match ratio; val_f1 (macro F1) is the default")
@@ -861,18 +900,22 @@ def _task(recipe: Recipe, data, log: Log) -> str:
     return task
 
 
-def make_loss(task: str, spec, train_y: torch.Tensor, device: torch.device) -> Callable:
+def make_loss(
+    task: str, spec, train_y: torch.Tensor, device: torch.device, class_weights: torch.Tensor | None = None
+) -> Callable:
     """The training loss, ``(float logits, target) -> scalar``.
 
     Single label: cross-entropy (targets: class indices, or soft rows from
-    mixup/cutmix). Multi-label: binary cross-entropy with logits, one sigmoid
+    mixup/cutmix), weighted per class by ``train.class_weights``. Multi-label: binary cross-entropy with logits, one sigmoid
     per class; ``train.pos_weight: auto`` weighs each class's positives by
     negatives/positives in the training split (rare labels count more);
     label smoothing moves targets towards 0.5.
     """
     smoothing = spec.label_smoothing
     if task != "multilabel":
-        return lambda logits, target: F.cross_entropy(logits, target, label_smoothing=smoothing)
+        from imgcls.imbalance import loss_fn
+
+        return loss_fn(class_weights, smoothing, device)
     pos_weight = None
     if spec.pos_weight == "auto":
         positives = train_y.sum(0)

@@ -28,7 +28,7 @@ def test_evaluate_and_predict_report_tta_beside_plain(tiny_checkpoint, shapes_fo
 
     result = evaluate(tiny_checkpoint, shapes_folder, out=tmp_path / "e", tta=True, log=lambda m: None)
     plain, tta = result.report, result.report["tta"]
-    assert set(tta) == {"accuracy", "top_k_accuracy", "loss", "macro_f1"}
+    assert set(tta) == {"accuracy", "balanced_accuracy", "top_k_accuracy", "loss", "macro_f1"}
     assert tta["loss"] != plain["loss"]  # the flipped view changed the logits
     written = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert written["tta"] == tta

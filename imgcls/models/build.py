@@ -19,20 +19,25 @@ def load_builtin_arch(name: str) -> list[r.Layer]:
     ).model.layers
 
 
-def build_model(spec: r.ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
+def build_model(spec: r.ModelSpec, input_shape: Shape, num_classes: int, log=None) -> nn.Module:
     """Build the network for ``input_shape`` (C, H, W) and ``num_classes``.
 
     Layer stacks are shape-checked as they are built; a classifier head is
     added when the stack does not already end in ``num_classes`` units; a
     trailing softmax is dropped, because training wants logits (predict
-    applies softmax itself).
+    applies softmax itself). ``model.stem: small`` and ``model.weights`` are
+    applied here (imgcls.models.finetune); ``log`` hears what was loaded.
     """
     input_shape = tuple(input_shape)
     if spec.arch is not None:
         name = spec.arch
         if name.startswith("timm/"):
+            if spec.stem != "default":
+                raise UsageError(f"model.stem: small is not defined for timm models ('{name}')")
             model = zoo.build_timm(name[5:], input_shape, num_classes, spec.pretrained)
         elif name in zoo.builtin_archs():
+            if spec.stem != "default":
+                raise UsageError(f"model.stem: small is not defined for the built-in '{name}'")
             if spec.pretrained:
                 raise UsageError(f"{name} has no pretrained weights")
             stack = load_builtin_arch(name)
@@ -40,11 +45,20 @@ def build_model(spec: r.ModelSpec, input_shape: Shape, num_classes: int) -> nn.M
                 stack, input_shape, num_classes, "auto", spec.l1, spec.l2, path=f"{name}.layers"
             )
         elif name in zoo.torchvision_archs():
-            model = zoo.build_torchvision(name, input_shape, num_classes, spec.pretrained)
+            model = zoo.build_torchvision(
+                name, input_shape, num_classes, spec.pretrained, small_stem=spec.stem == "small", log=log
+            )
         else:
             raise zoo.unknown_arch(name)
-        return model
-    return build_layers(spec.layers, input_shape, num_classes, spec.head, spec.l1, spec.l2)
+    else:
+        model = build_layers(spec.layers, input_shape, num_classes, spec.head, spec.l1, spec.l2)
+    if spec.weights:
+        from pathlib import Path
+
+        from imgcls.models.finetune import load_weights_file
+
+        load_weights_file(model, Path(spec.weights).expanduser(), num_classes, log)
+    return model
 
 
 def build_layers(

@@ -60,7 +60,12 @@ def unknown_arch(name: str) -> UsageError:
 
 
 def build_torchvision(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, pretrained: bool
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    pretrained: bool,
+    small_stem: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     import torchvision
 
@@ -80,11 +85,20 @@ def build_torchvision(
     if name.startswith("maxvit") and not pretrained:
         kwargs["input_size"] = (height, width)
     if pretrained:
-        model, weights = load_published(name)
-        if num_classes != len(weights.meta["categories"]):
+        model, weights = load_published(name, log)
+        published = len(weights.meta["categories"])
+        if num_classes != published:
             replace_classifier(model, num_classes)
+            if log is not None:
+                log(
+                    f"{name}: ImageNet weights; the {published}-class classifier replaced by a new {num_classes}-class one"
+                )
     else:
         model = builder(weights=None, num_classes=num_classes, **kwargs)
+    if small_stem:
+        from imgcls.models.finetune import small_stem as apply_small_stem
+
+        apply_small_stem(model, name, log if pretrained else None)  # says what pretrained part is new
     if channels != 3:
         replace_first_conv(model, channels)
     return model
@@ -233,7 +247,27 @@ def build_timm(name: str, input_shape: tuple[int, int, int], num_classes: int, p
         raise UsageError(f"'timm/{name}' needs timm: pip install 'imgcls[timm]'") from None
     if not timm.list_models(name, pretrained=False):
         raise UsageError(f"timm has no model '{name}' (`imgcls models 'timm/*'` lists them)")
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=input_shape[0])
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=input_shape[0])
+    # timm's own weights from the local Hugging Face / torch hub cache only:
+    # offline mode makes a missing file an error instead of a download or a hang
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=input_shape[0])
+    except Exception as exc:
+        from torch.hub import get_dir
+
+        hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+        raise CheckpointError(
+            f"cannot get timm's weights for '{name}' ({type(exc).__name__}); looked in the Hugging Face cache "
+            f"({hf_home}/hub) and {Path(get_dir()) / 'checkpoints'}: run once with network to fill it"
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def pretrained_stats(name: str, channels: int) -> tuple[list[float], list[float]] | None:
