@@ -28,6 +28,7 @@ from torch import nn
 
 from imgcls import __version__
 from imgcls import checkpoint as ck
+from imgcls.data.batches import epoch_order
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
 from imgcls.models.build import build_model
@@ -56,23 +57,6 @@ def choose_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("device 'mps' asked for, but this machine has no MPS (use --device cpu or auto)")
     return torch.device(name)
-
-
-def choose_precision(precision: str, device: torch.device) -> torch.dtype:
-    """fp32 / bf16 / fp16 as asked; ``auto`` by device kind, from bench/train_throughput.py.
-
-    CPU: fp32. On a 2-core AVX512-BF16 EPYC, bf16 autocast against fp32 was
-    1.26x (quickstart), 1.35x (resnet-style) but 0.85x (mobilenet-style:
-    depthwise convs have no fast bf16 kernel), so it is an opt-in, not a
-    default. CUDA: bf16 where supported (no loss scaling), else fp16. MPS: fp32.
-    """
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def choose_channels_last(value: str | bool, device: torch.device) -> bool:
@@ -231,6 +215,9 @@ class Run:
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
+    batches: object = None  # imgcls.data.batches source of training batches
+    forward: Callable | None = None  # model, or torch.compile(model) with train.compile
+    compile_pending: bool = False  # the first step compiles: timed apart from throughput
     lr: float = 0.0  # the learning rate of the epoch's last step
 
     @property
@@ -337,7 +324,6 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
     device = choose_device(spec.device)
-    dtype = choose_precision(spec.precision, device)
     channels_last = choose_channels_last(spec.channels_last, device)
     check_trackers(spec.log_to)  # a missing extra fails before any work
 
@@ -365,6 +351,10 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     model = build_model(recipe.model, input_shape, len(classes)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    choice = _precision(
+        spec, device, model, input_shape, len(classes), len(data.train.y), channels_last, resume, log
+    )
+    dtype = choice.dtype
     optimizer = make_optimizer(model, spec.optimizer)
     ema = EMA(model, spec.ema.decay) if spec.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -417,6 +407,7 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
         log=log,
         saved=resume is not None,
     )
+    run.batches, run.forward = _batch_source(run), _compiled(run)
     # only now, with data and model ready, does the run get a folder
     if resume is not None:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
@@ -440,6 +431,7 @@ def prepare(recipe: Recipe, *, base_dir: Path, out: Path | None, resume: Path | 
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
     run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+    run.info.update(precision_choice=choice.info(), compile=spec.compile, batches=run.batches.mode)
     if "run.json" not in run.written and not run.saved:
         run.written.append("run.json")
     ck.write_text_atomic(
@@ -502,6 +494,61 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
     return State(**saved["state"])
 
 
+def _precision(spec, device, model, input_shape, num_classes, n, channels_last, resume, log):
+    from imgcls import precision
+
+    choice = precision.choose(
+        spec.precision,
+        device,
+        model=model,
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        batch_size=min(spec.batch_size, n),
+        channels_last=channels_last,
+        deterministic=spec.deterministic,
+        resumed_from=resume,
+    )
+    log(choice.line())
+    return choice
+
+
+def _batch_source(run: Run):
+    from imgcls.data.batches import describe, open_batches
+
+    train = run.data.train
+    source = open_batches(
+        train.x, train.y, run.device, max_batch=run.batch_size, file=getattr(train, "file", None)
+    )
+    run.log(describe(source))
+    return source
+
+
+def _compiled(run: Run) -> Callable:
+    """``torch.compile(model)`` with ``train.compile`` (compiled lazily, at the
+    first step, whose time is then reported apart: :func:`_compile_done`).
+    The weights stay those of ``run.model``: checkpoints are unchanged."""
+    if not run.spec.compile:
+        return run.model
+    run.compile_pending = True
+    return torch.compile(run.model)
+
+
+def _compile_done(run: Run, started: float) -> float:
+    """After the first compiled step: its time (compiling, mostly) is logged,
+    recorded in run.json as ``compile_s`` and returned, to be left out of the
+    epoch's throughput."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # once per run, not per step
+    seconds = time.perf_counter() - started
+    run.compile_pending = False
+    run.info["compile_s"] = round(seconds, 2)
+    run.log(f"compile: {seconds:.1f} s (first step; not counted in img/s)")
+    ck.write_text_atomic(
+        run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
+    )
+    return seconds
+
+
 # --------------------------------------------------------------------------- one epoch
 
 
@@ -552,9 +599,12 @@ def train_one_epoch(
     spec, state, model, optimizer, device = run.spec, run.state, run.model, run.optimizer, run.device
     epoch, steps = state.epoch, run.steps_per_epoch
     train_x, train_y = run.data.train.x, run.data.train.y
+    forward = run.forward or model
     total_steps = steps * spec.epochs
     model.train()
-    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_seed(spec.seed, epoch)))
+    perm = epoch_order(
+        len(train_y), train_x[0].numel(), torch.Generator().manual_seed(_seed(spec.seed, epoch))
+    )
     sums = EpochSums(state.sums, device)
 
     def check_finite(last_step: int) -> None:
@@ -573,19 +623,18 @@ def train_one_epoch(
             group["lr"] = lr
         # randomness from (seed, epoch, step) alone: a resumed run draws the same
         idx = perm[step * run.batch_size : (step + 1) * run.batch_size]
-        xb, yb = train_x[idx], train_y[idx]
+        xb, yb = run.batches.batch(idx)  # uint8 and labels, on the device
         gen = torch.Generator().manual_seed(_seed(spec.seed, epoch, step))
         torch.manual_seed(_seed(spec.seed, epoch, step, 1))  # dropout, stochastic depth
         if run.augment is not None:
             xb = run.augment(xb, gen)
         xb = model_input(xb, run.data.mean, run.data.std, device=device, channels_last=run.channels_last)
-        yb = yb.to(device)
         target = yb
         if run.mix is not None:
             xb, target = run.mix(xb, yb, gen)
 
         with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
-            logits = main_logits(model(xb))
+            logits = main_logits(forward(xb))
             loss = F.cross_entropy(logits.float(), target, label_smoothing=spec.label_smoothing)
         if run.penalties:
             loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
@@ -598,6 +647,8 @@ def train_one_epoch(
         run.scaler.update()
         if run.ema is not None:
             run.ema.update(model)
+        if run.compile_pending:
+            started += _compile_done(run, started)
 
         sums.add(loss, logits, yb if target.ndim == 1 else target.argmax(1), step)
         state.step = step + 1
