@@ -15,7 +15,9 @@ Candidates are timed in turns (the best of :data:`ROUNDS` rounds counts,
 robust to a shared machine), and a reduced precision must beat fp32 by
 :data:`MARGIN` to be chosen (a lower precision is not worth noise).
 
-With ``deterministic: true`` nothing is measured (a timing cannot decide a
+A run of fewer than :data:`MIN_RUN_STEPS` optimizer steps is not timed (the
+probe's 16 steps would cost more than they could save): it takes the fixed
+choice below. With ``deterministic: true`` nothing is measured (a timing cannot decide a
 bit-identical run): the fixed choice is fp32 on CPU and MPS, bf16 on CUDA
 (fp16 where the GPU has no bf16). A resumed ``auto`` run keeps the precision
 recorded in its run.json, so it continues in the dtype it started with.
@@ -41,6 +43,7 @@ MARGIN = 1.05  # a reduced precision must be this much faster than fp32 to be ch
 WARMUP = 2  # untimed steps per candidate (kernel selection, allocator)
 ROUNDS = 3  # timed rounds, candidates in turn; each round times STEPS steps
 STEPS = 2
+MIN_RUN_STEPS = 200  # shorter runs are not timed (16 probe steps would be > 8% of the run)
 Log = Callable[[str], None]
 
 
@@ -125,6 +128,7 @@ def choose(
     batch_size: int,
     channels_last: bool,
     deterministic: bool,
+    run_steps: int | None = None,
     resumed_from: Path | None = None,
     log: Log = lambda message: None,
 ) -> PrecisionChoice:
@@ -140,6 +144,8 @@ def choose(
     options = candidates(device)
     if len(options) == 1:
         return PrecisionChoice(options[0], "only candidate")
+    if run_steps is not None and run_steps < MIN_RUN_STEPS:
+        return PrecisionChoice(fixed_choice(device), f"fixed: a run under {MIN_RUN_STEPS} steps is not timed")
     start = time.perf_counter()
     speed = time_candidates(model, options, device, input_shape, num_classes, batch_size, channels_last)
     seconds = time.perf_counter() - start

@@ -495,6 +495,7 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
 
 
 def _precision(spec, device, model, input_shape, num_classes, n, channels_last, resume, log):
+    """``train.precision`` resolved (``auto``: timed per model, see imgcls.precision)."""
     from imgcls import precision
 
     choice = precision.choose(
@@ -506,6 +507,7 @@ def _precision(spec, device, model, input_shape, num_classes, n, channels_last, 
         batch_size=min(spec.batch_size, n),
         channels_last=channels_last,
         deterministic=spec.deterministic,
+        run_steps=max(n // min(spec.batch_size, n), 1) * spec.epochs,
         resumed_from=resume,
     )
     log(choice.line())

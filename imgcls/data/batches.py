@@ -221,7 +221,7 @@ class StreamBatches:
         self.chunk_in = np.full(slots, -1, dtype=np.int64)  # slot -> chunk
         self.used = np.zeros(slots, dtype=np.int64)  # last batch that used the slot
         self.calls = 0
-        self.reads = 0  # chunk reads so far (tests, bench)
+        self.reads = 0  # pread calls so far: one per chunk, or per row when a batch spreads too wide
         self.buffers = _PinnedPair((max_batch, *self.row_shape), device)
         self.fd = os.open(file, os.O_RDONLY)
         if hasattr(os, "posix_fadvise"):
@@ -287,6 +287,7 @@ class StreamBatches:
                 view = memoryview(out[j].reshape(-1))
                 if os.preadv(self.fd, [view], self.offset + i * self.row_bytes) != self.row_bytes:
                     raise OSError("the decoded-image cache file ended early; clear the cache")
+                self.reads += 1
         return self.buffers.send(buf, k), self.y[indices.to(self.device, non_blocking=True)]
 
 
