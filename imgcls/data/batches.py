@@ -76,7 +76,8 @@ def epoch_order(n: int, row_bytes: int, generator: torch.Generator) -> torch.Ten
 
 def process_memory_limit() -> int:
     """Bytes this process may still use: the least of available RAM, the
-    cgroup's headroom (v1 or v2) and the address-space limit (``prlimit --as``)."""
+    cgroup's headroom (v1 or v2) and what the address-space limit
+    (``prlimit --as``) leaves beyond the address space already in use."""
     limits = []
     try:
         with open("/proc/meminfo") as f:
@@ -88,8 +89,19 @@ def process_memory_limit() -> int:
     limits += _cgroup_headroom()
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append(soft)
+        limits.append(soft - _address_space_used())
     return min(limits) if limits else 1 << 62
+
+
+def _address_space_used() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _cgroup_headroom() -> list[int]:
@@ -127,6 +139,16 @@ def _device_free(device: torch.device) -> int:
 # --------------------------------------------------------------------------- sources
 
 
+def _gather(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``idx`` of ``x``, as flat rows (index_select on 2-D rows is about
+    twice as fast as on 4-D uint8 images on CPU; the bytes are the same)."""
+    flat = x.reshape(len(x), -1)
+    if out is None:
+        return flat.index_select(0, idx).view(len(idx), *x.shape[1:])
+    torch.index_select(flat, 0, idx, out=out.view(len(idx), -1))
+    return out
+
+
 class DeviceBatches:
     """The whole split on the device; a batch is one gather there."""
 
@@ -145,7 +167,7 @@ class DeviceBatches:
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = indices.to(self.device, non_blocking=True)
-        return self.x[idx], self.y[idx]
+        return _gather(self.x, idx), self.y[idx]
 
 
 class _PinnedPair:
@@ -189,7 +211,7 @@ class HostBatches:
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         buf, k = self.buffers.next(len(indices))
-        torch.index_select(self.x, 0, indices, out=buf)
+        _gather(self.x, indices, out=buf)
         return self.buffers.send(buf, k), self.y[indices.to(self.device, non_blocking=True)]
 
 
@@ -208,6 +230,7 @@ class StreamBatches:
         budget: int,
         offset: int = 0,
     ):
+        self.fd = -1
         self.n, self.row_shape = shape[0], tuple(shape[1:])
         self.row_bytes = int(np.prod(self.row_shape))
         self.offset, self.device = offset, device
@@ -237,7 +260,8 @@ class StreamBatches:
             self.fd = -1
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "fd"):
+            self.close()
 
     def _read(self, chunk: int, into: np.ndarray) -> None:
         start = chunk * CHUNK_ROWS
@@ -280,7 +304,7 @@ class StreamBatches:
         buf, k = self.buffers.next(len(idx))
         rows = self._load(idx)
         if rows is not None:
-            torch.index_select(self.pool_t, 0, torch.from_numpy(rows), out=buf)
+            _gather(self.pool_t, torch.from_numpy(rows), out=buf)
         else:  # row by row, still bounded: only the batch buffer is filled
             out = buf.numpy()
             for j, i in enumerate(idx.tolist()):
@@ -308,8 +332,7 @@ def open_batches(
 
     ``file``: the cache file ``x`` is mapped from (rows from offset 0), which
     ``stream`` reads; ``budget``: bytes the stream's chunk pool may take
-    (default :data:`HOST_SHARE` of :func:`process_memory_limit`, at most
-    :data:`WINDOW_BYTES` plus a batch's worth of chunks).
+    (default :func:`stream_budget`).
     """
     if mode not in MODES:
         raise ValueError(f"batch source mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -327,12 +350,15 @@ def open_batches(
         return HostBatches(x, y, device, max_batch)
     if file is None:
         raise ValueError("a streamed batch source needs the cache file the split is mapped from")
-    row_bytes = x[0].numel() if len(x) else 1
     if budget is None:
-        budget = int(
-            min(HOST_SHARE * process_memory_limit(), WINDOW_BYTES + max_batch * CHUNK_ROWS * row_bytes)
-        )
+        budget = stream_budget()
     return StreamBatches(file, tuple(x.shape), y, device, max_batch, budget)
+
+
+def stream_budget() -> int:
+    """The stream's pool: two windows (a batch may straddle a window's end),
+    at most :data:`HOST_SHARE` of the memory this process may use."""
+    return int(min(2 * WINDOW_BYTES, HOST_SHARE * process_memory_limit()))
 
 
 def describe(source: BatchSource) -> str:
