@@ -1,13 +1,15 @@
 """Training throughput of imgcls against baselines measured in the same run.
 
-    python bench/train_throughput.py [recipe] [--epochs N] [--precision]
+    python bench/train_throughput.py [recipe] [--epochs N] [--mode one|bf16|all] [--precision]
 
 Prints images/s and ratios (machines here are noisy; only ratios within one
 run mean anything):
 
 - imgcls / hand loop: ``imgcls``'s trainer against a minimal PyTorch loop on
   the same model, optimizer and batch size with the data already in memory
-  as normalised float tensors. The pipeline may cost at most 10% (>= 0.9).
+  as normalised float tensors. The pipeline may cost at most 10% (>= 0.9),
+  in every mode (``--mode``): ``one`` (one process, fp32), ``bf16`` (both
+  under bf16 autocast). Several processes are measured by bench/scaling.py.
 - imgcls / ImageFolder+DataLoader: against torchvision's ImageFolder and a
   DataLoader decoding the PNGs every epoch (the usual way).
 - MFU: training FLOP/s (6 x forward MACs per image: forward, and twice that
@@ -63,6 +65,12 @@ def _rate(recipe, model, batches, epochs: int, dtype=torch.float32) -> float:
     return rate
 
 
+MODES = {  # mode -> (recipe overrides for imgcls, hand loop dtype)
+    "one": (["train.precision=fp32"], torch.float32),
+    "bf16": (["train.precision=bf16"], torch.bfloat16),
+}
+
+
 def hand_loop(recipe, x, y, epochs: int, dtype=torch.float32, channels_last=False) -> float:
     """The minimal loop a person would write, on in-memory tensors."""
     torch.manual_seed(0)
@@ -112,11 +120,11 @@ def main() -> None:
     parser.add_argument("--precision", action="store_true", help="also compare fp32 / bf16 / channels_last")
     parser.add_argument("--no-imagefolder", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="one")
     args = parser.parse_args()
 
-    recipe = load_recipe(
-        args.recipe, [f"train.epochs={args.epochs}", "train.precision=fp32", "train.channels_last=false"]
-    )
+    base = [f"train.epochs={args.epochs}", "train.channels_last=false"]
+    recipe = load_recipe(args.recipe, [*base, "train.precision=fp32"])
     data = prepare_data(recipe.data, Path(args.recipe).parent, None)
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
@@ -128,21 +136,27 @@ def main() -> None:
 
     import tempfile
 
-    def ours_once() -> float:
+    def ours_once(r) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(recipe, out=Path(tmp) / "run", log=lambda m: None)
+            result = train(r, out=Path(tmp) / "run", log=lambda m: None)
         return result.history[-1]["img_per_s"]
 
-    # interleaved rounds, best of each: the order of runs must not decide the ratio
-    ours, hand = 0.0, 0.0
-    for _ in range(args.rounds):
-        ours = max(ours, ours_once())
-        hand = max(hand, hand_loop(recipe, x, y, args.epochs))
-    print(f"imgcls train        {ours:8.0f} img/s")
-    print(f"hand-written loop   {hand:8.0f} img/s")
-    print(
-        f"ratio imgcls / hand loop: {ours / hand:.3f}   (target >= 0.9; best of {args.rounds} interleaved rounds)"
-    )
+    ours = 0.0
+    for mode in MODES if args.mode == "all" else [args.mode]:
+        overrides, dtype = MODES[mode]
+        r = load_recipe(args.recipe, [*base, *overrides])
+        # interleaved rounds, best of each: the order of runs must not decide the ratio
+        mine, hand = 0.0, 0.0
+        for _ in range(args.rounds):
+            mine = max(mine, ours_once(r))
+            hand = max(hand, hand_loop(r, x, y, args.epochs, dtype=dtype))
+        ours = ours or mine
+        print(f"[{mode}] imgcls train        {mine:8.0f} img/s")
+        print(f"[{mode}] hand-written loop   {hand:8.0f} img/s")
+        print(
+            f"[{mode}] ratio imgcls / hand loop: {mine / hand:.3f}   "
+            f"(target >= 0.9; best of {args.rounds} interleaved rounds)"
+        )
 
     if not args.no_imagefolder:
         folder = data.source.root if data.source is not None else None

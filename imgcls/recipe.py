@@ -428,6 +428,8 @@ class TrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto"] | Bool = "auto"
+    # torch.compile the model (compile time reported apart from img/s); off by default, see README
+    compile: Bool = False
     threads: PosInt | None = None
     out: str = "runs"
     # several processes (imgcls train --nproc N / torchrun): BatchNorm statistics

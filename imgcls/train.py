@@ -28,6 +28,7 @@ from torch import nn
 
 from imgcls import __version__, distributed
 from imgcls import checkpoint as ck
+from imgcls.data.batches import epoch_order
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
 from imgcls.infer import main_logits, model_input, tensor_logits
 from imgcls.models import finetune
@@ -57,23 +58,6 @@ def choose_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("device 'mps' asked for, but this machine has no MPS (use --device cpu or auto)")
     return torch.device(name)
-
-
-def choose_precision(precision: str, device: torch.device) -> torch.dtype:
-    """fp32 / bf16 / fp16 as asked; ``auto`` by device kind, from bench/train_throughput.py.
-
-    CPU: fp32. On a 2-core AVX512-BF16 EPYC, bf16 autocast against fp32 was
-    1.26x (quickstart), 1.35x (resnet-style) but 0.85x (mobilenet-style:
-    depthwise convs have no fast bf16 kernel), so it is an opt-in, not a
-    default. CUDA: bf16 where supported (no loss scaling), else fp16. MPS: fp32.
-    """
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def choose_channels_last(value: str | bool, device: torch.device) -> bool:
@@ -228,6 +212,9 @@ class Run:
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
+    batches: object = None  # imgcls.data.batches source of training batches
+    forward: Callable | None = None  # model, or torch.compile(model) with train.compile
+    compile_pending: bool = False  # the first step compiles: timed apart from throughput
     lr: float = 0.0  # the learning rate of the epoch's last step
     task: str = "single"  # or "multilabel" (imgcls.data.sources: multi-hot targets, sigmoid outputs)
     loss: Callable | None = None  # (logits, target) -> loss: make_loss
@@ -379,7 +366,6 @@ def prepare(
     device = choose_device(spec.device)
     if group.active and device.type == "cuda":
         device = torch.device("cuda", group.local_rank)  # one GPU per process
-    dtype = choose_precision(spec.precision, device)
     channels_last = choose_channels_last(spec.channels_last, device)
     check_trackers(spec.log_to)  # a missing extra fails before any work
 
@@ -420,6 +406,19 @@ def prepare(
                 "train.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel)"
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    choice = _precision(
+        spec,
+        device,
+        model,
+        input_shape,
+        len(classes),
+        len(data.train.y),
+        channels_last,
+        resume,
+        log,
+        distributed_run=group.active,
+    )
+    dtype = choice.dtype
     optimizer = make_optimizer(model, spec.optimizer)
     ema = EMA(model, spec.ema.decay) if spec.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -502,6 +501,7 @@ def prepare(
         run.ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
         )
+    run.batches, run.forward = _batch_source(run), _compiled(run)
     # only now, with data and model ready, does the run get a folder (rank 0 makes it)
     if resume is not None and group.main:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
@@ -528,6 +528,7 @@ def prepare(
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
     run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+    run.info.update(precision_choice=choice.info(), compile=spec.compile, batches=run.batches.mode)
     if group.active:
         log(f"{group.world} processes, {spec.batch_size // group.world} images each per batch")
         run.info.update(world_size=group.world, sync_batchnorm=spec.sync_batchnorm)
@@ -610,6 +611,66 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
     return State(**saved["state"])
 
 
+def _precision(
+    spec, device, model, input_shape, num_classes, n, channels_last, resume, log, distributed_run=False
+):
+    """``train.precision`` resolved (``auto``: timed per model, see imgcls.precision)."""
+    from imgcls import precision
+
+    choice = precision.choose(
+        spec.precision,
+        device,
+        model=model,
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        batch_size=min(spec.batch_size, n),
+        channels_last=channels_last,
+        deterministic=spec.deterministic or distributed_run,
+        run_steps=max(n // min(spec.batch_size, n), 1) * spec.epochs,
+        resumed_from=resume,
+    )
+    log(choice.line())
+    return choice
+
+
+def _batch_source(run: Run):
+    from imgcls.data.batches import describe, open_batches
+
+    train = run.data.train
+    source = open_batches(
+        train.x, train.y, run.device, max_batch=run.batch_size, file=getattr(train, "file", None)
+    )
+    run.log(describe(source))
+    return source
+
+
+def _compiled(run: Run) -> Callable:
+    """``torch.compile(model)`` with ``train.compile`` (compiled lazily, at the
+    first step, whose time is then reported apart: :func:`_compile_done`).
+    The weights stay those of ``run.model``: checkpoints are unchanged."""
+    net = run.ddp or run.model
+    if not run.spec.compile:
+        return net
+    run.compile_pending = True
+    return torch.compile(net)
+
+
+def _compile_done(run: Run, started: float) -> float:
+    """After the first compiled step: its time (compiling, mostly) is logged,
+    recorded in run.json as ``compile_s`` and returned, to be left out of the
+    epoch's throughput."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # once per run, not per step
+    seconds = time.perf_counter() - started
+    run.compile_pending = False
+    run.info["compile_s"] = round(seconds, 2)
+    run.log(f"compile: {seconds:.1f} s (first step; not counted in img/s)")
+    ck.write_text_atomic(
+        run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
+    )
+    return seconds
+
+
 # --------------------------------------------------------------------------- one epoch
 
 
@@ -662,7 +723,7 @@ def train_one_epoch(
     not finished means Ctrl-C (or ``steps_left`` ran out): the state is saved."""
     spec, state, model, optimizer, device = run.spec, run.state, run.model, run.optimizer, run.device
     epoch, steps = state.epoch, run.steps_per_epoch
-    train_x, train_y = run.data.train.x, run.data.train.y
+    forward = run.forward or model
     total_steps = steps * spec.epochs
     finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))  # train.unfreeze_at
     model.train()
@@ -670,7 +731,7 @@ def train_one_epoch(
     perm = _epoch_order(run, epoch)
     # the sums of a resumed epoch are global: rank 0 carries them, the others add theirs
     sums = EpochSums(state.sums if run.group.main else State().sums, device)
-    net, group, accumulation = run.ddp or model, run.group, run.accumulation
+    net, group, accumulation = forward, run.group, run.accumulation
 
     def check_finite(last_step: int) -> None:
         bad = sums.bad_step()
@@ -692,13 +753,12 @@ def train_one_epoch(
         rows = group.shard(perm[step * run.batch_size : (step + 1) * run.batch_size])
         optimizer.zero_grad(set_to_none=True)
         for micro, idx in enumerate(rows.chunk(accumulation)):
-            xb, yb = train_x[idx], train_y[idx]
+            xb, yb = run.batches.batch(idx)  # uint8 and labels, on the device
             gen = torch.Generator().manual_seed(_draw_seed(spec.seed, epoch, step, group.rank, micro))
             torch.manual_seed(_draw_seed(spec.seed, epoch, step, group.rank, micro, 1))  # dropout etc.
             if run.augment is not None:
                 xb = run.augment(xb, gen)
             xb = model_input(xb, run.data.mean, run.data.std, device=device, channels_last=run.channels_last)
-            yb = yb.to(device)
             target = yb
             if run.mix is not None:
                 xb, target = run.mix(xb, yb, gen)
@@ -721,6 +781,8 @@ def train_one_epoch(
         run.scaler.update()
         if run.ema is not None:
             run.ema.update(model)
+        if run.compile_pending:
+            started += _compile_done(run, started)
 
         sums.add(loss, logits, yb if target.ndim == 1 or yb.ndim == 2 else target.argmax(1), step)
         state.step = step + 1
@@ -770,7 +832,8 @@ def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
         from imgcls.imbalance import balanced_order
 
         return balanced_order(run.data.train.y, len(run.data.classes), gen)
-    return torch.randperm(len(run.data.train.y), generator=gen)
+    # a plain shuffle, or for sets larger than a window, chunk-wise (disk streaming reads sequentially)
+    return epoch_order(len(run.data.train.y), run.data.train.x[0].numel(), gen)
 
 
 def _finite(tensors) -> bool:

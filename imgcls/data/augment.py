@@ -4,7 +4,8 @@ Every function takes a whole batch and a ``torch.Generator`` and draws one
 random parameter per image, so there is no per-image Python in the hot path
 (TrivialAugment / RandAugment excepted, see :func:`auto_augment`). Random
 parameters are drawn on the CPU from the generator and then moved to the
-batch's device: the same seed gives the same augmentation on CPU and GPU.
+batch's device (non-blocking: no wait for the device): the same seed gives
+the same augmentation on CPU and GPU.
 
 :func:`build_augment` turns a recipe's ``augment`` section into one function
 ``(uint8 or float batch, generator) -> float batch in [0, 1]``. The order is:
@@ -34,7 +35,7 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 def _rand(n: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """``n`` uniform [0, 1) draws from ``gen`` (on CPU), moved next to ``like``."""
-    return torch.rand(n, generator=gen).to(like.device)
+    return torch.rand(n, generator=gen).to(like.device, non_blocking=True)
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, like: torch.Tensor):
@@ -61,8 +62,8 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     mode = "reflect" if padding < min(h, w) else "replicate"
     padded = F.pad(x.float() if x.dtype == torch.uint8 else x, (padding,) * 4, mode=mode)
     padded = padded.to(x.dtype)
-    dy = (torch.randint(0, 2 * padding + 1, (b,), generator=gen)).to(x.device)
-    dx = (torch.randint(0, 2 * padding + 1, (b,), generator=gen)).to(x.device)
+    dy = (torch.randint(0, 2 * padding + 1, (b,), generator=gen)).to(x.device, non_blocking=True)
+    dx = (torch.randint(0, 2 * padding + 1, (b,), generator=gen)).to(x.device, non_blocking=True)
     rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
     bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
@@ -116,7 +117,9 @@ def affine(
         rot[:, 1, 0], rot[:, 1, 1] = sin * w / h, cos
         rot[:, 2, 2] = 1
         theta = theta @ rot
-    grid = F.affine_grid(theta[:, :2].to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(
+        theta[:, :2].to(x.device, x.dtype, non_blocking=True), list(x.shape), align_corners=False
+    )
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -220,7 +223,7 @@ def random_erasing(
     y0 = (_rand(b, gen, x) * (h - eh + 1)).floor()
     x0 = (_rand(b, gen, x) * (w - ew + 1)).floor()
     on = _rand(b, gen, x) < p
-    fill = torch.rand(b, c, generator=gen).to(x.device, x.dtype).view(b, c, 1, 1)
+    fill = torch.rand(b, c, generator=gen).to(x.device, x.dtype, non_blocking=True).view(b, c, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, h)
     cols = torch.arange(w, device=x.device).view(1, w)
     in_rows = (rows >= y0[:, None]) & (rows < (y0 + eh)[:, None])  # (B, H)
@@ -257,7 +260,7 @@ def mix_batch(
     # torch's Beta sampler takes no generator; numpy's does, seeded from ours.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device, non_blocking=True)
     if use_cutmix:
         _, _, h, w = x.shape
         cut = math.sqrt(1 - lam)
@@ -271,7 +274,7 @@ def mix_batch(
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
         x = lam * x + (1 - lam) * x[perm]
-    soft = soft.to(x.device)
+    soft = soft.to(x.device, non_blocking=True)
     return x, lam * soft + (1 - lam) * soft[perm]
 
 

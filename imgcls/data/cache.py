@@ -78,6 +78,9 @@ class DecodedSplit:
     # kept in the cache entry so a cached run does not read every pixel for
     # mean/std. None when unknown.
     sums: np.ndarray | None = None
+    # the cache file x is memory-mapped from (rows from offset 0), or None when x
+    # is in RAM: a split larger than memory is streamed from it (imgcls.data.batches)
+    file: Path | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -185,6 +188,7 @@ def load_split(
         elif policy == "auto" and not _writable(cache):
             log(f"note: cannot write the cache folder {cache}; decoding into RAM")
             policy = "none"
+    file = None  # set when x is mapped from the cache
     if policy == "none" or not len(paths):
         x = torch.zeros(shape, dtype=torch.uint8)  # zero: failed rows add nothing to sums
         sums = np.zeros((2, spec.channels), dtype=np.int64)
@@ -196,18 +200,18 @@ def load_split(
         if bad:
             x = x[ok]
     else:
-        x, ok, bad, sums = _cached(
+        x, ok, bad, sums, file = _cached(
             names, paths, spec, cache, shape, log, stats, source, split, progress, what
         )
         if policy == "ram":
-            x = x.clone()
+            x, file = x.clone(), None
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
     if len(ok) == len(paths):
-        return DecodedSplit(x, labels, paths, bad, sums)
-    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums)
+        return DecodedSplit(x, labels, paths, bad, sums, file)
+    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums, file)
 
 
 def _ok_rows(failures, n: int) -> np.ndarray:
@@ -241,7 +245,7 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
         x, meta = hit
         ok, bad = _split_failures(paths, meta["bad"])
         log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
-        return x, ok, bad, _meta_sums(meta, spec.channels)
+        return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -255,7 +259,7 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
         raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
     _evict(cache, keep=key, log=log)
     ok, bad = _split_failures(paths, meta["bad"])
-    return x, ok, bad, _meta_sums(meta, spec.channels)
+    return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
 
 
 def _meta_sums(meta: dict, channels: int) -> np.ndarray | None:
