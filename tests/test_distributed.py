@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from tests.conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
