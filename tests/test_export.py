@@ -186,7 +186,9 @@ def test_residual_and_parallel_blocks(residual_checkpoint, tmp_path, fmt, suffix
     assert_matches(out, residual_checkpoint, 16)
 
 
-ZOO = [("resnet18", 64), ("mobilenet_v3_small", 64), ("googlenet", 64)]
+# googlenet's namedtuple output is covered by test_main_logits_of_a_namedtuple_model;
+# exporting it for real cost 14 s of the suite's 4-minute budget
+ZOO = [("resnet18", 64), ("mobilenet_v3_small", 64)]
 
 
 @pytest.mark.slow
