@@ -921,16 +921,7 @@ def validate(run: Run, model: nn.Module) -> dict:
         (), dtype=torch.float32 if run.device.type == "mps" else torch.float64, device=run.device
     )
     correct = torch.zeros((), dtype=torch.int64, device=run.device)
-    batches = tensor_logits(
-        model,
-        x,
-        run.data.mean,
-        run.data.std,
-        batch_size=run.spec.batch_size * 2,
-        device=run.device,
-        dtype=run.dtype,
-        channels_last=run.channels_last,
-    )
+    batches = _val_logits(run, model, x)
     for rows, logits in batches:
         yb = y[rows].to(run.device)
         loss += F.cross_entropy(logits, yb, reduction="sum").to(loss.dtype)
@@ -992,13 +983,9 @@ def make_loss(
     return bce
 
 
-@torch.no_grad()
-def _validate_multilabel(run: Run, model: nn.Module) -> dict:
-    from imgcls.metrics import multilabel_f1
-
-    x, y = run.data.val.x, run.data.val.y
-    model.eval()
-    batches = tensor_logits(
+def _val_logits(run: Run, model: nn.Module, x: torch.Tensor):
+    """The validation images' logits, batch by batch, through the one inference path."""
+    return tensor_logits(
         model,
         x,
         run.data.mean,
@@ -1008,6 +995,15 @@ def _validate_multilabel(run: Run, model: nn.Module) -> dict:
         dtype=run.dtype,
         channels_last=run.channels_last,
     )
+
+
+@torch.no_grad()
+def _validate_multilabel(run: Run, model: nn.Module) -> dict:
+    from imgcls.metrics import multilabel_f1
+
+    x, y = run.data.val.x, run.data.val.y
+    model.eval()
+    batches = _val_logits(run, model, x)
     scores = torch.cat([logits for _, logits in batches]).float()
     target = y.to(scores.device)
     loss = F.binary_cross_entropy_with_logits(scores.double(), target.double())
