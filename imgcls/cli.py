@@ -686,6 +686,8 @@ def predict(
     """
     import csv
 
+    from rich.table import Table
+
     from imgcls.errors import PartialFailure, UsageError
     from imgcls.predict import Failure
     from imgcls.predict import predict as run_predict
@@ -705,80 +707,52 @@ def predict(
         tta=tta,
     )
     if predictor.task == "multilabel":
-        _render_multilabel(records, as_json, as_csv, err)
-        return
-    k = max(1, min(top_k, len(predictor.classes)))
-    total = failed = 0
-    writer = None
-    if as_csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        extra = [col for i in range(2, k + 1) for col in (f"label_{i}", f"p_{i}")]
-        writer.writerow(["file", "label", "confidence", "unsure", *extra, "error"])
-    rows = []
-    for record in records:
-        total += 1
-        if isinstance(record, Failure):
-            failed += 1
-            err.print(f"error: {record.file}: {record.error}", markup=False)
-        if as_json:
-            print(json.dumps(record.to_dict()), flush=True)
-        elif writer is not None:
-            if isinstance(record, Failure):
-                writer.writerow([record.file, "", "", "", *[""] * (2 * (k - 1)), record.error])
-            else:
-                extra = [v for label, p in record.top_k[1:] for v in (label, f"{p:.6f}")]
-                extra += [""] * (2 * (k - 1) - len(extra))
-                writer.writerow(
-                    [
-                        record.file,
-                        record.label,
-                        f"{record.confidence:.6f}",
-                        str(record.unsure).lower(),
-                        *extra,
-                        "",
-                    ]
+        # CSV in the training CSV's own syntax (labels joined by ';'), so output can be corrected and trained on
+        header = ["file", "labels", "probabilities"]
+
+        def csv_cells(r):
+            return [r.label, ";".join(f"{p:.6f}" for _, p in r.labels)]
+
+        def table(rows):
+            t = Table()
+            t.add_column("file", overflow="fold")
+            t.add_column("labels (probability)")
+            for r in rows:
+                t.add_row(
+                    r.file, ", ".join(f"{label} {p:.3f}" for label, p in r.labels) or "[dim](none)[/dim]"
                 )
-            sys.stdout.flush()
-        elif not isinstance(record, Failure):
-            rows.append(record)
-    if not as_json and not as_csv and rows:
-        from rich.table import Table
+            return t
 
-        table = Table()
-        table.add_column("file", overflow="fold")
-        table.add_column("label")
-        table.add_column("p", justify="right")
-        if k > 1:
-            table.add_column(f"next {k - 1}")
-        table.add_column("")
-        for r in rows:
-            cells = [r.file, r.label, f"{r.confidence:.3f}"]
+    else:
+        k = max(1, min(top_k, len(predictor.classes)))
+        header = ["file", "label", "confidence", "unsure"]
+        header += [col for i in range(2, k + 1) for col in (f"label_{i}", f"p_{i}")]
+
+        def csv_cells(r):
+            extra = [v for label, p in r.top_k[1:] for v in (label, f"{p:.6f}")]
+            extra += [""] * (2 * (k - 1) - len(extra))
+            return [r.label, f"{r.confidence:.6f}", str(r.unsure).lower(), *extra]
+
+        def table(rows):
+            t = Table()
+            t.add_column("file", overflow="fold")
+            t.add_column("label")
+            t.add_column("p", justify="right")
             if k > 1:
-                cells.append(", ".join(f"{label} {p:.3f}" for label, p in r.top_k[1:]))
-            cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
-            table.add_row(*cells)
-        _stdout().print(table)
-    if failed == total:
-        raise UsageError(f"none of the {total} files could be read")
-    if failed:
-        raise PartialFailure(f"{failed} of {total} files could not be read (the others were predicted)")
-
-
-def _render_multilabel(records, as_json: bool, as_csv: bool, err) -> None:
-    """predict's output for a multi-label model: every label on, with its probability.
-
-    CSV: ``file,labels,probabilities,error`` with ``;`` between labels (the
-    training CSV's own syntax, so the output can be corrected and trained on).
-    """
-    import csv
-
-    from imgcls.errors import PartialFailure, UsageError
-    from imgcls.predict import Failure
+                t.add_column(f"next {k - 1}")
+            t.add_column("")
+            for r in rows:
+                cells = [r.file, r.label, f"{r.confidence:.3f}"]
+                if k > 1:
+                    cells.append(", ".join(f"{label} {p:.3f}" for label, p in r.top_k[1:]))
+                cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
+                t.add_row(*cells)
+            return t
 
     total = failed = 0
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer is not None:
-        writer.writerow(["file", "labels", "probabilities", "error"])
+        writer.writerow([*header, "error"])
     rows = []
     for record in records:
         total += 1
@@ -789,23 +763,14 @@ def _render_multilabel(records, as_json: bool, as_csv: bool, err) -> None:
             print(json.dumps(record.to_dict()), flush=True)
         elif writer is not None:
             if isinstance(record, Failure):
-                writer.writerow([record.file, "", "", record.error])
+                writer.writerow([record.file, *[""] * (len(header) - 1), record.error])
             else:
-                probs = ";".join(f"{p:.6f}" for _, p in record.labels)
-                writer.writerow([record.file, record.label, probs, ""])
+                writer.writerow([record.file, *csv_cells(record), ""])
             sys.stdout.flush()
         elif not isinstance(record, Failure):
             rows.append(record)
-    if not as_json and not as_csv and rows:
-        from rich.table import Table
-
-        table = Table()
-        table.add_column("file", overflow="fold")
-        table.add_column("labels (probability)")
-        for r in rows:
-            shown = ", ".join(f"{label} {p:.3f}" for label, p in r.labels) or "[dim](none)[/dim]"
-            table.add_row(r.file, shown)
-        _stdout().print(table)
+    if rows:
+        _stdout().print(table(rows))
     if failed == total:
         raise UsageError(f"none of the {total} files could be read")
     if failed:
