@@ -452,28 +452,14 @@ def report_renderables(result: EvalResult) -> list:
         return _multilabel_renderables(result)
     out: list = []
     tta = r.get("tta")
-    summary = Table(
-        title=f"{result.checkpoint} on {result.data}", title_justify="left", show_header=bool(tta)
-    )
-    summary.add_column("", style="bold")
-    summary.add_column("plain", justify="right")
-    if tta:
-        summary.add_column("with TTA (flip)", justify="right")
-    images = str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
-    summary.add_row("images", images, *([images] if tta else []))
-    summary.add_row("accuracy", f"{r['accuracy']:.4f}", *([f"{tta['accuracy']:.4f}"] if tta else []))
-    summary.add_row(
-        f"top-{r['top_k']} accuracy",
-        f"{r['top_k_accuracy']:.4f}",
-        *([f"{tta['top_k_accuracy']:.4f}"] if tta else []),
-    )
-    summary.add_row("loss", f"{r['loss']:.4f}", *([f"{tta['loss']:.4f}"] if tta else []))
-    if "balanced_accuracy" in r:
-        summary.add_row(
-            "balanced accuracy",
-            f"{r['balanced_accuracy']:.4f}",
-            *([f"{tta['balanced_accuracy']:.4f}"] if tta else []),
-        )
+    summary = _summary_table(result, "")
+    for key, name in (
+        ("accuracy", "accuracy"),
+        ("top_k_accuracy", f"top-{r['top_k']} accuracy"),
+        ("loss", "loss"),
+        ("balanced_accuracy", "balanced accuracy"),
+    ):
+        _metric_row(summary, name, key, r, tta)
     for kind in ("macro", "weighted"):
         a = r[kind]
         extra = [f"F1 {tta['macro_f1']:.4f}"] if tta and kind == "macro" else ([""] if tta else [])
@@ -522,15 +508,13 @@ def report_renderables(result: EvalResult) -> list:
     return out
 
 
-def _multilabel_renderables(result: EvalResult) -> list:
+def _summary_table(result: EvalResult, kind: str):
+    """The headline table: a ``plain`` column, a ``with TTA`` one when TTA ran, and the image count."""
     from rich.table import Table
 
-    r = result.report
-    tta = r.get("tta")
+    r, tta = result.report, result.report.get("tta")
     summary = Table(
-        title=f"{result.checkpoint} on {result.data} (multi-label)",
-        title_justify="left",
-        show_header=bool(tta),
+        title=f"{result.checkpoint} on {result.data}{kind}", title_justify="left", show_header=bool(tta)
     )
     summary.add_column("", style="bold")
     summary.add_column("plain", justify="right")
@@ -538,6 +522,21 @@ def _multilabel_renderables(result: EvalResult) -> list:
         summary.add_column("with TTA (flip)", justify="right")
     images = str(r["samples"]) + (f" ({len(result.bad)} unreadable, skipped)" if result.bad else "")
     summary.add_row("images", images, *([images] if tta else []))
+    return summary
+
+
+def _metric_row(summary, name: str, key: str, r: dict, tta: dict | None) -> None:
+    """One metric, plain and (when TTA ran) with TTA; absent metrics are left out."""
+    if key in r:
+        summary.add_row(name, f"{r[key]:.4f}", *([f"{tta[key]:.4f}"] if tta else []))
+
+
+def _multilabel_renderables(result: EvalResult) -> list:
+    from rich.table import Table
+
+    r = result.report
+    tta = r.get("tta")
+    summary = _summary_table(result, " (multi-label)")
     for key, name in (
         ("exact_match", "exact match"),
         ("micro_f1", "micro F1"),
@@ -545,7 +544,7 @@ def _multilabel_renderables(result: EvalResult) -> list:
         ("mAP", "mAP"),
         ("loss", "loss (BCE)"),
     ):
-        summary.add_row(name, f"{r[key]:.4f}", *([f"{tta[key]:.4f}"] if tta else []))
+        _metric_row(summary, name, key, r, tta)
     per = Table(title="per class (a label is on at probability >= threshold)", title_justify="left")
     per.add_column("class")
     for col in ("threshold", "precision", "recall", "f1", "AP", "support"):
