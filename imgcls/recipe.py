@@ -729,15 +729,20 @@ def recipe_from_dict(
         raise RecipeError(_explain(exc, where, lines or {}, overridden)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    path = Path(path)
+def read_yaml_file(path: Path, what: str = "recipe") -> tuple[Any, dict[Path_, int]]:
+    """:func:`read_yaml` of a file; a missing or unreadable one is a RecipeError naming it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
+        raise RecipeError(f"{path}: no such {what} file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read: {exc}") from None
-    raw, lines = read_yaml(text, str(path))
+    return read_yaml(text, str(path))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    raw, lines = read_yaml_file(path)
     if raw is not None and isinstance(raw, dict) and "name" not in raw:
         raw["name"] = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem) or "recipe"
     return recipe_from_dict(raw, str(path), lines, overrides)

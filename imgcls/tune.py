@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls.errors import Interrupted, RecipeError, UsageError
-from imgcls.recipe import Recipe, read_yaml, recipe_from_dict, recipe_to_dict
+from imgcls.recipe import Recipe, read_yaml_file, recipe_from_dict, recipe_to_dict
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_acc": "maximize", "train_loss": "minimize"}
@@ -71,13 +71,7 @@ def with_params(raw: dict, params: dict[str, Any], where: str = "<recipe>") -> R
 
 def load_space(path: Path, raw_recipe: dict, where_recipe: str = "<recipe>") -> list[Param]:
     """Read and check a space file against the recipe it will modify."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such space file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
-    data, lines = read_yaml(text, str(path))
+    data, lines = read_yaml_file(path, "space")
     if not isinstance(data, dict) or not data:
         raise RecipeError(
             f"{path}:1: a search space maps key paths to distributions, "
