@@ -76,3 +76,27 @@ def test_ctrl_c_during_decoding_leaves_no_cache_entry_and_no_run(tmp_path):
     left = sorted(p.name for p in (cache / "decoded").iterdir()) if (cache / "decoded").exists() else []
     assert left == [], f"left in the cache: {left}"
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_while_the_decode_server_starts_is_not_lost(tmp_path):
+    """A SIGINT landing in the few ms the decode workers' server takes to fork
+    and exec is raised once it is started, not dropped (it used to be: this
+    process ignored SIGINT for that moment, and a run went on training)."""
+    script = """
+import multiprocessing.util, os, signal
+from imgcls.data import batch_decode
+
+spawn = multiprocessing.util.spawnv_passfds
+def spawn_during_ctrl_c(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while the server is being started
+    return spawn(*args)
+multiprocessing.util.spawnv_passfds = spawn_during_ctrl_c
+try:
+    batch_decode._prestart()
+except KeyboardInterrupt:
+    print("raised")
+else:
+    print("lost")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "raised", done.stderr

@@ -299,25 +299,21 @@ def _prestart() -> None:
     the serial probe instead of delaying the first worker). Costs nothing
     when it already runs; a no-op without forkserver.
 
-    It starts with SIGINT ignored (an ignored signal stays ignored across
-    exec, and Python keeps it so; its workers inherit it): a terminal's
-    Ctrl-C reaches the whole process group, and a server still importing
-    would die with a KeyboardInterrupt traceback, taking the pool down with
-    an EOFError. (A blocked mask is not enough: the child starts unblocked.)
-    This process ignores SIGINT only for the fork and exec, a few ms."""
+    A terminal's Ctrl-C reaches the whole process group: a server still
+    importing would die with a KeyboardInterrupt traceback, taking the pool
+    down with an EOFError. So the server's first import is
+    :mod:`imgcls.data.decode_server`, which ignores SIGINT (its workers
+    inherit that) before anything else loads. This process must not ignore
+    SIGINT meanwhile, not even for the few ms of the fork and exec: a Ctrl-C
+    landing there would be lost (the run then trained on, seen in the test
+    suite). It is held instead and raised once the server is started."""
     ctx = _context()
     if ctx.get_start_method() != "forkserver":
         return
     from multiprocessing import forkserver
 
-    main = threading.current_thread() is threading.main_thread()
-    with _main_module_hidden():
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
-            forkserver.ensure_running()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+    with _main_module_hidden(), _sigint_deferred():
+        forkserver.ensure_running()
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -329,7 +325,7 @@ def _context() -> multiprocessing.context.BaseContext:
     Elsewhere ``spawn``."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["imgcls.data.decode"])
+        ctx.set_forkserver_preload(["imgcls.data.decode_server", "imgcls.data.decode"])
         return ctx
     return multiprocessing.get_context("spawn")
 
