@@ -193,7 +193,7 @@ def auto_augment(
     u8 = x if x.dtype == torch.uint8 else (x * 255).round_().clamp_(0, 255).to(torch.uint8)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's only: fork_rng restores no other
         out = torch.stack([policy(img) for img in u8])
     return out
 
