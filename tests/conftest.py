@@ -176,7 +176,16 @@ def _process_like_globals():
             cli_module._state.update(cli_state)
 
 
-_SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+_SIGNALS = [
+    s
+    for s in (
+        signal.SIGINT,
+        signal.SIGTERM,
+        getattr(signal, "SIGHUP", None),
+        getattr(signal, "SIGQUIT", None),
+    )
+    if s is not None
+]
 
 
 @contextlib.contextmanager

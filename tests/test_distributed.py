@@ -1,20 +1,27 @@
 """Several processes: `imgcls train --nproc N` through torch's elastic launcher.
 
-The multi-process launches cost several seconds of imports each, so one module
-fixture starts the two 2-rank runs and every assertion shares them."""
+The multi-process launches cost several seconds of imports each, so module
+fixtures start them once and the assertions share them; the launcher runs
+in-process (its workers are real processes) except where the launcher's own
+process is the point (Ctrl-C)."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, invoke_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -53,11 +60,9 @@ def _train(recipe: dict, **kwargs):
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    """One 2-rank launch, shared by the assertions below (each launch costs
-    several seconds of imports): a 1-rank run stopped after its first step is
-    resumed with `--nproc 2 --max-restarts 1`; rank 1 is killed in epoch 2, the
-    group restarts from the epoch-1 checkpoint and finishes. Beside it, the
-    uninterrupted 1-rank reference."""
+    """1 process -> 2: a 1-rank run stopped after its first step, resumed with
+    `--nproc 2` (the launcher in-process; its workers are real processes).
+    Beside it, the uninterrupted 1-rank reference."""
     from imgcls.errors import Interrupted
 
     tmp = tmp_path_factory.mktemp("dist")
@@ -67,31 +72,19 @@ def launch(tmp_path_factory):
     reference = _train(recipe, out=tmp / "reference")
     with pytest.raises(Interrupted):
         _train(recipe, out=tmp / "run", stop_after_steps=1)
-    result = run_cli(
-        "train",
-        str(recipe_file),
-        "--nproc",
-        "2",
-        "--max-restarts",
-        "1",
-        "--resume",
-        str(tmp / "run"),
-        "--json",
-        env={"IMGCLS_KILL_AT": "1:5"},  # rank 1 dies before step 2 of epoch 2 (4 steps an epoch)
-    )
+    result = invoke_cli("train", str(recipe_file), "--nproc", "2", "--resume", str(tmp / "run"), "--json")
     assert result.returncode == 0, result.stderr
     return {"tmp": tmp, "run": tmp / "run", "recipe": recipe, "reference": reference, "result": result}
 
 
 @pytest.mark.slow
-def test_two_ranks_follow_one_rank_through_a_restart_and_only_rank_0_writes(launch):
+def test_two_ranks_follow_one_rank_and_only_rank_0_writes(launch):
     result, run, tmp = launch["result"], launch["run"], launch["tmp"]
     # rank 0 alone reports: one JSON line, each epoch logged once
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["run_dir"] == str(run)
     assert result.stderr.count("epoch 2/2") == 1
     assert "2 processes, 4 images each per batch" in result.stderr
-    assert f"restart 1: resuming {run} from its last checkpoint" in result.stderr
     assert sorted(p.name for p in run.iterdir()) == [
         "best.safetensors",
         "curves.png",
@@ -108,8 +101,8 @@ def test_two_ranks_follow_one_rank_through_a_restart_and_only_rank_0_writes(laun
     assert not (tmp / "runs").exists()  # no other run folder, no restart record
     assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
     # no BatchNorm: 2 ranks averaging gradients follow the one-process run (up
-    # to summation order), across the 1 -> 2 resume and the restart; a step
-    # skipped or repeated would move the weights by ~lr * grad >> 1e-6
+    # to summation order), across the 1 -> 2 resume; a step skipped or
+    # repeated would move the weights by ~lr * grad >> 1e-6
     ref = launch["reference"]
     one, two = _weights(ref.run_dir), _weights(run)
     for key in one:
@@ -117,6 +110,104 @@ def test_two_ranks_follow_one_rank_through_a_restart_and_only_rank_0_writes(laun
     last = _rows(run)[-1]
     assert abs(float(last["val_acc"]) - ref.history[-1]["val_acc"]) <= 1 / 9 + 1e-9
     assert float(last["train_loss"]) == pytest.approx(ref.history[-1]["train_loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Ctrl-C on a real `imgcls train --nproc 2` (SIGINT to its process group,
+    as a terminal sends it) after epoch 1 of 60; the run resumed in 2
+    processes up to the epoch after the one stopped in, with rank 1 killed
+    (SIGKILL) in that last epoch and `--max-restarts 1`; and an uninterrupted
+    2-process run of as many epochs."""
+    tmp = tmp_path_factory.mktemp("ctrl_c")
+    recipe_file = tmp / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(_recipe_dict(tmp / "runs", epochs=60)))
+    run = tmp / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgcls", "train", str(recipe_file), "--nproc", "2", "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as in a terminal
+    )
+    head = []
+    try:
+        for line in proc.stderr:  # rank 0's log, line by line as it trains
+            head.append(line)
+            if line.startswith("epoch 1/60"):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(head) + err
+    assert proc.returncode == 130, err
+    stop = re.search(r"interrupted in epoch (\d+) at step (\d)/4; state saved", err)
+    assert stop is not None, err
+    epochs = int(stop[1]) + 1  # the stopped epoch's rest, and one more
+    saved = torch.load(run / "resume.pt", weights_only=True)["state"]
+    restarted = invoke_cli(
+        "train",
+        str(recipe_file),
+        "--resume",
+        str(run),
+        "--nproc",
+        "2",
+        "--max-restarts",
+        "1",
+        "--epochs",
+        str(epochs),
+        env={"IMGCLS_KILL_AT": f"1:{(epochs - 1) * 4 + 1}"},  # rank 1 dies at step 2 of the last epoch
+    )
+    uninterrupted = invoke_cli(
+        "train", str(recipe_file), "--nproc", "2", "--epochs", str(epochs), "--out", str(tmp / "whole")
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    return {
+        "run": run,
+        "stdout": out,
+        "stderr": err,
+        "epochs": epochs,
+        "saved": saved,
+        "restarted": restarted,
+        "whole": tmp / "whole",
+    }
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_launcher_stops_every_rank_and_saves_once(stopped):
+    err = stopped["stderr"]
+    assert "Traceback" not in err, err
+    assert stopped["stdout"] == ""
+    # rank 0 alone speaks: one notice, one final line naming the saved state
+    assert err.count("stopping after this step") == 1, err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [err.strip().splitlines()[-1]]
+    assert err.strip().endswith(f"Resume with: imgcls train --resume {stopped['run']}")
+    saved = stopped["saved"]  # the state saved at the stop (the resume overwrote it since)
+    assert saved["epoch"] == stopped["epochs"] - 2 and 1 <= saved["step"] <= 4
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_group_which_ends_equal_to_an_uninterrupted_run(stopped):
+    restarted, run = stopped["restarted"], stopped["run"]
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"restart 1: resuming {run} from its last checkpoint" in restarted.stderr
+    # deterministic mode: stopped by Ctrl-C, resumed, a rank killed and the
+    # group restarted, and still bit for bit the run that never stopped
+    resumed, whole = _weights(run), _weights(stopped["whole"])
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[key], whole[key]) for key in whole)
+    rows, ref = _rows(run), _rows(stopped["whole"])
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, stopped["epochs"] + 1)]
+    for row, want in zip(rows, ref, strict=True):
+        assert (row["val_loss"], row["val_acc"], row["train_acc"]) == (
+            want["val_loss"],
+            want["val_acc"],
+            want["train_acc"],
+        )
+        # the stopped epoch's loss sum was carried across the stop: added in another order
+        assert float(row["train_loss"]) == pytest.approx(float(want["train_loss"]), rel=1e-12)
 
 
 @pytest.mark.slow
