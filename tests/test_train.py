@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, invoke_cli
 from safetensors.torch import load_file
 
 from imgcls.errors import CheckpointError, Interrupted
@@ -202,24 +202,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     assert proc.returncode == 130, err
     assert f"imgcls train --resume {tmp_path / 'run'}" in err
     assert (tmp_path / "run" / "resume.pt").exists()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imgcls",
-            "train",
-            "--resume",
-            str(tmp_path / "run"),
-            "--epochs",
-            "3",
-            "-q",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = invoke_cli("train", "--resume", str(tmp_path / "run"), "--epochs", "3", "-q", "--json")
     assert json.loads(result.stdout)["epochs"] >= 3
 
 
