@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,72 +60,24 @@ def _train(recipe: dict, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    """1 process -> 2: a 1-rank run stopped after its first step, resumed with
-    `--nproc 2` (the launcher in-process; its workers are real processes).
-    Beside it, the uninterrupted 1-rank reference."""
-    from imgcls.errors import Interrupted
+def dist(tmp_path_factory):
+    """Three 2-process runs, shared by the assertions below:
 
+    - `stopped`: a real `imgcls train --nproc 2` process, Ctrl-C'd (SIGINT to
+      its process group, as a terminal sends it) after epoch 1 of 60, then
+      resumed in 2 processes up to the epoch after the one it stopped in,
+      with rank 1 killed (SIGKILL) in that last epoch and `--max-restarts 1`;
+    - `whole`: an uninterrupted 2-process run of as many epochs;
+    - `reference`: the same recipe in one process.
+    The resumed and whole launchers run in-process (their workers are real
+    processes): the launcher's own process is the point only for Ctrl-C."""
     tmp = tmp_path_factory.mktemp("dist")
-    recipe = _recipe_dict(tmp / "runs")
+    recipe = _recipe_dict(tmp / "runs", epochs=60)
     recipe_file = tmp / "tiny.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
-    reference = _train(recipe, out=tmp / "reference")
-    with pytest.raises(Interrupted):
-        _train(recipe, out=tmp / "run", stop_after_steps=1)
-    result = invoke_cli("train", str(recipe_file), "--nproc", "2", "--resume", str(tmp / "run"), "--json")
-    assert result.returncode == 0, result.stderr
-    return {"tmp": tmp, "run": tmp / "run", "recipe": recipe, "reference": reference, "result": result}
-
-
-@pytest.mark.slow
-def test_two_ranks_follow_one_rank_and_only_rank_0_writes(launch):
-    result, run, tmp = launch["result"], launch["run"], launch["tmp"]
-    # rank 0 alone reports: one JSON line, each epoch logged once
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["run_dir"] == str(run)
-    assert result.stderr.count("epoch 2/2") == 1
-    assert "2 processes, 4 images each per batch" in result.stderr
-    assert sorted(p.name for p in run.iterdir()) == [
-        "best.safetensors",
-        "curves.png",
-        "last.safetensors",
-        "metrics.csv",
-        "recipe.yaml",
-        "report.html",
-        "resume.pt",
-        "run.json",
-        "summary.json",
-        "summary.txt",
-    ]
-    assert json.loads((run / "run.json").read_text())["world_size"] == 2
-    assert not (tmp / "runs").exists()  # no other run folder, no restart record
-    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
-    # no BatchNorm: 2 ranks averaging gradients follow the one-process run (up
-    # to summation order), across the 1 -> 2 resume; a step skipped or
-    # repeated would move the weights by ~lr * grad >> 1e-6
-    ref = launch["reference"]
-    one, two = _weights(ref.run_dir), _weights(run)
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
-    last = _rows(run)[-1]
-    assert abs(float(last["val_acc"]) - ref.history[-1]["val_acc"]) <= 1 / 9 + 1e-9
-    assert float(last["train_loss"]) == pytest.approx(ref.history[-1]["train_loss"], rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
-    """Ctrl-C on a real `imgcls train --nproc 2` (SIGINT to its process group,
-    as a terminal sends it) after epoch 1 of 60; the run resumed in 2
-    processes up to the epoch after the one stopped in, with rank 1 killed
-    (SIGKILL) in that last epoch and `--max-restarts 1`; and an uninterrupted
-    2-process run of as many epochs."""
-    tmp = tmp_path_factory.mktemp("ctrl_c")
-    recipe_file = tmp / "tiny.yaml"
-    recipe_file.write_text(yaml.safe_dump(_recipe_dict(tmp / "runs", epochs=60)))
-    run = tmp / "run"
+    stopped = tmp / "stopped"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgcls", "train", str(recipe_file), "--nproc", "2", "--out", str(run)],
+        [sys.executable, "-m", "imgcls", "train", str(recipe_file), "--nproc", "2", "--out", str(stopped)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -146,12 +99,12 @@ def stopped(tmp_path_factory):
     stop = re.search(r"interrupted in epoch (\d+) at step (\d)/4; state saved", err)
     assert stop is not None, err
     epochs = int(stop[1]) + 1  # the stopped epoch's rest, and one more
-    saved = torch.load(run / "resume.pt", weights_only=True)["state"]
+    saved = torch.load(stopped / "resume.pt", weights_only=True)["state"]
     restarted = invoke_cli(
         "train",
         str(recipe_file),
         "--resume",
-        str(run),
+        str(stopped),
         "--nproc",
         "2",
         "--max-restarts",
@@ -160,46 +113,60 @@ def stopped(tmp_path_factory):
         str(epochs),
         env={"IMGCLS_KILL_AT": f"1:{(epochs - 1) * 4 + 1}"},  # rank 1 dies at step 2 of the last epoch
     )
-    uninterrupted = invoke_cli(
-        "train", str(recipe_file), "--nproc", "2", "--epochs", str(epochs), "--out", str(tmp / "whole")
+    whole = invoke_cli(
+        "train",
+        str(recipe_file),
+        "--nproc",
+        "2",
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(tmp / "whole"),
+        "--json",
     )
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert whole.returncode == 0, whole.stderr
+    recipe["train"]["epochs"] = epochs
+    reference = _train(recipe, out=tmp / "reference")
     return {
-        "run": run,
-        "stdout": out,
-        "stderr": err,
+        "tmp": tmp,
+        "recipe": recipe,
         "epochs": epochs,
+        "stopped": stopped,
+        "stop_stdout": out,
+        "stop_stderr": err,
         "saved": saved,
         "restarted": restarted,
         "whole": tmp / "whole",
+        "whole_result": whole,
+        "reference": reference,
     }
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_the_launcher_stops_every_rank_and_saves_once(stopped):
-    err = stopped["stderr"]
+def test_ctrl_c_on_the_launcher_stops_every_rank_and_saves_once(dist):
+    err = dist["stop_stderr"]
     assert "Traceback" not in err, err
-    assert stopped["stdout"] == ""
+    assert dist["stop_stdout"] == ""
     # rank 0 alone speaks: one notice, one final line naming the saved state
     assert err.count("stopping after this step") == 1, err
     assert [line for line in err.splitlines() if "interrupted" in line] == [err.strip().splitlines()[-1]]
-    assert err.strip().endswith(f"Resume with: imgcls train --resume {stopped['run']}")
-    saved = stopped["saved"]  # the state saved at the stop (the resume overwrote it since)
-    assert saved["epoch"] == stopped["epochs"] - 2 and 1 <= saved["step"] <= 4
+    assert err.strip().endswith(f"Resume with: imgcls train --resume {dist['stopped']}")
+    saved = dist["saved"]  # the state saved at the stop (the resume overwrote it since)
+    assert saved["epoch"] == dist["epochs"] - 2 and 1 <= saved["step"] <= 4
 
 
 @pytest.mark.slow
-def test_a_killed_rank_restarts_the_group_which_ends_equal_to_an_uninterrupted_run(stopped):
-    restarted, run = stopped["restarted"], stopped["run"]
+def test_a_killed_rank_restarts_the_group_which_ends_equal_to_an_uninterrupted_run(dist):
+    restarted, run = dist["restarted"], dist["stopped"]
     assert restarted.returncode == 0, restarted.stderr
     assert f"restart 1: resuming {run} from its last checkpoint" in restarted.stderr
     # deterministic mode: stopped by Ctrl-C, resumed, a rank killed and the
     # group restarted, and still bit for bit the run that never stopped
-    resumed, whole = _weights(run), _weights(stopped["whole"])
+    resumed, whole = _weights(run), _weights(dist["whole"])
     assert resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[key], whole[key]) for key in whole)
-    rows, ref = _rows(run), _rows(stopped["whole"])
-    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, stopped["epochs"] + 1)]
+    rows, ref = _rows(run), _rows(dist["whole"])
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, dist["epochs"] + 1)]
     for row, want in zip(rows, ref, strict=True):
         assert (row["val_loss"], row["val_acc"], row["train_acc"]) == (
             want["val_loss"],
@@ -211,15 +178,49 @@ def test_a_killed_rank_restarts_the_group_which_ends_equal_to_an_uninterrupted_r
 
 
 @pytest.mark.slow
-def test_sharded_validation_equals_one_process_on_the_same_weights(launch):
+def test_two_ranks_follow_one_rank_and_only_rank_0_writes(dist):
+    result, run, tmp = dist["whole_result"], dist["whole"], dist["tmp"]
+    # rank 0 alone reports: one JSON line, each epoch logged once
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["run_dir"] == str(run)
+    assert result.stderr.count(f"epoch {dist['epochs']}/{dist['epochs']}") == 1
+    assert "2 processes, 4 images each per batch" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.safetensors",
+        "curves.png",
+        "last.safetensors",
+        "metrics.csv",
+        "recipe.yaml",
+        "report.html",
+        "resume.pt",
+        "run.json",
+        "summary.json",
+        "summary.txt",
+    ]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert not (tmp / "runs").exists()  # no other run folder, no restart record
+    # no BatchNorm: 2 ranks averaging gradients follow the one-process run (up
+    # to summation order); a step skipped or repeated would move the weights
+    # by ~lr * grad >> 1e-6
+    ref = dist["reference"]
+    one, two = _weights(ref.run_dir), _weights(run)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    last = _rows(run)[-1]
+    assert abs(float(last["val_acc"]) - ref.history[-1]["val_acc"]) <= 1 / 9 + 1e-9
+    assert float(last["train_loss"]) == pytest.approx(ref.history[-1]["train_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_validation_equals_one_process_on_the_same_weights(dist):
     """The 2-rank run's last validation numbers, recomputed in one process on its weights."""
     from imgcls.data import prepare_data
     from imgcls.infer import tensor_logits
     from imgcls.models.build import build_model
     from imgcls.recipe import recipe_from_dict
 
-    run = launch["run"]
-    recipe = recipe_from_dict(launch["recipe"])
+    run = dist["whole"]
+    recipe = recipe_from_dict(dist["recipe"])
     data = prepare_data(recipe.data, ".", None)
     model = build_model(recipe.model, recipe.input_shape(), 3)
     model.load_state_dict(_weights(run))
@@ -236,16 +237,19 @@ def test_sharded_validation_equals_one_process_on_the_same_weights(launch):
 
 
 @pytest.mark.slow
-def test_resume_a_two_rank_run_in_one_process(launch):
-    """2 ranks -> 1 (the launch itself resumed 1 -> 2)."""
-    tmp, recipe = launch["tmp"], launch["recipe"]
-    longer = {**recipe, "train": {**recipe["train"], "epochs": 3}}
-    _train(longer, resume=launch["run"])
-    reference = _train(longer, out=tmp / "reference3")
-    one, two = _weights(reference.run_dir), _weights(launch["run"])
+def test_resume_across_world_sizes(dist):
+    """2 processes -> 1 (on a copy of the whole run: other tests read it), and
+    2 -> 2 mid-epoch (the Ctrl-C'd run, above): the state is the global
+    batch's step, whatever the number of processes."""
+    tmp, recipe = dist["tmp"], dist["recipe"]
+    copy_of = shutil.copytree(dist["whole"], tmp / "two_then_one")
+    longer = {**recipe, "train": {**recipe["train"], "epochs": dist["epochs"] + 1}}
+    _train(longer, resume=copy_of)
+    reference = _train(longer, out=tmp / "reference_longer")
+    one, two = _weights(reference.run_dir), _weights(copy_of)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
-    assert [r["epoch"] for r in _rows(launch["run"])] == ["1", "2", "3"]
+    assert [r["epoch"] for r in _rows(copy_of)] == [str(e) for e in range(1, dist["epochs"] + 2)]
 
 
 def test_gradient_accumulation_gives_the_larger_batch_weights(tmp_path):
