@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from imgcls import __version__
+from imgcls import __version__, interrupts
 from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ImgclsError
 
 app = typer.Typer(
@@ -83,6 +83,7 @@ def command(fn):
                 import torch  # noqa: F401  (the slow, fragile import, done while Ctrl-C is held)
             finally:
                 release_sigint()  # a Ctrl-C held meanwhile is raised here, inside this try
+            interrupts.install()  # and one that C code swallows later is raised again (see there)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise  # usage errors: click prints them with the usage line, exit 2

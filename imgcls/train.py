@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgcls import __version__, distributed
+from imgcls import __version__, distributed, interrupts
 from imgcls import checkpoint as ck
 from imgcls.data.batches import epoch_order
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
@@ -298,6 +298,7 @@ def _train(
     try:
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
             previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        interrupts.check()  # one swallowed before the handler above took over
         while run.state.epoch < spec.epochs:
             finished, steps_left = train_one_epoch(run, bar, interrupted, steps_left)
             if not finished:
@@ -502,6 +503,7 @@ def prepare(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
         )
     run.batches, run.forward = _batch_source(run), _compiled(run)
+    interrupts.check()  # a Ctrl-C swallowed while the data was prepared stops us here
     # only now, with data and model ready, does the run get a folder (rank 0 makes it)
     if resume is not None and group.main:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
