@@ -81,7 +81,7 @@ def test_ctrl_c_during_decoding_leaves_no_cache_entry_and_no_run(tmp_path):
 def test_ctrl_c_while_the_decode_server_starts_is_not_lost(tmp_path):
     """A SIGINT landing in the few ms the decode workers' server takes to fork
     and exec is raised once it is started, not dropped (it used to be: this
-    process ignored SIGINT for that moment, and a run went on training)."""
+    process ignored SIGINT for that moment)."""
     script = """
 import multiprocessing.util, os, signal
 from imgcls.data import batch_decode

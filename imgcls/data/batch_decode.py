@@ -305,8 +305,8 @@ def _prestart() -> None:
     :mod:`imgcls.data.decode_server`, which ignores SIGINT (its workers
     inherit that) before anything else loads. This process must not ignore
     SIGINT meanwhile, not even for the few ms of the fork and exec: a Ctrl-C
-    landing there would be lost (the run then trained on, seen in the test
-    suite). It is held instead and raised once the server is started."""
+    landing there would be lost. It is held instead and raised once the
+    server is started."""
     ctx = _context()
     if ctx.get_start_method() != "forkserver":
         return
