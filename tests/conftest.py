@@ -249,6 +249,22 @@ def quickstart_run(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture
+def decodes(monkeypatch) -> list[int]:
+    """How many files each call of the decoded cache's decode_into decoded."""
+    from imgcls.data import cache
+
+    calls: list[int] = []
+    real = cache.decode_into
+
+    def counting(out, paths, *args, **kwargs):
+        calls.append(len(paths))
+        return real(out, paths, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "decode_into", counting)
+    return calls
+
+
+@pytest.fixture
 def cli():
     """The command in-process; `run_cli` where a real process is the point."""
     return invoke_cli

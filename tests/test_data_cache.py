@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.data import cache, default_cache_dir, prepare_data
+from imgcls.data import default_cache_dir, prepare_data
 from imgcls.data.cache import check_bad, load_split
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
@@ -42,21 +42,7 @@ def test_load_split_decodes_and_skips_bad(tmp_path, cache):
     assert written if cache in ("disk", "auto", "ram") else not (tmp_path / "cache").exists()
 
 
-def _count_decodes(monkeypatch) -> list[int]:
-    """Record how many files each decode_into call decodes."""
-    calls: list[int] = []
-    real = cache.decode_into
-
-    def counting(out, paths, *args, **kwargs):
-        calls.append(len(paths))
-        return real(out, paths, *args, **kwargs)
-
-    monkeypatch.setattr(cache, "decode_into", counting)
-    return calls
-
-
-def test_disk_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    decodes = _count_decodes(monkeypatch)
+def test_disk_cache_is_reused_and_invalidated(tmp_path, decodes):
     items = _items(tmp_path, 4)
     spec = DataSpec(image_size=4, cache="disk")
     first = load_split(items, spec, tmp_path / "c")
@@ -96,7 +82,7 @@ def test_prepare_data_enforces_max_bad_fraction(tmp_path):
     assert len(data.train) + len(data.val) == 8 and len(data.mean) == 3
 
 
-def test_prepare_data_disk_cache_defaults_under_the_cache_root(tmp_path, monkeypatch):
+def test_prepare_data_disk_cache_defaults_under_the_cache_root(tmp_path, monkeypatch, decodes):
     """With no cache_dir, ``cache: disk`` still caches (under $IMGCLS_CACHE/decoded),
     and a second run maps the cache instead of decoding again."""
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache-root"))
@@ -105,7 +91,6 @@ def test_prepare_data_disk_cache_defaults_under_the_cache_root(tmp_path, monkeyp
         _items(tmp_path / "d" / cls, 4)
     spec = DataSpec(source="folder", path="d", image_size=4, cache="disk")
     assert default_cache_dir() == tmp_path / "cache-root" / "decoded"
-    decodes = _count_decodes(monkeypatch)
     logs: list[str] = []
     first = prepare_data(spec, tmp_path, log=logs.append)
     assert sum(decodes) == 8 and list(default_cache_dir().glob("*/rows.u8"))

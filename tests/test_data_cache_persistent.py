@@ -27,19 +27,6 @@ def _tree(root, n=4):
 
 
 @pytest.fixture
-def decodes(monkeypatch):
-    calls: list[int] = []
-    real = cache.decode_into
-
-    def counting(out, paths, *args, **kwargs):
-        calls.append(len(paths))
-        return real(out, paths, *args, **kwargs)
-
-    monkeypatch.setattr(cache, "decode_into", counting)
-    return calls
-
-
-@pytest.fixture
 def root(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     return tmp_path
