@@ -39,6 +39,14 @@ TINY_RECIPE = {
     "train": {"epochs": 1, "batch_size": 8},
 }
 
+# two convs and a flatten: enough for 8x8 digits or a 2x2 grid of cells
+SMALL_CNN = [
+    {"conv": {"filters": 16, "kernel": 3, "padding": "same", "activation": "relu"}},
+    {"maxpool": 2},
+    {"conv": {"filters": 32, "kernel": 3, "padding": "same", "activation": "relu"}},
+    "flatten",
+]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):

@@ -155,31 +155,26 @@ def test_in_process_runs_leave_no_state_behind(cli, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     raw = {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "threads": 1, "deterministic": True}}
     recipe.write_text(yaml.safe_dump(raw))
-    before = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        signal.getsignal(signal.SIGINT),
-        os.getcwd(),
-        dict(os.environ),
-        list(warnings.filters),
-        dict(imgcls.cli._state),
-    )
+
+    def process_state() -> tuple:
+        return (
+            torch.get_num_threads(),
+            torch.are_deterministic_algorithms_enabled(),
+            signal.getsignal(signal.SIGINT),
+            os.getcwd(),
+            dict(os.environ),
+            list(warnings.filters),
+            dict(imgcls.cli._state),
+        )
+
+    before = process_state()
     assert before[0] > 1 or os.cpu_count() == 1  # threads: 1 is a change to undo
     trained = cli("--debug", "train", str(recipe), "-q", cwd=tmp_path, env={"IMGCLS_TEST_VAR": "1"})
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "runs").is_dir()  # it ran where it was told
     failed = cli("--debug", "summarize", "nope", cwd=tmp_path)
     assert failed.returncode != 0 and "Traceback" in failed.stderr  # an escaping error reads as in a process
-    after = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        signal.getsignal(signal.SIGINT),
-        os.getcwd(),
-        dict(os.environ),
-        list(warnings.filters),
-        dict(imgcls.cli._state),
-    )
-    assert after == before
+    assert process_state() == before
 
 
 def test_a_closed_pipe_stops_quietly():

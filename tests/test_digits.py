@@ -5,13 +5,14 @@ predict through the export, every step through the CLI."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import invoke_cli
+from conftest import SMALL_CNN, invoke_cli
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -45,14 +46,7 @@ def digits_run(tmp_path_factory) -> dict:
     recipe = {
         "name": "digits",
         "data": {"source": "folder", "path": str(data), "channels": 1, "image_size": 8},
-        "model": {
-            "layers": [
-                {"conv": {"filters": 16, "kernel": 3, "padding": "same", "activation": "relu"}},
-                {"maxpool": 2},
-                {"conv": {"filters": 32, "kernel": 3, "padding": "same", "activation": "relu"}},
-                "flatten",
-            ]
-        },
+        "model": {"layers": copy.deepcopy(SMALL_CNN)},
         # one thread: on a tiny model, a second one only waits (and on a busy machine, much longer)
         "train": {"epochs": 6, "batch_size": 32, "optimizer": {"lr": 0.003}, "threads": 1},
     }

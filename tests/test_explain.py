@@ -40,41 +40,23 @@ def _draw(kind: str, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     return np.rint(img).clip(0, 255).astype(np.uint8), mask
 
 
+def _conv(filters: int) -> dict:
+    return {
+        "conv": {"filters": filters, "kernel": 3, "padding": "same", "batch_norm": True, "activation": "relu"}
+    }
+
+
 def _recipe(root: Path, out: Path, epochs: int) -> dict:
     return {
         "name": "explain-test",
         "data": {"source": "folder", "path": str(root), "image_size": SIZE, "val_split": 0.2},
         "model": {
             "layers": [
-                {
-                    "conv": {
-                        "filters": 16,
-                        "kernel": 3,
-                        "padding": "same",
-                        "batch_norm": True,
-                        "activation": "relu",
-                    }
-                },
+                _conv(16),
                 {"maxpool": 2},
-                {
-                    "conv": {
-                        "filters": 32,
-                        "kernel": 3,
-                        "padding": "same",
-                        "batch_norm": True,
-                        "activation": "relu",
-                    }
-                },
+                _conv(32),
                 {"maxpool": 2},
-                {
-                    "conv": {
-                        "filters": 32,
-                        "kernel": 3,
-                        "padding": "same",
-                        "batch_norm": True,
-                        "activation": "relu",
-                    }
-                },
+                _conv(32),
                 "global_avg_pool",
                 {"dense": {"units": 3}},
             ]

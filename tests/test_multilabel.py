@@ -3,12 +3,14 @@ tuned thresholds, predict and export keeping the semantics."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_CNN
 from PIL import Image
 
 from imgcls.data.shapes import draw_shape
@@ -51,14 +53,7 @@ def recipe(csv_path: Path, out: Path, **data) -> dict:
     return {
         "name": "ml",
         "data": {"source": "csv", "path": str(csv_path), "image_size": 2 * CELL, **data},
-        "model": {
-            "layers": [
-                {"conv": {"filters": 16, "kernel": 3, "padding": "same", "activation": "relu"}},
-                {"maxpool": 2},
-                {"conv": {"filters": 32, "kernel": 3, "padding": "same", "activation": "relu"}},
-                "flatten",
-            ]
-        },
+        "model": {"layers": copy.deepcopy(SMALL_CNN)},
         "train": {"epochs": 6, "batch_size": 16, "optimizer": {"lr": 0.003}, "out": str(out)},
     }
 
