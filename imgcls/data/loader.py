@@ -7,6 +7,7 @@ consumer feeds the model exactly as training did.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +47,17 @@ def mean_std_from_sums(sums: np.ndarray, pixels: int) -> tuple[list[float], list
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) batch -> float ``(x - mean) / std``."""
     x = to_float(x)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.dtype, x.device)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``mean`` and ``std`` as (1, C, 1, 1) tensors on ``device``, made once:
+    built per batch, each was a host-to-device copy, which on CUDA waits for
+    the stream (a host sync in every training step). Made outside inference
+    mode, so a later backward (training, Grad-CAM) may save them."""
+    with torch.inference_mode(False):
+        m = torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1)
+    return m, s
