@@ -161,6 +161,7 @@ def color_jitter(x: torch.Tensor, spec: ColorJitter, gen: torch.Generator) -> to
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)  # once, on the host: on CUDA, inv checks its result (a host sync)
 
 
 def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -170,8 +171,9 @@ def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
     rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-    to_yiq = _RGB2YIQ.to(x.device, x.dtype)
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (B, 3, 3)
+    to_yiq = _RGB2YIQ.to(x.device, x.dtype, non_blocking=True)
+    to_rgb = _YIQ2RGB.to(x.device, x.dtype, non_blocking=True)
+    m = to_rgb @ rot @ to_yiq  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
 
 
