@@ -451,7 +451,7 @@ def data_check(
         ckpt = load_checkpoint(model)
     result = check_dataset(path, model=ckpt, log=lambda message: _stderr().print(message, markup=False))
     if ckpt is not None and ckpt.run_dir is not None:
-        from imgcls.checkpoint import write_text_atomic
+        from imgcls.io import write_text_atomic
 
         write_text_atomic(ckpt.run_dir / "data-check.json", json.dumps(result.to_dict(), indent=1) + "\n")
     if as_json:

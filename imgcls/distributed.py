@@ -366,13 +366,13 @@ def restart_target(group: Group, recipe, out: Path | None, resume: Path | None, 
 
 def record_run_dir(recipe, run_dir: Path) -> None:
     """Rank 0 notes the group's run folder, so a restarted group finds it."""
-    from imgcls import checkpoint as ck
+    from imgcls.io import write_text_atomic
 
     record = _record_path(recipe)
     if record is None:
         return
     record.parent.mkdir(parents=True, exist_ok=True)
-    ck.write_text_atomic(record, json.dumps({"run_dir": str(run_dir.absolute())}))
+    write_text_atomic(record, json.dumps({"run_dir": str(run_dir.absolute())}))
 
 
 def forget_run_dir(recipe) -> None:

@@ -27,7 +27,7 @@ validation split and writes a copy of the checkpoint carrying them
 (``<stem>-tuned.safetensors``), which predict and export then use.
 
 ``tta``: the metrics are computed twice, on the plain logits and on the
-logits averaged with the flipped image (:func:`imgcls.infer.tta_logits`);
+logits averaged with the flipped image (:func:`imgcls.forward.tta_logits`);
 the report keeps the plain numbers and adds the TTA ones under ``tta``.
 """
 
@@ -44,10 +44,12 @@ from pathlib import Path
 
 import torch
 
-from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, save_checkpoint, write_text_atomic
+from imgcls.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import read_labelled_rows, scan_class_folders
 from imgcls.errors import DataError, PartialFailure, UsageError
-from imgcls.infer import decoded_batches, logits, model_input, tta_logits
+from imgcls.forward import logits, model_input, tta_logits
+from imgcls.io import atomic_path, write_text_atomic
 from imgcls.metadata import task_of, thresholds_of
 from imgcls.metrics import (
     classification_report,

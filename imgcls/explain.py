@@ -16,7 +16,7 @@ Grad-CAM only (no Grad-CAM++ or LayerCAM) and pytorch-grad-cam pulls in
 OpenCV; the three methods are a few lines each on the same two tensors.
 
 Images go through the one decode path (:func:`imgcls.data.decode.load_image`)
-and the one model-input path (:func:`imgcls.infer.model_input`); the map is
+and the one model-input path (:func:`imgcls.forward.model_input`); the map is
 computed on the image as the model sees it (resized to its input size) and
 upsampled to it. The target layer defaults to the last module that outputs a
 spatial feature map (the last convolutional block); ``--layer`` takes the names
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.checkpoint import Checkpoint, atomic_path
+from imgcls.checkpoint import Checkpoint
 from imgcls.data.decode import DecodeError, load_image
 from imgcls.errors import PartialFailure, UsageError
-from imgcls.infer import main_logits, model_input
+from imgcls.forward import main_logits, model_input
+from imgcls.io import atomic_path
 
 METHODS = ("gradcam", "gradcam++", "layercam")
 Log = Callable[[str], None]
@@ -134,7 +135,7 @@ def class_maps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmaps for class ``targets[i]`` of image ``x[i]``.
 
-    ``x`` is a batch from :func:`imgcls.infer.model_input`. Returns the maps
+    ``x`` is a batch from :func:`imgcls.forward.model_input`. Returns the maps
     (N, H, W) upsampled to the input size and scaled to 0..1 (all zero when
     nothing in the layer speaks for the class), and the probabilities (N, K).
     """

@@ -23,8 +23,9 @@ import platform
 import sys
 from pathlib import Path
 
-from imgcls.checkpoint import resolve_checkpoint, write_text_atomic
+from imgcls.checkpoint import resolve_checkpoint
 from imgcls.errors import UsageError
+from imgcls.io import write_text_atomic
 
 REPORT = "report.html"
 MAX_OVERLAYS = 24

@@ -30,7 +30,7 @@ from imgcls import __version__, distributed, interrupts
 from imgcls import checkpoint as ck
 from imgcls.data.batches import epoch_order
 from imgcls.errors import CheckpointError, Diverged, Interrupted, RecipeError, UsageError
-from imgcls.infer import main_logits, model_input, tensor_logits
+from imgcls.forward import main_logits, model_input, tensor_logits
 from imgcls.models import finetune
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict

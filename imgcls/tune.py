@@ -362,7 +362,7 @@ def summarise(
     """The table of trials (best first), best.yaml, trials.csv and importance.png."""
     import optuna
 
-    from imgcls.checkpoint import atomic_path, write_text_atomic
+    from imgcls.io import atomic_path, write_text_atomic
 
     direction = study.direction.name.lower()
     rows = []

@@ -215,7 +215,7 @@ def test_two_ranks_follow_one_rank_and_only_rank_0_writes(dist):
 def test_sharded_validation_equals_one_process_on_the_same_weights(dist):
     """The 2-rank run's last validation numbers, recomputed in one process on its weights."""
     from imgcls.data import prepare_data
-    from imgcls.infer import tensor_logits
+    from imgcls.forward import tensor_logits
     from imgcls.models.build import build_model
     from imgcls.recipe import recipe_from_dict
 

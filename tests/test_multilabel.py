@@ -197,8 +197,8 @@ def test_multilabel_model_beats_softmax(trained):
 @pytest.mark.slow
 def test_tune_predict_and_export_keep_multilabel_semantics(trained, cli, tmp_path):
     from imgcls.export.writers import export_model
-    from imgcls.infer import load_predictor
     from imgcls.predict import predict_files
+    from imgcls.predictor import load_predictor
 
     run = trained["multi"].run_dir
     r = cli("evaluate", str(run), "--tune-thresholds", "--tta", "--json")

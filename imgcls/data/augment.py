@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgcls.data.loader import to_float
 from imgcls.recipe import AugmentSpec, ColorJitter
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -40,11 +41,6 @@ def _rand(n: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, like: torch.Tensor):
     return low + (high - low) * _rand(n, gen, like)
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float 0..1 (float input is returned as is)."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def _per_image(mask: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from imgcls.data.decode import channel_sums, decode_chunk, decode_rows
+from imgcls.data.decode import channel_sums, decode_chunk, decode_rows, decode_workers
 from imgcls.data.progress import Task
 from imgcls.errors import DataError, UsageError
 
@@ -59,15 +59,6 @@ SERIAL_CHUNK = 256
 WARMUP = 4  # untimed images before the serial probe
 PRESTART_MIN = 2000  # images from which the worker server is started before the probe
 Log = Callable[[str], None]
-
-
-def decode_workers() -> int:
-    """Cores this process may run on (``sched_getaffinity`` respects taskset
-    and container CPU sets, ``cpu_count`` does not)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def decode_mode() -> str:

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.data.batch_decode import decode_into, decode_workers
+from imgcls.data.batch_decode import decode_into
 from imgcls.data.decode import channel_sums
 from imgcls.data.progress import Progress
 from imgcls.data.shapes import cache_root
@@ -84,11 +84,6 @@ class DecodedSplit:
 
     def __len__(self) -> int:
         return len(self.files)
-
-
-def decode_threads() -> int:
-    """Workers for decoding (cores this process may use); kept for callers."""
-    return decode_workers()
 
 
 def default_cache_dir() -> Path:

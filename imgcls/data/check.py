@@ -170,7 +170,7 @@ def _cache_file(root: Path) -> Path:
 
 def gather_facts(items: list[Item], root: Path, threads: int | None = None) -> list[dict]:
     """Facts per item: from the cache when path, size and mtime match, else computed in parallel."""
-    from imgcls.checkpoint import write_text_atomic
+    from imgcls.io import write_text_atomic
 
     cache_path = _cache_file(root)
     try:
@@ -342,7 +342,7 @@ def label_errors(ckpt, good: list[tuple[Item, dict]], log: Log) -> list[dict]:
     import torch
 
     from imgcls.data.decode import load_image
-    from imgcls.infer import tensor_logits
+    from imgcls.forward import tensor_logits
 
     classes = ckpt.classes
     index = {c: i for i, c in enumerate(classes)}

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from imgcls.data.augment import to_float
 from imgcls.data.decode import channel_sums
 from imgcls.errors import DataError
 
@@ -42,6 +41,11 @@ def mean_std_from_sums(sums: np.ndarray, pixels: int) -> tuple[list[float], list
     var = (total_sq / pixels - mean.square()).clamp(min=0)
     std = var.sqrt() / 255
     return (mean / 255).tolist(), std.clamp(min=MIN_STD).tolist()
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float 0..1 (float input is returned as is)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -145,7 +145,7 @@ def export_model(
     if float((ref - ref.mean(0)).abs().max()) < 1e-6:
         log("note: the model's outputs do not depend on the input (untrained?), so the check proves little")
 
-    from imgcls.checkpoint import atomic_path
+    from imgcls.io import atomic_path
 
     with atomic_path(out) as tmp:
         if fmt == "onnx":
@@ -186,11 +186,11 @@ def export_model(
 def logits_module(model, x):
     """``model`` itself, or, when its forward returns a tuple / namedtuple
     (googlenet or inception_v3 built with aux heads), a wrapper module whose
-    forward returns only :func:`imgcls.infer.main_logits` of it (the
+    forward returns only :func:`imgcls.forward.main_logits` of it (the
     exporters need an ``nn.Module`` with one tensor output)."""
     import torch
 
-    from imgcls.infer import main_logits
+    from imgcls.forward import main_logits
 
     with torch.no_grad():
         y = model(x[:2])
@@ -339,7 +339,8 @@ def check_batch(ckpt, images: Sequence[Path] = ()):
     """
     import torch
 
-    from imgcls.infer import load_input, model_input
+    from imgcls.data.inputs import load_input
+    from imgcls.forward import model_input
 
     pre = ckpt.preprocessing
     channels, (h, w) = int(pre["channels"]), tuple(pre["image_size"])

@@ -225,7 +225,7 @@ def load_weights_file(model: nn.Module, path: Path, num_classes: int, log: Log |
     mismatch is an error naming the tensors."""
     from safetensors.torch import load_file
 
-    from imgcls.checkpoint import clean_state_dict
+    from imgcls.models.state import clean_state_dict
 
     if path.suffix.lower() != ".safetensors":
         raise UsageError(f"model.weights: {path}: only .safetensors files are read (no pickle)")
@@ -262,50 +262,6 @@ def load_weights_file(model: nn.Module, path: Path, num_classes: int, log: Log |
             log(
                 f"the file's classifier ({head}) has another class count: replaced by a new {num_classes}-class one"
             )
-
-
-# --------------------------------------------------------------------------- small-image stem
-
-SMALL_STEM = {
-    "resnet": "conv1 becomes a 3x3 stride-1 conv, the max pool is removed (resnet*, resnext*, wide_resnet*)",
-    "regnet": "the stem conv keeps its 3x3 kernel with stride 1",
-    "mobilenet": "features[0] (3x3 conv) gets stride 1 (mobilenet_v2, mobilenet_v3_*)",
-    "efficientnet": "features[0] (3x3 conv) gets stride 1",
-    "mnasnet": "layers[0] (3x3 conv) gets stride 1",
-}
-
-
-def _family(name: str) -> str | None:
-    if name.startswith(("resnet", "resnext", "wide_resnet")):
-        return "resnet"
-    for family in ("regnet", "mobilenet", "efficientnet", "mnasnet"):
-        if name.startswith(family):
-            return family
-    return None
-
-
-def small_stem(model: nn.Module, name: str, log: Log | None = None) -> None:
-    """CIFAR-style stem for 32x32-scale images: keep the input's resolution in the
-    first layer instead of dividing it by 4 (ResNet) or 2 (the others)."""
-    family = _family(name)
-    if family is None:
-        raise UsageError(
-            f"model.stem: small is defined for resnet*, resnext*, wide_resnet*, regnet*, mobilenet_v2/v3, "
-            f"efficientnet*, mnasnet*; not for '{name}'"
-        )
-    if family == "resnet":
-        old = model.conv1
-        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-        if log is not None and old.weight.device.type != "meta":
-            log("model.stem: small: conv1 is a new 3x3 conv (its pretrained 7x7 weights are not used)")
-        return
-    first = {"regnet": lambda: model.stem[0], "mnasnet": lambda: model.layers[0]}.get(
-        family, lambda: model.features[0][0]
-    )()
-    if isinstance(first, nn.Sequential):  # Conv2dNormActivation
-        first = first[0]
-    first.stride = (1, 1)
 
 
 def freeze_line(model: nn.Module, recipe) -> str | None:
