@@ -205,6 +205,31 @@ def _attempt_store(world: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"imgcls/attempt_{_restart_count()}/", store)
 
 
+def this_rank() -> int:
+    """This process's rank in a group torchrun (or ``--nproc``) started; 0 alone."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def rank_failure(rank: int, exc: BaseException) -> BaseException | int:
+    """What a rank does with an error that ends its training.
+
+    Rank 0 reports it (``exc`` itself comes back: raise it). The others say
+    nothing for Ctrl-C and bad input, which rank 0 says once for the group
+    (every rank reads the same recipe): their exit code comes back. Any other
+    failure comes back as an error naming the rank."""
+    if rank == 0:
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    from imgcls.errors import Interrupted
+
+    if isinstance(exc, Interrupted) or getattr(exc, "exit_code", None) == 2:
+        return exc.exit_code
+    error = ImgclsError(f"rank {rank}: {exc}")
+    error.exit_code = getattr(exc, "exit_code", EXIT_FAILURE)
+    return error
+
+
 def broken_group(group: Group, exc: BaseException) -> ImgclsError | None:
     """A collective that failed because another process died or hung, as one line."""
     text = str(exc)

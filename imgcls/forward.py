@@ -10,19 +10,40 @@ is fed to a network the same way wherever it is fed::
     for rows, scores in tensor_logits(model, pixels, mean, std, batch_size=256):
         ...                                                   # rows: a slice of pixels
 
-A leaf: it imports torch and :func:`imgcls.data.loader.normalize`, nothing
-that builds or trains a model.
+A leaf: it imports torch alone (nothing of imgcls), so predict, export,
+validation, explain and the data checks can all use it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from imgcls.data.loader import normalize
-
 Forward = Callable[[torch.Tensor], object]  # an nn.Module, or any callable on a batch
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float 0..1 (float input is returned as is)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (0..255) or float (0..1) batch -> float ``(x - mean) / std``."""
+    x = to_float(x)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.dtype, x.device)
+    return (x - m) / s
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``mean`` and ``std`` as (1, C, 1, 1) tensors on ``device``, made once:
+    built per batch, each was a host-to-device copy, which on CUDA waits for
+    the stream (a host sync in every training step). Made outside inference
+    mode, so a later backward (training, Grad-CAM) may save them."""
+    with torch.inference_mode(False):
+        m = torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1)
+    return m, s
 
 
 def main_logits(output) -> torch.Tensor:

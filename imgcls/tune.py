@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import math
-import signal
 import threading
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgcls import interrupts
 from imgcls.errors import Interrupted, RecipeError, UsageError
 from imgcls.recipe import Recipe, read_yaml_file, recipe_from_dict, recipe_to_dict
 
@@ -296,7 +296,7 @@ def tune(
                 log(f"trial {trial.number}: pruned after epoch {row['epoch']} ({metric} {value:.4f})")
                 raise optuna.TrialPruned()
 
-        from imgcls.train import train
+        from imgcls.training import train
 
         quiet = lambda message: None  # noqa: E731  (the trial lines say what matters)
         result = train(recipe, base_dir=recipe_path.parent, out=run_dir, log=quiet, on_epoch_end=on_epoch_end)
@@ -327,7 +327,7 @@ def tune(
         except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
             errors.append(exc)
 
-    def on_sigint(signum, frame) -> None:
+    def on_sigint(presses: int) -> None:
         if stop.is_set():
             abort.set()
             log("stopping the running trial at the end of its epoch")
@@ -337,16 +337,10 @@ def tune(
 
     if already < trials:
         worker = threading.Thread(target=work, name="imgcls-tune")
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
+        with interrupts.handled(on_sigint):
             worker.start()
             while worker.is_alive():
                 worker.join(0.2)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
         if errors:
             raise errors[0]
     return summarise(the_study, folder, storage_url, metric, log, interrupted=stop.is_set())

@@ -54,7 +54,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def _train(recipe: dict, **kwargs):
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     return train(recipe_from_dict(recipe), log=lambda m: None, **kwargs)
 

@@ -158,7 +158,7 @@ def test_tuned_thresholds_are_f1_optimal():
 def trained(tmp_path_factory):
     """One multi-label run and one softmax run on the same images (first label only)."""
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     root = tmp_path_factory.mktemp("multilabel")
     csv_path = write_multilabel(root / "data", 160)
@@ -254,7 +254,7 @@ def tiny_multilabel_checkpoint(tiny_checkpoint, tmp_path_factory):
 def test_train_closing_line_shows_val_f1_for_multilabel(tmp_path):
     """The best multi-label checkpoint is chosen on val_f1: the closing line and --json name it."""
     from imgcls.cli import _train_closing, _train_summary
-    from imgcls.train import TrainResult
+    from imgcls.training import TrainResult
 
     row = {"epoch": 2, "train_loss": 0.3, "train_acc": 0.5, "val_loss": 0.25, "val_acc": 0.4, "val_f1": 0.875}
     multi = _train_summary(TrainResult(tmp_path, [row, row], 2, row, False))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from imgcls.data.inputs import load_input
-from imgcls.data.loader import normalize
+from imgcls.forward import normalize
 from imgcls.predict import Failure, Prediction, collect_inputs, predict_files
 from imgcls.predictor import load_predictor, pretrained_preprocessing
 

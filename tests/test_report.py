@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     """A finished tiny run (train writes report.html), then evaluated (which refreshes it)."""
     from imgcls.evaluate import evaluate
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe["train"]["epochs"] = 2

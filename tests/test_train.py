@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from imgcls.errors import CheckpointError, Interrupted
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import lr_at, train
+from imgcls.training import train
+from imgcls.training.schedule import lr_at
 
 
 def tiny(**train_overrides) -> dict:
@@ -254,7 +255,7 @@ def test_l2_and_l1_shrink_the_weights(tmp_path):
 
 def test_a_layer_can_opt_out_of_global_regularisation():
     from imgcls.models.build import build_model
-    from imgcls.train import regularized_weights
+    from imgcls.training.schedule import regularized_weights
 
     raw = tiny()
     raw["model"]["l2"] = 0.01

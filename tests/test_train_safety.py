@@ -12,11 +12,11 @@ import torch
 from conftest import TINY_RECIPE
 from safetensors.torch import load_file
 
-import imgcls.train as train_module
+import imgcls.training.loop as train_module
 from imgcls.checkpoint import read_meta
 from imgcls.errors import DataError, Diverged, UsageError
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import train
+from imgcls.training import train
 
 
 def tiny(**train_overrides) -> dict:

@@ -97,7 +97,7 @@ def test_tune_cli_reports_a_bad_space_with_exit_2(tmp_path, cli):
 @pytest.mark.slow
 def test_search_prunes_continues_and_best_yaml_retrains_to_its_value(tmp_path, monkeypatch):
     from imgcls.recipe import load_recipe
-    from imgcls.train import train
+    from imgcls.training import train
     from imgcls.tune import tune
 
     raw = copy.deepcopy(TINY_RECIPE)

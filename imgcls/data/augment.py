@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls.data.loader import to_float
+from imgcls.forward import to_float
 from imgcls.recipe import AugmentSpec, ColorJitter
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

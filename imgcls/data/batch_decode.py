@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 import types
 from collections import deque
@@ -41,6 +39,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from imgcls import interrupts
 from imgcls.data.decode import channel_sums, decode_chunk, decode_rows, decode_workers
 from imgcls.data.progress import Task
 from imgcls.errors import DataError, UsageError
@@ -192,11 +191,6 @@ def _threads(arr, paths, a, b, chunk, workers, channels, size, resize, failures,
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle (it terminates us)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _processes(
     arr, paths, a, b, chunk, workers, channels, size, resize, failures, total, progress, file
 ) -> None:
@@ -232,7 +226,7 @@ def _processes(
 
     try:
         while todo or pending:
-            with _main_module_hidden(), _sigint_deferred():  # workers start during submit
+            with _main_module_hidden(), interrupts.postponed():  # workers start during submit
                 while todo and len(pending) < queued:
                     pending.add(pool.submit(decode_chunk, task(todo.popleft())))
             if todo and not warm:  # the pool is starting: take a chunk here
@@ -280,7 +274,7 @@ def _pool(workers: int) -> tuple[ProcessPoolExecutor, bool]:
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
     # crash inside a decoder) breaks the pool with an error instead of being
     # silently replaced while its chunk is waited for forever.
-    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=interrupts.ignore)
     _POOL[:] = [workers, pool]
     return pool, False
 
@@ -303,7 +297,7 @@ def _prestart() -> None:
         return
     from multiprocessing import forkserver
 
-    with _main_module_hidden(), _sigint_deferred():
+    with _main_module_hidden(), interrupts.postponed():
         forkserver.ensure_running()
 
 
@@ -338,25 +332,6 @@ def keep_pool() -> Iterator[None]:
     finally:
         _KEEP[0] = False
         _close_pool()
-
-
-@contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C while worker processes start (during submit): interrupted
-    there, a started worker is not yet the pool's, so shutting the pool down
-    would not wait for it, and it would print a traceback after we exit. The
-    interrupt is raised as soon as the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 @contextmanager

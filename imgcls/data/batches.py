@@ -21,7 +21,7 @@ device, and all three give the same bytes for the same indices:
   :func:`epoch_order` makes an epoch visit the data window by window so each
   chunk is read about once per epoch.
 
-Which indices make a batch is the caller's business (imgcls.train; sharding
+Which indices make a batch is the caller's business (imgcls.training.loop; sharding
 across processes happens there): a source only fetches them.
 """
 

@@ -1,0 +1,72 @@
+"""`imgcls runs`: every run in one table, or two runs side by side (--diff)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imgcls.cli.app import command, stderr, stdout, wide_stdout
+from imgcls.cli.render import diff_renderables, diff_rows, runs_table
+
+
+@command
+def runs(
+    root: Annotated[Path, typer.Argument(help="Folder of run folders (or one run folder).")] = Path("runs"),
+    sort: Annotated[
+        str | None, typer.Option(help="Sort by a column, best first: val_acc, test_acc, seconds, date, ...")
+    ] = None,
+    diff: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option("--diff", help="Two run folders: recipe and metric differences side by side."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
+) -> None:
+    """A table of every run: architecture, params, epochs, best val and test accuracy, time, device.
+
+    Examples:
+
+        imgcls runs
+
+        imgcls runs runs/quickstart-tune --sort val_acc
+
+        imgcls runs --csv > runs.csv
+
+        imgcls runs --diff runs/quickstart/1 runs/quickstart/2
+    """
+
+    import csv
+
+    from imgcls.errors import UsageError
+    from imgcls.runs import COLUMNS, diff_runs, fmt, list_runs
+
+    if as_json and as_csv:
+        raise UsageError("choose one of --json and --csv")
+    if diff is not None:
+        result = diff_runs(*diff)
+        if as_json:
+            print(json.dumps(result))
+        elif as_csv:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(["section", "key", "a", "b"])
+            writer.writerows(diff_rows(result))
+        else:
+            out = stdout()
+            for renderable in diff_renderables(result, str(diff[0]), str(diff[1]), fmt):
+                out.print(renderable)
+        return
+    rows = list_runs(root, sort)
+    if as_json:
+        print(json.dumps(rows))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        stderr().print(f"no runs under {root}", markup=False)
+    else:
+        wide_stdout().print(runs_table(rows, COLUMNS, fmt))
