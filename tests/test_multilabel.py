@@ -182,7 +182,8 @@ def test_multilabel_model_beats_softmax(trained):
     with pytest.raises(DataError, match="single-label model"):
         evaluate(trained["single"].run_dir, trained["csv"], log=lambda m: None, out=trained["root"] / "e")
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.evaluate import _run, class_index, read_labels_csv
+    from imgcls.evaluate import class_index, read_labels_csv
+    from imgcls.evaluate import score_items as _run
 
     ckpt = load_checkpoint(trained["single"].run_dir)
     items = read_labels_csv(trained["csv"])
@@ -253,7 +254,8 @@ def tiny_multilabel_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 def test_train_closing_line_shows_val_f1_for_multilabel(tmp_path):
     """The best multi-label checkpoint is chosen on val_f1: the closing line and --json name it."""
-    from imgcls.cli import _train_closing, _train_summary
+    from imgcls.cli.render import train_closing as _train_closing
+    from imgcls.cli.render import train_summary as _train_summary
     from imgcls.training import TrainResult
 
     row = {"epoch": 2, "train_loss": 0.3, "train_acc": 0.5, "val_loss": 0.25, "val_acc": 0.4, "val_f1": 0.875}

@@ -4,6 +4,7 @@ optional steps (thresholds, the error gallery, the report), then the report on s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -69,18 +70,16 @@ def evaluate(
 
         imgcls evaluate runs/quickstart/1 labels.csv --json
     """
-    from imgcls.evaluate import evaluate as run_evaluate
     from imgcls.evaluate import report_renderables
 
-    log = log_to_stderr()
-    result = run_evaluate(
+    result = evaluate_steps(
         target,
         data,
         top_k=top_k,
         batch_size=batch_size,
         out=out,
         misclassified=misclassified,
-        log=log,
+        log=log_to_stderr(),
         explain=explain,
         tta=tta,
         tune_thresholds=tune_thresholds,
@@ -92,3 +91,60 @@ def evaluate(
         for renderable in report_renderables(result):
             console.print(renderable)
     result.raise_if_skipped()  # exit 3 once the report is out
+
+
+def evaluate_steps(
+    target: str,
+    data: Path | None,
+    *,
+    top_k: int = 5,
+    batch_size: int = 128,
+    out: Path | None = None,
+    misclassified: Path | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    explain: bool = False,
+    tta: bool = False,
+    tune_thresholds: bool = False,
+):
+    """What `imgcls evaluate` does, step by step: thresholds (when asked), the
+    metrics, the error gallery beside the confusion matrix, and the run's
+    report.html refreshed (a failure there is a warning: the metrics are written)."""
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.evaluate import evaluate, write_metrics_json
+    from imgcls.metadata import task_of
+    from imgcls.thresholds import tune_thresholds as tune
+
+    ckpt = load_checkpoint(target)
+    tuned = tune(ckpt, batch_size=batch_size, log=log) if tune_thresholds else None
+    result = evaluate(
+        ckpt,
+        data,
+        top_k=top_k,
+        batch_size=batch_size,
+        out=out,
+        misclassified=misclassified,
+        log=log,
+        tta=tta,
+        tuned=tuned,
+    )
+    if task_of(ckpt.meta) != "multilabel":  # the gallery of the confused pairs (imgcls.explain)
+        from imgcls.explain import write_error_gallery
+
+        gallery = write_error_gallery(
+            result.out_dir / "errors.png",
+            ckpt,
+            result.misclassified,
+            result.report["confused_pairs"],
+            with_heatmaps=explain,
+        )
+        if gallery is not None:
+            result.files["errors_png"] = str(gallery)
+            write_metrics_json(result)
+    if ckpt.run_dir is not None and result.out_dir == ckpt.run_dir / "eval":
+        try:
+            from imgcls.report import write_report
+
+            write_report(ckpt.run_dir)
+        except Exception as exc:  # a report is a convenience; the metrics are written
+            log(f"warning: could not refresh {ckpt.run_dir / 'report.html'}: {exc}")
+    return result
