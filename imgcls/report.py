@@ -161,19 +161,15 @@ def environment() -> list[list[str]]:
 
 
 def build_report(run: str | os.PathLike) -> str:
-    """The HTML of the report for run folder ``run``."""
+    """The HTML of the report for run folder ``run``: one section after another."""
     import yaml
 
     run_dir = run_folder(run)
     recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
     recipe = yaml.safe_load(recipe_text) or {}
-    train_spec = recipe.get("train", {}) or {}
     history = _read_history(run_dir / "metrics.csv")
     evaluation = _read_json(run_dir / "eval" / "metrics.json")
-    summary = _read_json(run_dir / "summary.json")
-    check = _read_json(run_dir / "data-check.json")
     name = recipe.get("name", run_dir.parent.name)
-
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -184,9 +180,21 @@ def build_report(run: str | os.PathLike) -> str:
         f"<title>{_e(name)}: imgcls run report</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(name)}</h1><p class=muted>run folder {_e(run_dir)}</p>",
     ]
+    parts += _final_metrics(evaluation, history)
+    parts += _training(run_dir, history)
+    parts += _evaluation(run_dir, evaluation)
+    parts += _explanations(run_dir)
+    parts += _data_check(_read_json(run_dir / "data-check.json"))
+    parts += _model(_read_json(run_dir / "summary.json"))
+    parts.append("<h2>Recipe</h2><pre>" + _e(recipe_text) + "</pre>")
+    parts += _environment(recipe.get("train", {}) or {})
+    parts.append(f"<script>{_JS}</script></body></html>\n")
+    return "\n".join(parts)
 
-    # final metrics: the evaluation when there is one, else the best epoch
-    parts.append("<h2>Final metrics</h2>")
+
+def _final_metrics(evaluation: dict | None, history: list[dict]) -> list[str]:
+    """The evaluation when there is one, else the best epoch."""
+    parts = ["<h2>Final metrics</h2>"]
     rows: list[list] = []
     if evaluation:
         parts.append(f"<p class=muted>evaluate on {_e(evaluation.get('data', ''))}</p>")
@@ -211,7 +219,11 @@ def build_report(run: str | os.PathLike) -> str:
                 rows.append([col.replace("val_acc", "accuracy"), _number(best[col])])
     if rows:
         parts.append(_table(["metric", "value"], rows, element_id="metrics", sortable=False))
+    return parts
 
+
+def _training(run_dir: Path, history: list[dict]) -> list[str]:
+    parts = []
     if (run_dir / "curves.png").is_file():
         parts.append("<h2>Training curves</h2>" + _png(run_dir / "curves.png", "training curves", "curves"))
     if history:
@@ -221,7 +233,12 @@ def build_report(run: str | os.PathLike) -> str:
         )
         seconds = sum(float(h.get("seconds") or 0) for h in history)
         parts.append(f"<p>training time {seconds:.1f} s over {len(history)} epochs</p>")
+    return parts
 
+
+def _evaluation(run_dir: Path, evaluation: dict | None) -> list[str]:
+    """Per class, the confusion matrix and its most confused pairs, the error gallery."""
+    parts = []
     if evaluation:
         parts.append("<h2>Per class</h2>")
         parts.append(
@@ -251,60 +268,57 @@ def build_report(run: str | os.PathLike) -> str:
     gallery = run_dir / "eval" / "errors.png"
     if gallery.is_file():
         parts.append("<h2>Mistakes</h2>" + _png(gallery, "misclassified images", "gallery"))
+    return parts
 
+
+def _explanations(run_dir: Path) -> list[str]:
     overlays = sorted((run_dir / "explain").glob("*.png")) if (run_dir / "explain").is_dir() else []
-    if overlays:
-        parts.append("<h2>Explanations</h2><div class=grid>")
-        for png in overlays[:MAX_OVERLAYS]:
-            parts.append(f"<figure>{_png(png, png.name)}<figcaption>{_e(png.name)}</figcaption></figure>")
-        parts.append("</div>")
-        if len(overlays) > MAX_OVERLAYS:
-            parts.append(
-                f"<p class=muted>{len(overlays) - MAX_OVERLAYS} more in {_e(run_dir / 'explain')}</p>"
-            )
+    if not overlays:
+        return []
+    parts = ["<h2>Explanations</h2><div class=grid>"]
+    for png in overlays[:MAX_OVERLAYS]:
+        parts.append(f"<figure>{_png(png, png.name)}<figcaption>{_e(png.name)}</figcaption></figure>")
+    parts.append("</div>")
+    if len(overlays) > MAX_OVERLAYS:
+        parts.append(f"<p class=muted>{len(overlays) - MAX_OVERLAYS} more in {_e(run_dir / 'explain')}</p>")
+    return parts
 
-    if check:
-        parts.append(
-            f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>"
-        )
-        problem_rows = [
-            [key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()
-        ]
-        parts.append(_table(["finding", "count"], problem_rows, element_id="data-check"))
 
-    if summary:
-        parts.append(
-            f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
-            f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>"
-        )
-        parts.append(
-            _table(
-                ["layer", "type", "output", "params", "MACs"],
-                [
-                    [
-                        r["name"],
-                        r["type"],
-                        "x".join(map(str, r["output_shape"] or [])),
-                        r["params"],
-                        r["macs"],
-                    ]
-                    for r in summary.get("rows", [])
-                ],
-                element_id="summary",
-            )
-        )
+def _data_check(check: dict | None) -> list[str]:
+    if not check:
+        return []
+    problem_rows = [[key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()]
+    return [
+        f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>",
+        _table(["finding", "count"], problem_rows, element_id="data-check"),
+    ]
 
-    parts.append("<h2>Recipe</h2><pre>" + _e(recipe_text) + "</pre>")
+
+def _model(summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    rows = [
+        [r["name"], r["type"], "x".join(map(str, r["output_shape"] or [])), r["params"], r["macs"]]
+        for r in summary.get("rows", [])
+    ]
+    return [
+        f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
+        f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>",
+        _table(["layer", "type", "output", "params", "MACs"], rows, element_id="summary"),
+    ]
+
+
+def _environment(train_spec: dict) -> list[str]:
     env = environment() + [
         ["device (recipe)", str(train_spec.get("device", "auto"))],
         ["precision (recipe)", str(train_spec.get("precision", "auto"))],
         ["channels_last (recipe)", str(train_spec.get("channels_last", "auto"))],
         ["threads (recipe)", str(train_spec.get("threads") or "torch default")],
     ]
-    parts.append("<h2>Environment</h2><p class=muted>of the machine that wrote this report</p>")
-    parts.append(_table(["", ""], env, element_id="environment", sortable=False))
-    parts.append(f"<script>{_JS}</script></body></html>\n")
-    return "\n".join(parts)
+    return [
+        "<h2>Environment</h2><p class=muted>of the machine that wrote this report</p>",
+        _table(["", ""], env, element_id="environment", sortable=False),
+    ]
 
 
 def write_report(run: str | os.PathLike) -> Path:

@@ -367,21 +367,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
     named = list(model.named_modules())  # each module once, under its first name
     leaves = {id(m) for _, m in named if next(m.children(), None) is None}
 
-    own_params: dict[int, tuple[int, int]] = {}
-    seen: set[int] = set()
-    total = trainable = param_bytes = 0
-    for _, module in named:
-        n = t = 0
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n += p.numel()
-            t += p.numel() if p.requires_grad else 0
-            param_bytes += p.numel() * p.element_size()
-        own_params[id(module)] = (n, t)
-        total += n
-        trainable += t
+    own_params, total, trainable, param_bytes = _own_params(named)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
 
     counter = _MacCounter()
@@ -424,16 +410,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         for handle in handles:
             handle.remove()
 
-    # subtree totals: walk children before parents, adding each into its parent
-    index = {module_name: i for i, (module_name, _) in enumerate(named)}
-    sub_params = [list(own_params[id(m)]) for _, m in named]
-    sub_macs = [counter.macs.get(id(m), 0) for _, m in named]
-    for i in range(len(named) - 1, 0, -1):
-        parent = index[named[i][0].rpartition(".")[0]]
-        sub_params[parent][0] += sub_params[i][0]
-        sub_params[parent][1] += sub_params[i][1]
-        sub_macs[parent] += sub_macs[i]
-
+    sub_params, sub_macs = _subtree_totals(named, own_params, counter.macs)
     rows = tuple(
         Row(
             name=module_name,
@@ -461,6 +438,41 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         buffer_bytes=buffer_bytes,
         activation_bytes=activation_bytes,
     )
+
+
+def _own_params(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, tuple[int, int]], int, int, int]:
+    """Per module, its own (params, trainable) counting each shared parameter
+    once; and the totals: params, trainable params, parameter bytes."""
+    own_params: dict[int, tuple[int, int]] = {}
+    seen: set[int] = set()
+    total = trainable = param_bytes = 0
+    for _, module in named:
+        n = t = 0
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n += p.numel()
+            t += p.numel() if p.requires_grad else 0
+            param_bytes += p.numel() * p.element_size()
+        own_params[id(module)] = (n, t)
+        total += n
+        trainable += t
+    return own_params, total, trainable, param_bytes
+
+
+def _subtree_totals(named, own_params: dict, macs: dict) -> tuple[list[list[int]], list[int]]:
+    """Params and MACs of each module's subtree: children are added into their
+    parents, walking children before parents."""
+    index = {module_name: i for i, (module_name, _) in enumerate(named)}
+    sub_params = [list(own_params[id(m)]) for _, m in named]
+    sub_macs = [macs.get(id(m), 0) for _, m in named]
+    for i in range(len(named) - 1, 0, -1):
+        parent = index[named[i][0].rpartition(".")[0]]
+        sub_params[parent][0] += sub_params[i][0]
+        sub_params[parent][1] += sub_params[i][1]
+        sub_macs[parent] += sub_macs[i]
+    return sub_params, sub_macs
 
 
 # --------------------------------------------------------------------------- rendering

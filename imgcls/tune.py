@@ -211,30 +211,69 @@ def tune(
     A rerun with the same study continues it. ``stop_after_trials`` behaves
     like Ctrl-C once that many trials ran in this call (for tests).
     """
-    from imgcls.recipe import load_recipe
     from imgcls.tracking import require
 
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}' (choose from: {', '.join(METRICS)})")
     if jobs < 1 or trials < 1:
         raise UsageError("--trials and --jobs must be at least 1")
-    base = load_recipe(recipe_path, overrides)  # checks the recipe before the space
-    raw = recipe_to_dict(base)
-    if base.data.path:  # trials run from their own folders: make the data path absolute
-        from imgcls.data.sources import resolve
-
-        raw["data"]["path"] = str(resolve(base.data.path, recipe_path.parent).resolve())
+    base, raw = _base_recipe(recipe_path, overrides)  # checks the recipe before the space
     space = space or default_space_path(recipe_path)
     if not space.exists():
         raise UsageError(f"{space}: no search space file (write one, or give --space FILE)")
     params = load_space(space, raw, str(recipe_path))
     optuna = require("optuna", "tune")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
     study_name = study or f"{base.name}-tune"
     folder = Path(base.train.out) / study_name
     folder.mkdir(parents=True, exist_ok=True)
     storage_url = storage or f"sqlite:///{(folder / STUDY_DB).resolve()}"
+    the_study = _open_study(optuna, study_name, storage_url, metric, pruner, startup_trials, base, folder)
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    already = len(the_study.get_trials(deepcopy=False, states=done_states))
+    log(f"study '{study_name}': {already} of {trials} trials done; folder {folder}, storage {storage_url}")
+
+    stop = threading.Event()  # first Ctrl-C: no new trial
+    abort = threading.Event()  # second: end the running trials at their epoch's end
+    started = {"n": 0}
+    objective = _objective(optuna, params, raw, recipe_path, folder, metric, abort, started, log)
+
+    def after_trial(the_study, trial) -> None:
+        if stop_after_trials is not None and started["n"] >= stop_after_trials:
+            stop.set()
+        if stop.is_set():
+            the_study.stop()
+
+    def on_sigint(presses: int) -> None:
+        if stop.is_set():
+            abort.set()
+            log("stopping the running trial at the end of its epoch")
+        else:
+            stop.set()
+            log("stopping after the current trial (Ctrl-C again to end it at its epoch's end)")
+
+    if already < trials:
+        callbacks = [optuna.study.MaxTrialsCallback(trials, states=done_states), after_trial]
+        _optimize(optuna, the_study, objective, jobs, timeout, callbacks, on_sigint)
+    return summarise(the_study, folder, storage_url, metric, log, interrupted=stop.is_set())
+
+
+def _base_recipe(recipe_path: Path, overrides) -> tuple[Recipe, dict]:
+    """The recipe every trial starts from, and its raw form with the data path
+    made absolute (trials run from their own folders)."""
+    from imgcls.recipe import load_recipe
+
+    base = load_recipe(recipe_path, overrides)
+    raw = recipe_to_dict(base)
+    if base.data.path:
+        from imgcls.data.sources import resolve
+
+        raw["data"]["path"] = str(resolve(base.data.path, recipe_path.parent).resolve())
+    return base, raw
+
+
+def _open_study(optuna, study_name, storage_url, metric, pruner, startup_trials, base, folder: Path):
+    """The study, created or continued; refused when its direction or its folder disagree."""
     direction = METRICS[metric]
     try:
         the_study = optuna.create_study(
@@ -252,8 +291,6 @@ def tune(
             "(use the study's metric or a new --study)"
         )
     the_study.set_user_attr("metric", metric)
-    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    already = len(the_study.get_trials(deepcopy=False, states=done_states))
     if not the_study.trials:
         stale = [p.name for p in folder.iterdir() if p.name.isdigit() and any(p.iterdir())]
         if stale:
@@ -261,11 +298,13 @@ def tune(
                 f"{folder}: holds trial folders ({', '.join(sorted(stale)[:3])}...) but study '{study_name}' "
                 f"in {storage_url} has no trials; choose another --study or move the folder"
             )
-    log(f"study '{study_name}': {already} of {trials} trials done; folder {folder}, storage {storage_url}")
+    return the_study
 
-    stop = threading.Event()  # first Ctrl-C: no new trial
-    abort = threading.Event()  # second: end the running trials at their epoch's end
-    started = {"n": 0}
+
+def _objective(optuna, params, raw: dict, recipe_path: Path, folder: Path, metric: str, abort, started, log):
+    """One trial: a normal training run in ``folder/<trial number>``, reported
+    to the study after each epoch (and pruned when the pruner says so)."""
+    direction = METRICS[metric]
 
     def objective(trial) -> float:
         values = {p.key: p.suggest(trial) for p in params}
@@ -303,47 +342,29 @@ def tune(
         log(f"trial {trial.number}: {metric} {best[0]:.4f} (epoch {result.best_epoch})")
         return best[0]
 
-    def after_trial(the_study, trial) -> None:
-        if stop_after_trials is not None and started["n"] >= stop_after_trials:
-            stop.set()
-        if stop.is_set():
-            the_study.stop()
+    return objective
 
-    # the trials run in a worker thread: train() then leaves SIGINT alone, and
-    # the main thread turns Ctrl-C into "finish this trial, then stop"
+
+def _optimize(optuna, the_study, objective, jobs: int, timeout, callbacks, on_sigint) -> None:
+    """The trials run in a worker thread: train() then leaves SIGINT alone, and
+    the main thread turns Ctrl-C into "finish this trial, then stop"."""
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-                the_study.optimize(
-                    objective,
-                    n_jobs=jobs,
-                    timeout=timeout,
-                    callbacks=[optuna.study.MaxTrialsCallback(trials, states=done_states), after_trial],
-                    catch=(),
-                )
+                the_study.optimize(objective, n_jobs=jobs, timeout=timeout, callbacks=callbacks, catch=())
         except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
             errors.append(exc)
 
-    def on_sigint(presses: int) -> None:
-        if stop.is_set():
-            abort.set()
-            log("stopping the running trial at the end of its epoch")
-        else:
-            stop.set()
-            log("stopping after the current trial (Ctrl-C again to end it at its epoch's end)")
-
-    if already < trials:
-        worker = threading.Thread(target=work, name="imgcls-tune")
-        with interrupts.handled(on_sigint):
-            worker.start()
-            while worker.is_alive():
-                worker.join(0.2)
-        if errors:
-            raise errors[0]
-    return summarise(the_study, folder, storage_url, metric, log, interrupted=stop.is_set())
+    worker = threading.Thread(target=work, name="imgcls-tune")
+    with interrupts.handled(on_sigint):
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+    if errors:
+        raise errors[0]
 
 
 def _fmt(value: Any) -> str:
@@ -354,11 +375,37 @@ def summarise(
     study, folder: Path, storage_url: str, metric: str, log, interrupted: bool = False
 ) -> TuneResult:
     """The table of trials (best first), best.yaml, trials.csv and importance.png."""
+    direction = study.direction.name.lower()
+    rows = _trial_rows(study, direction)
+    complete = [r for r in rows if r.state == "complete"]
+    best = complete[0] if complete else None
+    best_yaml = _write_best_yaml(study, folder, metric, best) if best is not None else None
+    _write_trials_csv(folder / "trials.csv", rows, metric)
+    importances: dict = {}
+    png = None
+    if len(complete) >= 2:
+        importances, png = _importance(study, folder, log)
+    else:
+        log("parameter importance needs 2 or more completed trials")
+    return TuneResult(
+        study.study_name,
+        folder,
+        storage_url,
+        metric,
+        direction,
+        rows,
+        best,
+        best_yaml,
+        png,
+        {k: round(float(v), 4) for k, v in importances.items()},
+        interrupted,
+    )
+
+
+def _trial_rows(study, direction: str) -> list[TrialRow]:
+    """One row per trial: complete ones best first, then pruned, then the rest."""
     import optuna
 
-    from imgcls.io import atomic_path, write_text_atomic
-
-    direction = study.direction.name.lower()
     rows = []
     for t in study.trials:
         seconds = (
@@ -385,20 +432,28 @@ def summarise(
     rows.sort(
         key=lambda r: (rank.get(r.state, 2), sign * r.value if r.value is not None else math.inf, r.number)
     )
+    return rows
 
-    complete = [r for r in rows if r.state == "complete"]
-    best = complete[0] if complete else None
-    best_yaml = None
-    if best is not None:
-        source = Path(best.run_dir) / "recipe.yaml"
-        if source.exists():
-            header = (
-                f"# best trial {best.number} of study '{study.study_name}': {metric} {best.value:.6g}\n"
-                + "".join(f"# {k}: {_fmt(v)}\n" for k, v in best.params.items())
-                + f"# retrain: imgcls train {folder / 'best.yaml'}\n"
-            )
-            best_yaml = folder / "best.yaml"
-            write_text_atomic(best_yaml, header + source.read_text(encoding="utf-8"))
+
+def _write_best_yaml(study, folder: Path, metric: str, best: TrialRow) -> Path | None:
+    """best.yaml: the best trial's recipe, a plain recipe to retrain with."""
+    from imgcls.io import write_text_atomic
+
+    source = Path(best.run_dir) / "recipe.yaml"
+    if not source.exists():
+        return None
+    header = (
+        f"# best trial {best.number} of study '{study.study_name}': {metric} {best.value:.6g}\n"
+        + "".join(f"# {k}: {_fmt(v)}\n" for k, v in best.params.items())
+        + f"# retrain: imgcls train {folder / 'best.yaml'}\n"
+    )
+    best_yaml = folder / "best.yaml"
+    write_text_atomic(best_yaml, header + source.read_text(encoding="utf-8"))
+    return best_yaml
+
+
+def _write_trials_csv(path: Path, rows: list[TrialRow], metric: str) -> None:
+    from imgcls.io import write_text_atomic
 
     buffer = io.StringIO()
     keys = sorted({k for r in rows for k in r.params})
@@ -408,41 +463,32 @@ def summarise(
         writer.writerow(
             [r.number, r.state, r.value, r.epochs, r.seconds, *(r.params.get(k) for k in keys), r.run_dir]
         )
-    write_text_atomic(folder / "trials.csv", buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
-    importances: dict = {}
-    png = None
-    if len(complete) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+def _importance(study, folder: Path, log) -> tuple[dict, Path | None]:
+    """fANOVA parameter importances, and importance.png (none when they cannot be computed)."""
+    import optuna
 
-            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-            try:
-                importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-                ax = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator)
-                png = folder / "importance.png"
-                with atomic_path(png) as tmp:
-                    ax.figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-                plt.close(ax.figure)
-            except (RuntimeError, ValueError) as exc:  # e.g. every trial drew the same values
-                log(f"no parameter importance: {exc}")
-                png = None
-    else:
-        log("parameter importance needs 2 or more completed trials")
-    return TuneResult(
-        study.study_name,
-        folder,
-        storage_url,
-        metric,
-        direction,
-        rows,
-        best,
-        best_yaml,
-        png,
-        {k: round(float(v), 4) for k, v in importances.items()},
-        interrupted,
-    )
+    from imgcls.io import atomic_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        importances: dict = {}
+        try:
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            ax = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator)
+            png = folder / "importance.png"
+            with atomic_path(png) as tmp:
+                ax.figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
+            return importances, png
+        except (RuntimeError, ValueError) as exc:  # e.g. every trial drew the same values
+            log(f"no parameter importance: {exc}")
+            return importances, None

@@ -79,6 +79,37 @@ def default_out(checkpoint: Path, fmt: str, in_run: bool) -> Path:
     return out
 
 
+def _check_format(fmt: str | None, out: Path | None, opset: int | None, batch_size: int) -> str:
+    """The export format (from --out's suffix when not given), checked with its options."""
+    if out is not None and fmt is None:
+        fmt = format_from_suffix(Path(out))
+    if fmt is None:
+        raise UsageError("give --format (onnx, torchscript or safetensors)")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
+    if batch_size < 1:
+        raise UsageError("the batch size must be at least 1")
+    if opset is not None and fmt != "onnx":
+        raise UsageError("--opset applies to --format onnx only")
+    return fmt
+
+
+def _check_out(out: Path | None, fmt: str, ckpt, force: bool) -> Path:
+    """The file to write: never the checkpoint, a folder, or (without --force) an existing file."""
+    out = out if out is not None else default_out(ckpt.path, fmt, ckpt.run_dir is not None)
+    if out.suffix.lower() not in SUFFIXES[fmt]:
+        raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
+    if out.resolve() == ckpt.path.resolve():
+        raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; give a file name")
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    return out
+
+
 def export_model(
     target: str | Path,
     fmt: str | None = None,
@@ -102,29 +133,9 @@ def export_model(
     from imgcls.checkpoint import load_checkpoint
 
     started = time.perf_counter()
-    if out is not None and fmt is None:
-        fmt = format_from_suffix(Path(out))
-    if fmt is None:
-        raise UsageError("give --format (onnx, torchscript or safetensors)")
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()
-    if batch_size < 1:
-        raise UsageError("the batch size must be at least 1")
-    if opset is not None and fmt != "onnx":
-        raise UsageError("--opset applies to --format onnx only")
-
+    fmt = _check_format(fmt, out, opset, batch_size)
     ckpt = load_checkpoint(target)
-    out = Path(out).expanduser() if out is not None else default_out(ckpt.path, fmt, ckpt.run_dir is not None)
-    if out.suffix.lower() not in SUFFIXES[fmt]:
-        raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
-    if out.resolve() == ckpt.path.resolve():
-        raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a folder; give a file name")
-    if out.exists() and not force:
-        raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    out = _check_out(Path(out).expanduser() if out is not None else None, fmt, ckpt, force)
 
     x, counts = check_batch(ckpt, images)
     model = ckpt.model.eval()
