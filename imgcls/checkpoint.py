@@ -89,7 +89,7 @@ class Checkpoint:
         return parent if (parent / "recipe.yaml").exists() else None
 
 
-def resolve_checkpoint(target: str | Path) -> Path:
+def resolve_checkpoint(target: str | os.PathLike) -> Path:
     """A .safetensors file, a run folder (its best checkpoint), or runs/<name> (latest run)."""
     path = Path(target).expanduser()
     if path.is_file():
@@ -129,7 +129,7 @@ def build_from_meta(meta: dict, where: str):
     return build_model(spec, tuple(meta["input_shape"]), len(meta["classes"]))
 
 
-def load_checkpoint(target: str | Path) -> Checkpoint:
+def load_checkpoint(target: str | os.PathLike) -> Checkpoint:
     """Read, validate and build the checkpoint ``target`` (file, run folder, runs/<name>).
 
     The metadata and every tensor's shape are checked against the

@@ -31,6 +31,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ImgclsError, RecipeError, UsageError
 
@@ -60,7 +61,7 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    control: object = None  # a gloo group for host-side flags (the default one when on CPU)
+    control: Any = None  # a gloo group for host-side flags (the default one when on CPU)
 
     @property
     def main(self) -> bool:
@@ -178,7 +179,7 @@ def join(device_name: str) -> Group:
                 store=_attempt_store(world, timeout),
                 rank=rank,
                 world_size=world,
-                **({"device_id": torch.device("cuda", local_rank)} if cuda else {}),
+                **({"device_id": torch.device("cuda", local_rank)} if cuda else {}),  # type: ignore[arg-type]  # torch's stub types **kwargs by the other arguments
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -223,10 +224,11 @@ def rank_failure(rank: int, exc: BaseException) -> BaseException | int:
         return EXIT_INTERRUPTED
     from imgcls.errors import Interrupted
 
-    if isinstance(exc, Interrupted) or getattr(exc, "exit_code", None) == 2:
-        return exc.exit_code
+    code = getattr(exc, "exit_code", EXIT_FAILURE)
+    if isinstance(exc, Interrupted) or code == 2:
+        return code
     error = ImgclsError(f"rank {rank}: {exc}")
-    error.exit_code = getattr(exc, "exit_code", EXIT_FAILURE)
+    error.exit_code = code
     return error
 
 

@@ -40,6 +40,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ from imgcls.metrics import (
 )
 
 Log = Callable[[str], None]
-Items = list[tuple[Path, str | tuple[str, ...]]]  # (file, class name; or label names, multi-label)
+Items = list[tuple[Any, Any]]  # (file, class name; or a tuple of label names, multi-label)
 MAX_LOGGED_BAD = 10
 MATRIX_TABLE_LIMIT = 20  # larger confusion matrices go to the PNG only
 
@@ -188,7 +189,7 @@ def evaluate(
 def write_metrics_json(result: EvalResult) -> None:
     """``metrics.json`` in the output folder: what ``--json`` prints (written
     again by a later step that adds a file, so it lists every file written)."""
-    metrics_json = result.out_dir / "metrics.json"
+    metrics_json = Path(result.out_dir or ".") / "metrics.json"
     result.files["metrics_json"] = str(metrics_json)
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
 
@@ -277,7 +278,11 @@ def score_items(
     Targets: class indices, or multi-hot float rows for a multi-label model."""
     paths = [p for p, _ in items]
     n = len(ckpt.classes)
-    outputs, tta_outputs, targets, files, bad = [], [], [], [], []
+    outputs: list[torch.Tensor] = []
+    tta_outputs: list[torch.Tensor] = []
+    targets: list = []  # class indices, or multi-hot rows
+    files: list[Path] = []
+    bad: list[tuple[Path, str]] = []
     done = 0
     for results in decoded_batches(paths, ckpt.preprocessing, batch_size):
         batch_items = items[done : done + len(results)]
@@ -492,13 +497,8 @@ def report_renderables(result: EvalResult) -> list:
 
     if r["confused_pairs"]:
         pairs = Table(title="most confused (true → predicted)", title_justify="left")
-        for col, justify in (
-            ("true", "left"),
-            ("predicted", "left"),
-            ("count", "right"),
-            ("share of true", "right"),
-        ):
-            pairs.add_column(col, justify=justify)
+        for col in ("true", "predicted", "count", "share of true"):
+            pairs.add_column(col, justify="left" if col in ("true", "predicted") else "right")
         for p in r["confused_pairs"]:
             pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{p['share']:.1%}")
         out.append(pairs)

@@ -28,11 +28,13 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float 0..1 (float input is returned as is)."""
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
+
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) batch -> float ``(x - mean) / std``."""
     x = to_float(x)
     m, s = _channel_stats(tuple(mean), tuple(std), x.dtype, x.device)
     return (x - m) / s
+
 
 @functools.lru_cache(maxsize=32)
 def _channel_stats(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple:

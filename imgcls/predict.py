@@ -153,7 +153,7 @@ def predict_files(
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
     multilabel = predictor.task == "multilabel"
-    cuts = None
+    cuts = torch.empty(0)
     if multilabel:
         cuts = torch.tensor(
             [threshold] * len(classes)
@@ -165,7 +165,7 @@ def predict_files(
         names = [str(p) for p in files[done : done + len(results)]]
         done += len(results)
         good = [r for r in results if isinstance(r, torch.Tensor)]
-        probs = top_p = top_i = None
+        probs = top_p = top_i = torch.empty(0)
         if good:
             probs = predict_scores(predictor, predictor.batch_logits(torch.stack(good), tta=tta))
             top_p, top_i = probs.topk(k, dim=1)

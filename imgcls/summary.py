@@ -52,7 +52,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -194,7 +194,7 @@ def summarize_target(
         recipe = r.load_recipe(path, tuple(overrides))
         shape = tuple(input_shape) if input_shape is not None else recipe.input_shape()
         if recipe.model.layers is not None and recipe.model.head == "none":
-            classes = num_classes or recipe.model.num_classes  # no head: classes play no part
+            classes = num_classes or recipe.model.num_classes or 0  # no head: classes play no part
         else:
             classes = resolve_num_classes(recipe, num_classes)
         name = recipe.name
@@ -543,7 +543,7 @@ def summary_text(summary: Summary, width: int = 120) -> str:
     console.print(summary_table(summary))
     for line in totals_lines(summary):
         console.print(line, markup=False, highlight=False)
-    return console.file.getvalue()
+    return cast(io.StringIO, console.file).getvalue()
 
 
 def human(n: int) -> str:

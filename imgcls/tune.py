@@ -483,7 +483,7 @@ def _importance(study, folder: Path, log) -> tuple[dict, Path | None]:
         importances: dict = {}
         try:
             importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-            ax = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator)
+            ax: Any = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator)
             png = folder / "importance.png"
             with atomic_path(png) as tmp:
                 ax.figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")

@@ -110,7 +110,7 @@ def evaluate_steps(
     metrics, the error gallery beside the confusion matrix, and the run's
     report.html refreshed (a failure there is a warning: the metrics are written)."""
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.evaluate import evaluate, write_metrics_json
+    from imgcls.evaluate import default_out_dir, evaluate, write_metrics_json
     from imgcls.metadata import task_of
     from imgcls.thresholds import tune_thresholds as tune
 
@@ -131,7 +131,7 @@ def evaluate_steps(
         from imgcls.explain import write_error_gallery
 
         gallery = write_error_gallery(
-            result.out_dir / "errors.png",
+            (result.out_dir or default_out_dir(ckpt)) / "errors.png",
             ckpt,
             result.misclassified,
             result.report["confused_pairs"],

@@ -29,7 +29,7 @@ def explain(
         ),
     ] = None,
     target: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(help="Class to explain (name or index; repeatable). Default: the predicted class."),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default <run>/explain/).")] = None,

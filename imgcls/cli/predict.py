@@ -102,7 +102,7 @@ def predict(
     for record in records:  # streamed: each file's line is out before the next is decoded
         total += 1
         is_failure = isinstance(record, Failure)
-        if is_failure:
+        if isinstance(record, Failure):
             failed += 1
             err.print(f"error: {record.file}: {record.error}", markup=False)
         if as_json:

@@ -63,9 +63,9 @@ def runs(
     if as_json:
         print(json.dumps(rows))
     elif as_csv:
-        writer = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        table = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        table.writeheader()
+        table.writerows(rows)
     elif not rows:
         stderr().print(f"no runs under {root}", markup=False)
     else:

@@ -38,7 +38,7 @@ def summarize(
         int | None, typer.Option("--depth", "-d", min=0, help="Fold modules nested deeper than N.")
     ] = None,
     set_: Annotated[
-        list[str], typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:

@@ -19,7 +19,7 @@ def train(
         Path | None, typer.Argument(help="The recipe YAML (optional with --resume: the run's own).")
     ] = None,
     set_: Annotated[
-        list[str], typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Same as --set train.epochs=N.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
@@ -118,12 +118,12 @@ def _recipe_source(
         overrides.append(f"train.epochs={epochs}")
     if device is not None:
         overrides.append(f"train.device={device}")
-    if recipe is None and resume is None:
-        raise typer.BadParameter("give a recipe file, or --resume RUN_FOLDER")
     if resume is not None and out is not None:
         raise typer.BadParameter("--out makes a new run; --resume continues one: give one of them")
     if recipe is not None:
         return recipe, overrides
+    if resume is None:
+        raise typer.BadParameter("give a recipe file, or --resume RUN_FOLDER")
     recipe_path = resume / "recipe.yaml"
     if not recipe_path.is_file():
         from imgcls.errors import UsageError

@@ -48,7 +48,8 @@ def tune(
         int, typer.Option(min=0, help="Median pruner: trials that run in full before any is pruned.")
     ] = 2,
     set_: Annotated[
-        list[str], typer.Option("--set", help="Override a recipe value for every trial: key.path=value.")
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value for every trial: key.path=value."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def decode_into(
     paths: Sequence[str | os.PathLike],
     channels: int,
     size: tuple[int, int],
-    resize: str,
+    resize: Any,  # stretch, center_crop or pad (DataSpec.resize)
     workers: int | None = None,
     progress: Task | None = None,
     log: Log = lambda message: None,

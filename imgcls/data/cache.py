@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import methodcaller
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +73,8 @@ META = "meta.json"
 class DecodedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W); may be backed by a memory-mapped file
     y: torch.Tensor  # int64 (N,) class indices, or float32 (N, K) multi-hot (multi-label)
-    files: list[str | Path]  # as listed (str from a folder scan: no Path per file)
-    bad: list[tuple[str | Path, str]] = field(default_factory=list)
+    files: Sequence[str | Path]  # as listed (str from a folder scan: no Path per file)
+    bad: list[tuple[Any, str]] = field(default_factory=list)  # (path as listed, why)
     # (2, C) int64: per channel, exact sum and sum of squares of x's pixels,
     # kept in the cache entry so a cached run does not read every pixel for
     # mean/std. None when unknown.
@@ -249,9 +250,10 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
         ) from None
     source_name = os.path.abspath(source) if source is not None else os.path.commonpath(abs_names)
     meta = _build_entry(cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what)
-    x, meta = _open_entry(entry, shape) or (None, None)
-    if x is None:
+    opened = _open_entry(entry, shape)
+    if opened is None:
         raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
+    x, meta = opened
     _evict(cache, keep=key, log=log)
     ok, bad = _split_failures(paths, meta["bad"])
     return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
@@ -404,7 +406,7 @@ def _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad) -> 
 
 
 def _entries(cache: Path) -> list[tuple[Path, dict]]:
-    out = []
+    out: list[tuple[Path, dict]] = []
     try:
         folders = list(os.scandir(cache))
     except OSError:

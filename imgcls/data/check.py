@@ -110,7 +110,7 @@ def list_items(path: Path) -> list[Item]:
         raise DataError(f"{path}: no such folder or CSV file")
     splits = [s for s in (*SPLITS, "valid", "validation") if (path / s).is_dir()]
     roots = [(path / s, "val" if s in ("valid", "validation") else s) for s in splits] or [(path, "all")]
-    items = []
+    items: list[Item] = []
     for root, split in roots:
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             items.extend(Item(f, d.name, split) for f in images_under(d))
@@ -178,7 +178,7 @@ def gather_facts(items: list[Item], root: Path, threads: int | None = None) -> l
         cache = cache["files"] if cache.get("version") == CACHE_VERSION else {}
     except (OSError, ValueError, KeyError, AttributeError):
         cache = {}
-    keys = []
+    keys: list[str | None] = []
     for item in items:
         try:
             st = item.path.stat()
@@ -259,8 +259,8 @@ def check_dataset(
             p["imbalance"].append(
                 {
                     "split": split,
-                    "largest": max(by_class, key=by_class.get),
-                    "smallest": min(by_class, key=by_class.get),
+                    "largest": max(by_class, key=by_class.__getitem__),
+                    "smallest": min(by_class, key=by_class.__getitem__),
                     "ratio": round(big / small, 2),
                 }  # fmt: skip
             )

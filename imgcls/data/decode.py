@@ -309,7 +309,7 @@ def decode_chunk(task: tuple) -> tuple[int, bytes, list[tuple[int, str]], np.nda
     fd = _FILES.get(name)
     if fd is None:
         fd = _FILES[name] = os.open(name, os.O_WRONLY)
-    data = memoryview(rows).cast("B")
+    data = rows.data.cast("B")
     done = 0
     while done < len(data):  # pwrite may write less than asked
         done += os.pwrite(fd, data[done:], offset + done)

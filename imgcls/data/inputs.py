@@ -29,7 +29,7 @@ def load_input(path: str | os.PathLike, preprocessing: dict) -> torch.Tensor:
             im, int(preprocessing["resize_to"]), preprocessing.get("interpolation", "bilinear")
         )
         return image_to_tensor(_center_crop(im, size))
-    return load_image(path, channels, size, preprocessing["resize"])  # type: ignore[arg-type]
+    return load_image(path, channels, size, preprocessing["resize"])
 
 
 def _resize_shorter(im, size: int, interpolation: str):

@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imgcls.data.batch_decode import keep_pool
 from imgcls.data.cache import DecodedSplit, check_bad, default_cache_dir, load_split
@@ -52,7 +53,7 @@ def prepare_data(
         source = open_source(spec, Path(base_dir), task)
     listed = time.perf_counter() - start
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    where = dict(stats=source.stats, source=source.root, progress=progress)
+    where: dict[str, Any] = dict(stats=source.stats, source=source.root, progress=progress)
     with keep_pool():  # one pool of decode workers for every split
         train = load_split(source.train, spec, cache, log, split="train", **where)
         val = load_split(source.val, spec, cache, log, split="val", **where)

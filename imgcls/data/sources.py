@@ -37,6 +37,7 @@ import zlib
 from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ from imgcls.recipe import DataSpec
 # (file, class index), or (file, multi-hot tuple) for a multi-label source.
 # A folder scan gives ``str`` paths (a Path per file costs ~18 us: 18 s for a
 # million files); a CSV gives Paths.
-Items = list[tuple[str | Path, int]]
+Items = list[tuple[Any, Any]]  # (path, class index; or a multi-hot tuple for multi-label data)
 LABEL_SEPARATORS = re.compile(r"[;|]")
 SPLITS = ("train", "val", "test")
 _VAL_NAMES = ("val", "valid", "validation")

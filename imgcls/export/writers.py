@@ -291,12 +291,12 @@ def _onnx_proto(model, example, opset: int | None, dynamic_batch: bool, dynamo: 
         if dynamo:
             if dynamic_batch:
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=65536)},)
-            program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=True, **kwargs)
-            return program.model_proto
+            program: Any = torch.onnx.export(model, (example,), None, dynamo=True, optimize=True, **kwargs)
+            return program.model_proto  # an ONNXProgram: dynamo=True always returns one
         if dynamic_batch:
             kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
         buffer = io.BytesIO()
-        torch.onnx.export(model, (example,), buffer, dynamo=False, **kwargs)
+        torch.onnx.export(model, (example,), buffer, dynamo=False, **kwargs)  # type: ignore[arg-type]  # a file object is documented, the stub says path only
         return onnx.load_from_string(buffer.getvalue())
 
 

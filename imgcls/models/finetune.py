@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 
@@ -55,9 +56,10 @@ def _units(model: nn.Module, head: str | None):
     for name, child in model.named_children():
         if name == head or not _has_params(child):
             continue
-        inner, prefix = child, name
+        inner: nn.Module = child
+        prefix = name
         if name == "encoder" and isinstance(getattr(child, "layers", None), nn.Sequential):
-            inner, prefix = child.layers, f"{name}.layers"
+            inner, prefix = cast(nn.Module, child.layers), f"{name}.layers"
         if (
             not flat
             and (name in CONTAINERS or inner is not child)

@@ -6,6 +6,7 @@ Each function changes a built model in place; none reads weights from a file.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +44,15 @@ def small_stem(model: nn.Module, name: str, log: Log | None = None) -> None:
             f"efficientnet*, mnasnet*; not for '{name}'"
         )
     if family == "resnet":
-        old = model.conv1
+        old: Any = model.conv1
         model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
         if log is not None and old.weight.device.type != "meta":
             log("model.stem: small: conv1 is a new 3x3 conv (its pretrained 7x7 weights are not used)")
         return
-    first = {"regnet": lambda: model.stem[0], "mnasnet": lambda: model.layers[0]}.get(
-        family, lambda: model.features[0][0]
+    net: Any = model  # the family says which attributes it has
+    first = {"regnet": lambda: net.stem[0], "mnasnet": lambda: net.layers[0]}.get(
+        family, lambda: net.features[0][0]
     )()
     if isinstance(first, nn.Sequential):  # Conv2dNormActivation
         first = first[0]
@@ -66,13 +68,14 @@ def replace_first_conv(model: nn.Module, channels: int) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
+                conv: Any = child  # kernel_size & co. are tuples of the right length
                 new = nn.Conv2d(
                     channels,
                     child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
                     1,
                     child.bias is not None,
                     child.padding_mode,
@@ -83,7 +86,7 @@ def replace_first_conv(model: nn.Module, channels: int) -> None:
                     with torch.no_grad():
                         mean = child.weight.mean(dim=1, keepdim=True)
                         new.weight.copy_(mean.repeat(1, channels, 1, 1) * 3 / channels)
-                        if child.bias is not None:
+                        if child.bias is not None and new.bias is not None:
                             new.bias.copy_(child.bias)
                 setattr(parent, child_name, new)
                 return
@@ -100,8 +103,10 @@ def replace_classifier(model: nn.Module, num_classes: int) -> None:
     if last is None:
         raise UsageError("cannot find the classifier layer to resize")
     parent, child_name, child = last
+    new: nn.Module
     if isinstance(child, nn.Linear):
         new = nn.Linear(child.in_features, num_classes, child.bias is not None)
     else:
-        new = nn.Conv2d(child.in_channels, num_classes, child.kernel_size, child.stride)
+        conv: Any = child
+        new = nn.Conv2d(conv.in_channels, num_classes, conv.kernel_size, conv.stride)
     setattr(parent, child_name, new)

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -124,7 +125,7 @@ def _drop_aux_heads(model: nn.Module) -> None:
     """As torchvision does after loading googlenet / inception_v3 weights:
     the auxiliary heads only served their original training recipe."""
     if getattr(model, "aux_logits", False):
-        model.aux_logits = False
+        model.aux_logits = False  # type: ignore[assignment]  # a plain flag on the model, not a submodule
         for aux in ("aux1", "aux2", "AuxLogits"):
             if hasattr(model, aux):
                 setattr(model, aux, None)
@@ -180,7 +181,7 @@ def _model_kwargs(name: str) -> frozenset[str]:
     import torchvision
 
     builder = torchvision.models.get_model_builder(name)
-    module = inspect.getmodule(builder)
+    module: Any = inspect.getmodule(builder)  # a torchvision.models module
     names: set[str] = set()
     for obj in vars(module).values():
         if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__:

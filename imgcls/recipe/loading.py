@@ -34,7 +34,7 @@ def _explain(exc: ValidationError, where: str, lines: dict[Path_, int], overridd
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         known = list(parent.model_fields) if parent else []
-        msg = did_you_mean("key", loc[-1], known)
+        msg = did_you_mean("key", str(loc[-1]), known)
         if known:
             msg += f" (allowed: {', '.join(known)})"
     elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):

@@ -211,7 +211,8 @@ class Layer(Strict):
         return next(k for k in LAYER_KINDS if getattr(self, k) is not None)
 
     @property
-    def spec(self) -> Strict:
+    def spec(self) -> Any:
+        """The one layer given (a Conv, Dense, ...: its model depends on ``kind``)."""
         return getattr(self, self.kind)
 
 
@@ -363,7 +364,7 @@ class DataSpec(Strict):
     @property
     def size(self) -> tuple[int, int]:
         s = self.image_size
-        return (s, s) if isinstance(s, int) else tuple(s)
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
 
 
 class OptimizerSpec(Strict):
@@ -485,7 +486,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         values = (3, *values)
     if len(values) != 3 or min(values) <= 0:
         raise ValueError(f"'{text}' is not a shape like 3x224x224 (channels x height x width)")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def did_you_mean(what: str, value: str, known: Any) -> str:

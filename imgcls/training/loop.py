@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,7 +148,8 @@ def _forward_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One micro-batch: fetch, augment, forward, loss, backward. Returns the
     loss, the logits and the labels the accuracy is counted on (all on the device)."""
-    spec, device, accumulation, net = run.spec, run.device, run.accumulation, run.forward or run.model
+    spec, device, accumulation = run.spec, run.device, run.accumulation
+    net: Any = run.forward or run.model  # the DDP wrapper has no_sync()
     xb, yb = run.batches.batch(idx)  # uint8 and labels, on the device
     # randomness from (seed, epoch, step) alone: a resumed run draws the same
     gen = torch.Generator().manual_seed(_draw_seed(spec.seed, epoch, step, run.group.rank, micro))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -23,7 +24,10 @@ class Progress:
 
     def __init__(self, enabled: bool, epochs: int, steps: int):
         self.epochs, self.steps = epochs, steps
-        self.progress = self.task = None
+        self.progress: Any = None  # rich's Progress, on a terminal
+        self.task: Any = None
+        self.t0: float = 0.0
+        self.seen0: int | None = None
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

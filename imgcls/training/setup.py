@@ -139,7 +139,7 @@ def _runtime(recipe: Recipe, group: distributed.Group) -> tuple[torch.device, bo
     device = choose_device(spec.device)
     if group.active and device.type == "cuda":
         device = torch.device("cuda", group.local_rank)  # one GPU per process
-    check_trackers(spec.log_to)  # a missing extra fails before any work
+    check_trackers(list(spec.log_to))  # a missing extra fails before any work
     return device, choose_channels_last(spec.channels_last, device)
 
 
@@ -322,7 +322,7 @@ def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: 
     if saved_meta is not None:  # a resumed run keeps the statistics it started with
         pre = saved_meta["preprocessing"]
         data_spec = data_spec.model_copy(update={"mean": pre["mean"], "std": pre["std"]})
-    elif recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
+    elif recipe.model.arch and recipe.model.pretrained and data_spec.mean is None and data_spec.std is None:
         from imgcls.models.zoo import pretrained_stats
 
         stats = pretrained_stats(recipe.model.arch, data_spec.channels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from imgcls.models.state import load_weights
 from imgcls.recipe import Recipe, recipe_from_dict
 from imgcls.training.outputs import TIMINGS
 from imgcls.training.schedule import EMA
+
+if TYPE_CHECKING:
+    from imgcls.data.prepare import PreparedData
 
 Log = Callable[[str], None]
 
@@ -52,7 +56,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     channels_last: bool
-    data: object  # imgcls.data.Prepared: train/val uint8 tensors, classes, mean, std
+    data: PreparedData  # train/val uint8 tensors, classes, mean, std
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -70,12 +74,12 @@ class Run:
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
-    batches: object = None  # imgcls.data.batches source of training batches
-    forward: Callable | None = None  # model, or torch.compile(model) with train.compile
+    batches: Any = None  # the source of training batches (imgcls.data.batches.open_batches)
+    forward: Any = None  # model (or its DDP wrapper), or torch.compile of it with train.compile
     compile_pending: bool = False  # the first step compiles: timed apart from throughput
     lr: float = 0.0  # the learning rate of the epoch's last step
     task: str = "single"  # or "multilabel" (imgcls.data.sources: multi-hot targets, sigmoid outputs)
-    loss: Callable | None = None  # (logits, target) -> loss: make_loss
+    loss: Any = None  # (logits, target) -> loss: make_loss
     group: distributed.Group = distributed.SINGLE  # ranks: rank 0 alone writes files
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of model (several processes)
     accumulation: int = 1  # micro-batches per optimizer step (train.gradient_accumulation)
