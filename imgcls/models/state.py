@@ -57,7 +57,7 @@ def load_weights(model, state: dict, assign: bool = False, where: str = "the che
 
     check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, where)
     state = OrderedDict(state)
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]  # torch reads this private field of a state dict
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:

@@ -181,7 +181,7 @@ class Layer(Strict):
         if isinstance(value, str):
             if value in LAYER_KINDS:
                 return {value: {}}
-            if value in Activation.__args__:  # type: ignore[attr-defined]
+            if value in Activation.__args__:  # type: ignore[attr-defined]  # a Literal alias keeps its values in __args__
                 return {"activation": {"name": value}}
             raise ValueError(did_you_mean("layer kind", value, LAYER_KINDS))
         if isinstance(value, dict):
