@@ -69,7 +69,7 @@ def check_common(meta: dict, where: str) -> None:
     task and per-class thresholds."""
     check_classes(meta.get("classes"), where)
     check_task(meta, where)
-    pre = meta["preprocessing"]
+    pre: Any = meta.get("preprocessing")
     check_preprocessing(pre, where)
     shape = meta.get("input_shape")
     expected = [pre["channels"], *pre["image_size"]]

@@ -181,6 +181,7 @@ def summarize_target(
 
     path = Path(target)
     trained = path.is_dir() or path.suffix.lower() == ".safetensors"
+    classes: int | None
     if trained:
         # a trained model: its own recipe, input shape and classes
         from imgcls.checkpoint import read_meta, resolve_checkpoint
@@ -194,7 +195,7 @@ def summarize_target(
         recipe = r.load_recipe(path, tuple(overrides))
         shape = tuple(input_shape) if input_shape is not None else recipe.input_shape()
         if recipe.model.layers is not None and recipe.model.head == "none":
-            classes = num_classes or recipe.model.num_classes or 0  # no head: classes play no part
+            classes = num_classes or recipe.model.num_classes  # no head: classes play no part
         else:
             classes = resolve_num_classes(recipe, num_classes)
         name = recipe.name
@@ -210,7 +211,8 @@ def summarize_target(
     spec = recipe.model.model_copy(update={"pretrained": False, "weights": None})
     try:
         with meta_init():
-            model = build_model(spec, shape, classes)
+            # None only for a head-less layer stack, which has no class count
+            model = build_model(spec, shape, cast(int, classes))
     except ImgclsError:
         raise
     except Exception as exc:  # a torchvision/timm constructor refusing the size

@@ -94,8 +94,8 @@ def evaluate(
 
 
 def evaluate_steps(
-    target: str,
-    data: Path | None,
+    target: str | Path,
+    data: Path | None = None,
     *,
     top_k: int = 5,
     batch_size: int = 128,
