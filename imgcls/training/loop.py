@@ -1,4 +1,16 @@
-"""One epoch of training: batch, augment, forward, loss, backward, optimizer step.
+"""The training loop: the run, its epochs, and each step of an epoch.
+
+The whole run on one page, as a reader would tell it::
+
+    run = prepare(recipe)                      # setup: device, data, model, optimizer, run folder
+    while epochs are left:
+        train_one_epoch(run)                   # loop: batch -> augment -> forward -> loss -> step
+        row = epoch_row(run)                   # validation
+        record_epoch(run, row)                 # state: best.safetensors, last + resume.pt
+        write_metrics(run.run_dir, history)    # outputs: metrics.csv (curves and report at the end)
+
+Ctrl-C stops after the running step with the state saved (a second one
+aborts); ``imgcls train --resume RUN`` continues exactly there.
 
 Randomness is a function of (seed, epoch, step): the shuffle order of an
 epoch and the augmentation / dropout draws of a step are seeded from those
@@ -11,32 +23,32 @@ reads a device tensor back to the host: the sums stay on the device.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from imgcls import distributed
+from imgcls import checkpoint as ck
+from imgcls import distributed, interrupts
 from imgcls.data.batches import epoch_order
-from imgcls.errors import Diverged
+from imgcls.errors import Interrupted
 from imgcls.forward import main_logits, model_input
-from imgcls.imbalance import balanced_order
 from imgcls.models import finetune
-from imgcls.training.outputs import write_run_info
-from imgcls.training.progress import Progress
+from imgcls.recipe import Recipe
+from imgcls.tracking import open_tracker
+from imgcls.training.outputs import plot_curves as _plot
+from imgcls.training.outputs import write_metrics, write_run_info
+from imgcls.training.progress import Progress as _Progress
+from imgcls.training.progress import epoch_line
 from imgcls.training.schedule import lr_at
-from imgcls.training.state import Run, State, save_last
-
-
-def diverged(what: str, epoch: int, step: int | None = None, steps: int = 0) -> Diverged:
-    where = (
-        f"at epoch {epoch + 1}, step {step + 1}/{steps}" if step is not None else f"after epoch {epoch + 1}"
-    )
-    return Diverged(
-        f"{what} {where}; stopped, nothing of it saved. "
-        "Lower train.optimizer.lr, set train.grad_clip, or use train.precision: fp32"
-    )
+from imgcls.training.setup import prepare
+from imgcls.training.state import Log, Run, State, record_epoch, save_last
+from imgcls.training.validation import diverged, epoch_row, finite
 
 
 class EpochSums:
@@ -70,8 +82,140 @@ class EpochSums:
         return None if step < 0 else step
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    best_epoch: int
+    best: dict
+    stopped_early: bool
+
+
+def train(
+    recipe: Recipe,
+    *,
+    base_dir: Path = Path("."),
+    out: Path | None = None,
+    resume: Path | None = None,
+    log: Log = _stderr,
+    progress: bool = False,
+    stop_after_steps: int | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Fit ``recipe``; write the run folder; return its history.
+
+    ``resume`` continues a run folder where it stopped. ``stop_after_steps``
+    behaves like Ctrl-C after that many optimizer steps (for tests).
+    ``on_epoch_end(row)`` is called after each finished epoch, once its
+    checkpoints and metrics.csv are written; what it raises propagates.
+    """
+    group = distributed.join(recipe.train.device)  # one process unless torchrun started several
+    try:
+        if not group.main:
+            log, progress = (lambda message: None), False
+        out, resume = distributed.restart_target(group, recipe, out, resume, log)
+        try:
+            result = _train(
+                recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
+            )
+        except RuntimeError as exc:
+            broken = distributed.broken_group(group, exc)
+            if broken is None:
+                raise
+            raise broken from None
+        if group.main:
+            distributed.forget_run_dir(recipe)
+        return result
+    finally:
+        group.close()
+
+
+def _train(
+    recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
+) -> TrainResult:
+    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
+    spec = run.spec
+    interrupted = {"flag": False}
+
+    def on_sigint(presses: int) -> None:
+        if presses > 1:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        interrupted["flag"] = True
+        log("stopping after this step (Ctrl-C again to abort without saving)")
+
+    bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
+    stopped_early = False
+    tracker = None  # train.log_to: opened at the first finished epoch, so a failed start leaves none
+    steps_left = stop_after_steps
+    with interrupts.handled(on_sigint):
+        try:
+            interrupts.check()  # one swallowed before the handler above took over
+            while run.state.epoch < spec.epochs:
+                finished, steps_left = train_one_epoch(run, bar, interrupted, steps_left)
+                if not finished:
+                    raise Interrupted(
+                        f"interrupted in epoch {run.state.epoch + 1} at step {run.state.step}/"
+                        f"{run.steps_per_epoch}; state saved. Resume with: imgcls train --resume {run.run_dir}"
+                    )
+                row = finish_epoch(run, bar, progress)
+                if tracker is None and group.main:
+                    tracker = open_tracker(spec.log_to, run.run_dir, log)
+                    tracker.start(run.meta["recipe"], run.info)
+                if tracker is not None:
+                    tracker.epoch(row)
+                if on_epoch_end is not None:
+                    on_epoch_end(dict(row))
+                if spec.early_stopping and run.state.bad_epochs >= spec.early_stopping.patience:
+                    log(f"early stop: {run.monitor} has not improved for {run.state.bad_epochs} epochs")
+                    stopped_early = True
+                    break
+        except BaseException:
+            if not run.saved:  # a run that never started leaves nothing behind
+                ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            raise
+        finally:
+            bar.close()
+            if tracker is not None:
+                best_file = run.run_dir / ck.BEST if run.state.best_epoch else None
+                tracker.finish(best_file, completed=run.state.epoch >= spec.epochs or stopped_early)
+            if run.state.history and run.saved and group.main:
+                _plot(run.run_dir, run.state.history)
+    return _finish(run, stopped_early)
+
+
+def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
+    """Validate, pick the best, write checkpoints and metrics.csv; the epoch's row."""
+    row = epoch_row(run)
+    record_epoch(run, row)
+    if run.group.main:
+        write_metrics(run.run_dir, run.state.history)
+    bar.end_epoch(row, run.spec.epochs)
+    if not progress:
+        run.log(epoch_line(row, run.spec.epochs))
+    return row
+
+
+def _finish(run: Run, stopped_early: bool) -> TrainResult:
+    """The run's result; rank 0 also writes its report.html (a failure there
+    is a warning, not a failed run)."""
+    state = run.state
+    best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    if run.group.main:
+        try:
+            from imgcls.report import write_report
+
+            write_report(run.run_dir)
+        except Exception as exc:
+            run.log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+    return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
+
+
 def train_one_epoch(
-    run: Run, bar: Progress, interrupted: dict, steps_left: int | None
+    run: Run, bar: _Progress, interrupted: dict, steps_left: int | None
 ) -> tuple[bool, int | None]:
     """Steps from ``run.state.step`` to the end of the epoch: batch, augment,
     forward, loss, backward, optimizer step. Returns (finished, steps_left);
@@ -213,14 +357,11 @@ def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
     """The epoch's image order from (seed, epoch): a shuffle, or balanced classes."""
     gen = torch.Generator().manual_seed(_seed(run.spec.seed, epoch))
     if run.recipe.data.sampler == "balanced":
+        from imgcls.imbalance import balanced_order
+
         return balanced_order(run.data.train.y, len(run.data.classes), gen)
     # a plain shuffle, or for sets larger than a window, chunk-wise (disk streaming reads sequentially)
     return epoch_order(len(run.data.train.y), run.data.train.x[0].numel(), gen)
-
-
-def finite(tensors) -> bool:
-    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _live_stats(sums: EpochSums) -> tuple[float, float, int]:

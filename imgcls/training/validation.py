@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgcls.errors import Diverged
 from imgcls.forward import tensor_logits
-from imgcls.training.loop import diverged, finite
 from imgcls.training.state import Run
 
 
@@ -132,3 +132,18 @@ def _validate_multilabel(run: Run, model: nn.Module) -> dict:
     predicted = scores >= 0  # sigmoid >= 0.5, as predict decides
     exact = (predicted == (target > 0.5)).all(1).double().mean()
     return {"loss": float(loss), "acc": float(exact), "f1": multilabel_f1(predicted, target > 0.5)["macro"]}
+
+
+def diverged(what: str, epoch: int, step: int | None = None, steps: int = 0) -> Diverged:
+    where = (
+        f"at epoch {epoch + 1}, step {step + 1}/{steps}" if step is not None else f"after epoch {epoch + 1}"
+    )
+    return Diverged(
+        f"{what} {where}; stopped, nothing of it saved. "
+        "Lower train.optimizer.lr, set train.grad_clip, or use train.precision: fp32"
+    )
+
+
+def finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
