@@ -372,13 +372,14 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
 
 def read_labels_csv(path: Path) -> Items:
     """Every ``file,label[,split]`` row (the split is ignored: every row counts).
-    A label cell with several labels (``dog;cat``) gives a tuple of names.
+    A label cell with several labels (``dog;cat``) gives a tuple of names, an
+    empty one (multi-label: no positive label) an empty tuple.
 
     A listed file that is missing is not an error here: it is skipped and
     counted like an unreadable one.
     """
     rows = read_labelled_rows(path, must_exist=False)
-    return [(row.path, row.labels if len(row.labels) > 1 else row.label) for row in rows]
+    return [(row.path, row.labels if len(row.labels) != 1 else row.label) for row in rows]
 
 
 def class_index(model_classes: list[str], data_classes: set[str], where: str) -> dict[str, int]:

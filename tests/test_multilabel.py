@@ -99,6 +99,35 @@ def test_empty_label_between_separators_is_an_error(tmp_path):
         read_csv(path, 0.2, 0)
 
 
+def test_multilabel_rows_without_a_label_are_negatives(tmp_path, monkeypatch):
+    """An empty labels cell used to fail the run ("empty file name or label"):
+    in multi-label data it is an image with no positive label."""
+    from imgcls.data.prepare import prepare_data
+    from imgcls.recipe import DataSpec
+
+    rows = ["a.png,dog;cat", "b.png,", "c.png,cat", "d.png,dog", "e.png,,val", "f.png,cat;dog,val"]
+    path = _csv(tmp_path, rows)
+    source = read_csv(path, 0.2, 0)
+    assert source.task == "multilabel"  # detected from the other rows
+    assert [hot for _, hot in source.train] == [(1, 1), (0, 0), (1, 0), (0, 1)]
+    assert [hot for _, hot in source.val] == [(0, 0), (1, 1)]
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
+    logs: list[str] = []
+    prepare_data(DataSpec(source="csv", path=str(path), image_size=4), log=logs.append)
+    (summary,) = [line for line in logs if line.startswith("data: ")]
+    assert ", 2 with no label (a negative for every class)" in summary, summary
+
+    single = _csv(tmp_path, ["a.png,dog", "b.png,", "c.png,cat"])
+    assert [hot for _, hot in read_csv(single, 0, 0, "multilabel").train] == [(0, 1), (0, 0), (1, 0)]
+    with pytest.raises(DataError, match=r"labels.csv:3: empty label; .*set data.task: multilabel"):
+        read_csv(single, 0, 0)
+    with pytest.raises(DataError, match=r"labels.csv:3: empty label; .*data.task is single"):
+        read_csv(single, 0, 0, "single")
+    no_name = _csv(tmp_path, ["a.png,dog;cat", ",cat", "c.png,cat"])
+    with pytest.raises(DataError, match=r"labels.csv:3: empty file name$"):
+        read_csv(no_name, 0, 0)
+
+
 def test_metadata_rules_for_task_and_thresholds():
     meta = {"classes": ["a", "b"], "task": "multilabel", "thresholds": [0.3, 0.7]}
     check_task(meta, "m")
