@@ -943,7 +943,7 @@ def explain(
             for t in e.targets:
                 peak = t["peak"]
                 print(
-                    f"{e.file}: predicted {e.predicted} ({e.probability:.3f}); {t['class']}: "
+                    f"{e.file}: predicted {e.predicted or '(no label)'} ({e.probability:.3f}); {t['class']}: "
                     f"peak at x={peak['x']} y={peak['y']}, {t['area_above_half_max']:.1%} of the frame "
                     f"above half max -> {t['overlay']}"
                 )

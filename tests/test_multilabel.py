@@ -296,3 +296,32 @@ def test_train_closing_line_shows_val_f1_for_multilabel(tmp_path):
     single = _train_summary(TrainResult(tmp_path, [single_row], 1, single_row, False))
     assert "val_f1" not in single
     assert _train_closing(single).splitlines()[0] == "best epoch 1: val_acc 0.4000, val_loss 0.2500"
+
+
+def test_explain_matches_predict_on_a_multilabel_model(tiny_checkpoint, shapes_folder, cli, tmp_path):
+    """explain used a softmax on every model: on a multi-label one its
+    probability and predicted class differed from predict's sigmoid per class."""
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = tmp_path / "ml.safetensors"
+    # circle always on, square never, triangle as the sigmoid says
+    save_checkpoint(model, ckpt.model, {**ckpt.meta, "task": "multilabel", "thresholds": [0.0, 1.0, 0.5]})
+    images = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[::6]]
+    p = cli("predict", *images, "--model", str(model), "--json")
+    assert p.returncode == 0, p.stderr
+    predicted = {r["file"]: r["labels"] for r in map(json.loads, p.stdout.splitlines())}
+    e = cli("explain", *images, "--model", str(model), "--out", str(tmp_path / "x"), "--json")
+    assert e.returncode == 0, e.stderr
+    explained = json.loads(e.stdout)["images"]
+    assert [x["file"] for x in explained] == images
+    for x in explained:
+        labels = predicted[x["file"]]
+        assert labels and labels[0]["label"] == "circle"
+        assert x["labels"] == labels
+        assert x["predicted"] == ";".join(r["label"] for r in labels)
+        assert x["probability"] == pytest.approx(labels[0]["p"], abs=1e-6)
+        # each predicted label explained, at the probability predict gives it
+        assert [(t["class"], t["probability"]) for t in x["targets"]] == [
+            (r["label"], pytest.approx(r["p"], abs=1e-6)) for r in labels
+        ]
