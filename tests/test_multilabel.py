@@ -325,3 +325,19 @@ def test_explain_matches_predict_on_a_multilabel_model(tiny_checkpoint, shapes_f
         assert [(t["class"], t["probability"]) for t in x["targets"]] == [
             (r["label"], pytest.approx(r["p"], abs=1e-6)) for r in labels
         ]
+
+
+def test_evaluate_reads_rows_without_a_label_as_negatives(
+    tiny_multilabel_checkpoint, tiny_checkpoint, shapes_folder, cli, tmp_path
+):
+    rows = [f"{shapes_folder}/circle/circle_0000.png,circle", f"{shapes_folder}/square/square_0000.png,"]
+    labels = tmp_path / "l.csv"
+    labels.write_text("file,labels\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "e"
+    r = cli("evaluate", str(tiny_multilabel_checkpoint), str(labels), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["samples"] == 2
+    assert [row["support"] for row in report["per_class"]] == [1, 0, 0]
+    single = cli("evaluate", str(tiny_checkpoint), str(labels), "--out", str(out))
+    assert single.returncode == 2 and "rows with no label" in single.stderr, single.stderr
