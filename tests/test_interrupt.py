@@ -171,7 +171,7 @@ import atexit, os, signal, sys, time
 
 def ctrl_c_while_exiting():
     os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.5)  # its handler runs here
+    time.sleep(0.1)  # its handler runs here
 
 atexit.register(ctrl_c_while_exiting)  # registered first: runs last
 sys.argv = ["imgcls", *sys.argv[1:]]
