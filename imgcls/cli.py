@@ -102,6 +102,8 @@ def command(fn):
             hint = "" if _state["debug"] else " (run with --debug for the traceback)"
             _error(f"{type(exc).__name__}: {exc}{hint}")
             raise typer.Exit(EXIT_FAILURE) from None
+        finally:
+            interrupts.finish()  # said and done: a Ctrl-C as the process exits prints no traceback
 
     return wrapper
 
@@ -450,6 +452,7 @@ def data_check(
 
         ckpt = load_checkpoint(model)
     result = check_dataset(path, model=ckpt, log=lambda message: _stderr().print(message, markup=False))
+    interrupts.check()  # a Ctrl-C that compiled code swallowed: no findings written or printed
     if ckpt is not None and ckpt.run_dir is not None:
         from imgcls.checkpoint import write_text_atomic
 
@@ -943,7 +946,7 @@ def explain(
             for t in e.targets:
                 peak = t["peak"]
                 print(
-                    f"{e.file}: predicted {e.predicted} ({e.probability:.3f}); {t['class']}: "
+                    f"{e.file}: predicted {e.predicted or '(no label)'} ({e.probability:.3f}); {t['class']}: "
                     f"peak at x={peak['x']} y={peak['y']}, {t['area_above_half_max']:.1%} of the frame "
                     f"above half max -> {t['overlay']}"
                 )

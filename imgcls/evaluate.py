@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from imgcls import interrupts
 from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, save_checkpoint, write_text_atomic
 from imgcls.data.sources import read_labelled_rows, scan_class_folders
 from imgcls.errors import DataError, PartialFailure, UsageError
@@ -123,8 +124,9 @@ def evaluate(
     items, where = labelled_items(ckpt, data)
     several = next((label for _, label in items if isinstance(label, tuple)), None)
     if several is not None and not multilabel:
+        rows = f"rows with several labels ('{';'.join(several)}')" if several else "rows with no label"
         raise DataError(
-            f"{where}: rows with several labels ('{';'.join(several)}') but {ckpt.path} is a "
+            f"{where}: {rows} but {ckpt.path} is a "
             "single-label model; evaluate it on data with one label per image"
         )
     index = class_index(ckpt.classes, {n for _, label in items for n in _names(label)}, where)
@@ -135,6 +137,7 @@ def evaluate(
         log(f"tuning thresholds on {val_where}: {len(val_items)} images")
         scores, _, targets, _, _ = _run(ckpt, val_items, index, batch_size, multilabel)
         thresholds = f1_optimal_thresholds(torch.sigmoid(scores), targets)
+        interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
         tuned = tuned_path(ckpt.path)
         save_checkpoint(tuned, ckpt.model, {**ckpt.meta, "thresholds": thresholds})
         shown = ", ".join(f"{c} {t:.3f}" for c, t in zip(ckpt.classes, thresholds, strict=True))
@@ -179,6 +182,7 @@ def evaluate(
     if tta_scores is not None:
         report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
     result = EvalResult(ckpt.path, where, report, wrong, bad)
+    interrupts.check()  # before the first file of the evaluation is written
     if tuned is not None:
         result.files["tuned_checkpoint"] = str(tuned)
 
@@ -201,6 +205,7 @@ def evaluate(
         result.files["misclassified_csv"] = str(misclassified)
     metrics_json = out_dir / "metrics.json"
     result.files["metrics_json"] = str(metrics_json)
+    interrupts.check()
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
     png_path = result.files.get("confusion_png")
     log(f"wrote {png_path} and {metrics_json.name}" if png_path else f"wrote {metrics_json}")
@@ -283,6 +288,7 @@ def _run(
     outputs, tta_outputs, targets, files, bad = [], [], [], [], []
     done = 0
     for results in decoded_batches(paths, ckpt.preprocessing, batch_size):
+        interrupts.check()  # between batches
         batch_items = items[done : done + len(results)]
         done += len(results)
         good = []
@@ -372,13 +378,14 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
 
 def read_labels_csv(path: Path) -> Items:
     """Every ``file,label[,split]`` row (the split is ignored: every row counts).
-    A label cell with several labels (``dog;cat``) gives a tuple of names.
+    A label cell with several labels (``dog;cat``) gives a tuple of names, an
+    empty one (multi-label: no positive label) an empty tuple.
 
     A listed file that is missing is not an error here: it is skipped and
     counted like an unreadable one.
     """
     rows = read_labelled_rows(path, must_exist=False)
-    return [(row.path, row.labels if len(row.labels) > 1 else row.label) for row in rows]
+    return [(row.path, row.labels if len(row.labels) != 1 else row.label) for row in rows]
 
 
 def class_index(model_classes: list[str], data_classes: set[str], where: str) -> dict[str, int]:

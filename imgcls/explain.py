@@ -37,10 +37,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgcls import interrupts
 from imgcls.checkpoint import Checkpoint, atomic_path
 from imgcls.data.decode import DecodeError, load_image
 from imgcls.errors import PartialFailure, UsageError
-from imgcls.infer import main_logits, model_input
+from imgcls.infer import (
+    checkpoint_predictor,
+    logits,
+    main_logits,
+    model_input,
+    multilabel_labels,
+    predict_scores,
+)
 
 METHODS = ("gradcam", "gradcam++", "layercam")
 Log = Callable[[str], None]
@@ -136,7 +144,8 @@ def class_maps(
 
     ``x`` is a batch from :func:`imgcls.infer.model_input`. Returns the maps
     (N, H, W) upsampled to the input size and scaled to 0..1 (all zero when
-    nothing in the layer speaks for the class), and the probabilities (N, K).
+    nothing in the layer speaks for the class), and the class scores (logits,
+    N x K; :func:`imgcls.infer.predict_scores` makes them probabilities).
     """
     module = find_layer(model, layer)
     captured: dict[str, torch.Tensor] = {}
@@ -170,7 +179,7 @@ def class_maps(
     ]
     top = cam.flatten(1).max(1).values.view(-1, 1, 1)
     cam = torch.where(top > 0, cam / top.clamp(min=1e-12), torch.zeros_like(cam))
-    return cam, torch.softmax(scores.detach(), 1)
+    return cam, scores.detach()
 
 
 def map_stats(cam: torch.Tensor) -> dict:
@@ -315,10 +324,11 @@ def save_feature_maps(path: Path, maps: torch.Tensor, title: str, limit: int = 6
 @dataclass
 class Explanation:
     file: str
-    predicted: str
-    probability: float
+    predicted: str  # multi-label: every label on at its threshold, joined by ';' (as predict writes them)
+    probability: float  # of the predicted class (multi-label: the likeliest label on, 0 when none)
     targets: list[dict] = field(default_factory=list)  # class, probability, peak, area, overlay
     maps: str | None = None
+    labels: list[tuple[str, float]] | None = None  # multi-label: (label, probability), as predict's
 
     def to_dict(self) -> dict:
         out = {
@@ -327,6 +337,8 @@ class Explanation:
             "probability": round(self.probability, 6),
             "targets": self.targets,
         }
+        if self.labels is not None:
+            out["labels"] = [{"label": label, "p": p} for label, p in self.labels]
         if self.maps:
             out["maps"] = self.maps
         return out
@@ -396,13 +408,17 @@ def explain(
 ) -> ExplainResult:
     """Heatmap overlays (one PNG per image and class) for a loaded checkpoint.
 
-    Without ``targets``, each image is explained for its predicted class.
+    Without ``targets``, each image is explained for its predicted class (a
+    multi-label model: for each label it predicts, or its likeliest class when
+    none); probabilities and predictions are predict's
+    (:func:`imgcls.infer.predict_scores`, :func:`imgcls.infer.multilabel_labels`).
     Unreadable images are skipped and listed; the caller makes that exit 3
     (:meth:`ExplainResult.raise_if_skipped`), or 2 when none was readable.
     """
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose from {', '.join(METHODS)}")
     model, classes, pre = ckpt.model, ckpt.classes, ckpt.preprocessing
+    predictor = checkpoint_predictor(ckpt)  # softmax or a sigmoid per class, as predict decides
     input_shape = tuple(ckpt.meta["input_shape"])
     arch = ckpt.meta["recipe"].get("model", {}).get("arch") or "recipe model"
     if layer is None:
@@ -421,6 +437,7 @@ def explain(
     used: set[str] = set()
     size = tuple(pre["image_size"])
     for file in images:
+        interrupts.check()  # a Ctrl-C that compiled code swallowed: no more pictures
         try:
             pixels = load_image(file, pre["channels"], size, pre["resize"])
         except DecodeError as exc:
@@ -435,10 +452,17 @@ def explain(
         used.add(stem)
         x = model_input(pixels[None], pre["mean"], pre["std"])
         with torch.no_grad():
-            probs = torch.softmax(main_logits(model(x)).float(), 1)[0]
-        predicted = int(probs.argmax())
-        explanation = Explanation(str(file), classes[predicted], float(probs[predicted]))
-        for target in wanted or [predicted]:
+            probs = predict_scores(predictor, logits(model, x))[0]
+        predicted = [int(probs.argmax())]
+        if predictor.task == "multilabel":
+            (on,) = multilabel_labels(predictor, probs[None])
+            explanation = Explanation(
+                str(file), ";".join(c for c, _ in on), on[0][1] if on else 0.0, labels=on
+            )
+            predicted = [classes.index(c) for c, _ in on] or predicted
+        else:
+            explanation = Explanation(str(file), classes[predicted[0]], float(probs[predicted[0]]))
+        for target in wanted or predicted:
             cam, _ = class_maps(model, x, layer, torch.tensor([target]), method)
             png = out_dir / f"{stem}.{_safe(method)}.{_safe(classes[target])}.png"
             save_png(png, side_by_side(pixels, cam[0]))

@@ -21,10 +21,11 @@ from typing import TextIO
 
 import torch
 
+from imgcls import interrupts
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
-from imgcls.infer import Predictor, decoded_batches, load_predictor, predict_scores
+from imgcls.infer import Predictor, decoded_batches, load_predictor, multilabel_labels, predict_scores
 
 Log = Callable[[str], None]
 _GLOB_CHARS = re.compile(r"[*?[]")
@@ -152,22 +153,18 @@ def predict_files(
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
     multilabel = predictor.task == "multilabel"
-    cuts = None
-    if multilabel:
-        cuts = torch.tensor(
-            [threshold] * len(classes)
-            if threshold is not None
-            else predictor.thresholds or [0.5] * len(classes)
-        )
     done = 0
     for results in decoded_batches(files, predictor.preprocessing, batch_size, threads):
+        interrupts.check()  # a Ctrl-C that compiled code swallowed: no more records
         names = [str(p) for p in files[done : done + len(results)]]
         done += len(results)
         good = [r for r in results if isinstance(r, torch.Tensor)]
-        probs = top_p = top_i = None
+        probs = top_p = top_i = decided = None
         if good:
             probs = predict_scores(predictor, predictor.batch_logits(torch.stack(good), tta=tta))
             top_p, top_i = probs.topk(k, dim=1)
+            if multilabel:
+                decided = multilabel_labels(predictor, probs, threshold)
         row = 0
         for name, result in zip(names, results, strict=True):
             if isinstance(result, DecodeError):
@@ -175,8 +172,7 @@ def predict_files(
                 continue
             ps, idx = top_p[row].tolist(), top_i[row].tolist()
             if multilabel:
-                on = torch.nonzero(probs[row] >= cuts).flatten().tolist()
-                labels = sorted(((classes[i], float(probs[row, i])) for i in on), key=lambda t: -t[1])
+                labels = decided[row]
                 row += 1
                 yield Prediction(
                     file=name,
@@ -228,6 +224,7 @@ def predict(
         if threshold is not None:
             cuts = f"threshold {threshold:g} (--threshold) for every class"
         log(f"multi-label model: every label with a probability at or above its {cuts}")
+    interrupts.check()  # before the first line of output
 
     def stream() -> Iterator[Prediction | Failure]:
         yield from missing

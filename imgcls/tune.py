@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgcls import interrupts
 from imgcls.errors import Interrupted, RecipeError, UsageError
 from imgcls.recipe import Recipe, read_yaml_file, recipe_from_dict, recipe_to_dict
 
@@ -233,6 +234,7 @@ def tune(
 
     study_name = study or f"{base.name}-tune"
     folder = Path(base.train.out) / study_name
+    interrupts.check()  # a Ctrl-C that compiled code swallowed: no study folder
     folder.mkdir(parents=True, exist_ok=True)
     storage_url = storage or f"sqlite:///{(folder / STUDY_DB).resolve()}"
     direction = METRICS[metric]
@@ -335,7 +337,9 @@ def tune(
             stop.set()
             log("stopping after the current trial (Ctrl-C again to end it at its epoch's end)")
 
-    if already < trials:
+    if interrupts.pressed():  # swallowed since: as a Ctrl-C during a trial, no new trial
+        stop.set()
+    if already < trials and not stop.is_set():
         worker = threading.Thread(target=work, name="imgcls-tune")
         previous = None
         if threading.current_thread() is threading.main_thread():

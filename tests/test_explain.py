@@ -250,8 +250,8 @@ def test_torchvision_cnn_default_layer_and_transformer_refused():
 
     resnet = torchvision.models.resnet18(num_classes=3).eval()
     assert default_layer(resnet, (3, 64, 64)) == "layer4"
-    cam, probs = class_maps(resnet, torch.randn(2, 3, 64, 64), "layer4", torch.tensor([0, 2]))
-    assert cam.shape == (2, 64, 64) and probs.shape == (2, 3)
+    cam, scores = class_maps(resnet, torch.randn(2, 3, 64, 64), "layer4", torch.tensor([0, 2]))
+    assert cam.shape == (2, 64, 64) and scores.shape == (2, 3)
     assert float(cam.max()) <= 1.0 and float(cam.min()) >= 0.0
 
     with torch.device("meta"):  # shapes only: no 86M random weights to draw

@@ -50,7 +50,7 @@ import numpy as np
 
 from imgcls.data.decode import FORMATS, DecodeError, decode_image
 from imgcls.data.shapes import cache_root
-from imgcls.data.sources import SPLITS, images_under, read_labelled_rows
+from imgcls.data.sources import SPLITS, Links, read_labelled_rows, walk_images
 from imgcls.errors import DataError
 
 IMBALANCE = 3.0
@@ -102,18 +102,23 @@ class CheckResult:
 # --------------------------------------------------------------------------- listing
 
 
-def list_items(path: Path) -> list[Item]:
-    """Every image of a folder tree (flat, or train/val/test) or a CSV, with its label and split."""
+def list_items(path: Path, links: Links | None = None) -> list[Item]:
+    """Every image of a folder tree (flat, or train/val/test) or a CSV, with its label and split.
+
+    Each real file once, under the class and split of its real path, as training
+    lists them; symbolic links leading back into the tree go to ``links``."""
     if path.is_file() and path.suffix.lower() == ".csv":
-        return [Item(r.path, r.label, r.split or "train") for r in read_labelled_rows(path, must_exist=False)]
+        rows = read_labelled_rows(path, must_exist=False)
+        return [Item(r.path, r.label or "(no label)", r.split or "train") for r in rows]
     if not path.is_dir():
         raise DataError(f"{path}: no such folder or CSV file")
     splits = [s for s in (*SPLITS, "valid", "validation") if (path / s).is_dir()]
     roots = [(path / s, "val" if s in ("valid", "validation") else s) for s in splits] or [(path, "all")]
     items = []
+    walk = dict(within=os.path.realpath(path), seen=set(), links=links)
     for root, split in roots:
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            items.extend(Item(f, d.name, split) for f in images_under(d))
+            items.extend(Item(Path(f), d.name, split) for f in walk_images(d, **walk))
     if not items:
         raise DataError(f"{path}: no images in class folders (expected PATH/<class>/<image>)")
     return items
@@ -242,7 +247,8 @@ def check_dataset(
 
     start = time.perf_counter()
     root = Path(path).expanduser()
-    items = list_items(root)
+    links: Links = []
+    items = list_items(root, links)
     log(f"checking {len(items)} files under {root}")
     facts = gather_facts(items, root, threads)
 
@@ -304,6 +310,8 @@ def check_dataset(
     p["near_duplicates"] = [_describe([good[n][0] for n in g]) for g in groups.values() if len(g) > 1]
 
     p["outliers"] = _outliers(good)
+    # a link back into the data set: training counts its target once, where it really is
+    p["links_into_dataset"] = [{"file": link, "target": target} for link, target in links]
     if model is not None:
         p["label_errors"] = label_errors(model, good, log)
     result.seconds = time.perf_counter() - start
@@ -401,6 +409,7 @@ def summary_lines(result: CheckResult) -> list[str]:
         "exact_duplicates": "exact duplicate groups",
         "near_duplicates": f"near-duplicate groups (phash distance <= {NEAR_DISTANCE})",
         "outliers": "size / aspect / mode outliers",
+        "links_into_dataset": "symbolic links back into the data set (not followed: each image counts once)",
         "label_errors": "likely label errors",
     }
     for key, found in result.problems.items():
@@ -426,6 +435,8 @@ def _entry_line(key: str, e: dict) -> str:
         return f"{e['file']}: {e['error']}"
     if key in ("exact_duplicates", "near_duplicates"):
         return f"{e['kind']}: " + ", ".join(f"{f['file']} ({f['split']}/{f['label']})" for f in e["files"])
+    if key == "links_into_dataset":
+        return f"{e['file']} -> {e['target']}"
     if key == "outliers":
         return f"{e['file']}: {'; '.join(e['reasons'])}"
     return f"{e['file']}: labelled {e['label']} (p={e['p_label']}), model says {e['suggested']} (p={e['p_suggested']})"

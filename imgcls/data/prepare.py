@@ -58,6 +58,12 @@ def prepare_data(
         val = load_split(source.val, spec, cache, log, split="val", **where)
         test = load_split(source.test, spec, cache, log, split="test", **where) if source.test else None
     source.stats = {}  # only the cache key needed them: ~250 bytes a file, for the whole run
+    # multi-label rows with an empty label cell: a negative for every class
+    unlabelled = (
+        sum(1 for split in (source.train, source.val, source.test) for _, y in split if not any(y))
+        if source.task == "multilabel"
+        else 0
+    )
     bad = train.bad + val.bad + (test.bad if test else [])
     check_bad(bad, len(source), spec.max_bad_fraction)
     if len(train) == 0:
@@ -77,6 +83,7 @@ def prepare_data(
         + (f", {len(test)} test" if test else "")
         + f" images at {spec.channels}x{h}x{w}"
         + (f", {len(bad)} unreadable skipped" if bad else "")
+        + (f", {unlabelled} with no label (a negative for every class)" if unlabelled else "")
         + f" ({time.perf_counter() - start:.1f} s, listing {listed:.1f} s)"
     )
     return PreparedData(source.classes, train, val, test, mean, std, bad, source)

@@ -145,8 +145,10 @@ def export_model(
     if float((ref - ref.mean(0)).abs().max()) < 1e-6:
         log("note: the model's outputs do not depend on the input (untrained?), so the check proves little")
 
+    from imgcls import interrupts
     from imgcls.checkpoint import atomic_path
 
+    interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
     with atomic_path(out) as tmp:
         if fmt == "onnx":
             result.exporter, result.opset = write_onnx(
@@ -179,6 +181,7 @@ def export_model(
             )
         if exported.meta != meta:
             raise ImgclsError(f"the {fmt} export lost its metadata on reload; nothing was written")
+        interrupts.check()  # one swallowed while exporting: the file is not put in place
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
