@@ -485,6 +485,10 @@ def cache_list(
 ) -> None:
     """List cached decoded splits, most recently used first.
 
+    The table shows each key's first 12 characters (any unique prefix names
+    an entry for `imgcls cache clear`; --json has the whole key) and wraps
+    long sources rather than cutting them.
+
     Examples:
 
         imgcls cache list
@@ -502,14 +506,23 @@ def cache_list(
         return
     from rich.table import Table
 
+    # at 80 columns every entry stays whole: a short key, the source folded over lines, the date wrapped
     table = Table()
     table.add_column("key", no_wrap=True)
-    for name in ("source", "split", "images", "size", "last used"):
-        table.add_column(name)
+    table.add_column("source", overflow="fold", ratio=1)
+    table.add_column("split", overflow="fold")
+    for name in ("images", "size"):
+        table.add_column(name, no_wrap=True, justify="right")
+    table.add_column("last used", min_width=10)
     for e in entries:
         used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
         table.add_row(
-            e["key"], cell(e["source"]), cell(e["split"]), str(e["images"]), human_bytes(e["bytes"]), used
+            e["key"][:12],
+            cell(e["source"]),
+            cell(e["split"]),
+            str(e["images"]),
+            human_bytes(e["bytes"]),
+            used,
         )
     _stdout().print(table)
     total = sum(e["bytes"] for e in entries)

@@ -193,6 +193,41 @@ def test_predict_null_separated_stdin(cli, tiny_checkpoint, odd_names):
     assert r.returncode == 2 and "give - as a PATH" in r.stderr
 
 
+def test_cache_list_at_80_columns_keeps_entries_apart(cli, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from imgcls.data.cache import load_split
+    from imgcls.recipe import DataSpec
+
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "root"))
+    sources = []
+    for version in ("v2", "v3"):  # long sources that differ only at the very end
+        source = tmp_path / "datasets" / "holiday-photos-2025" / "cleaned" / f"train_images_{version}"
+        source.mkdir(parents=True)
+        items = []
+        for i in range(2):
+            Image.new("L", (6, 6), i * 90).save(source / f"{i}.png")
+            items.append((source / f"{i}.png", i))
+        load_split(items, DataSpec(image_size=4, cache="disk"), split="train", source=source)
+        sources.append(str(source))
+    r = cli("cache", "list", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    entries = []  # a row starts where the key column is filled; its cells may go on over the next lines
+    for line in lines:
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 6 and cells[0]:
+            entries.append(cells)
+        elif len(cells) == 6:
+            entries[-1] = [" ".join(filter(None, pair)) for pair in zip(entries[-1], cells, strict=True)]
+    # a folded path goes on without a space, a wrapped date with one
+    assert sorted(e[1].replace(" ", "") for e in entries) == sorted(sources)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", e[5]) for e in entries)
+    keys = json.loads(cli("cache", "list", "--json").stdout)
+    assert sorted(e[0] for e in entries) == sorted(k["key"][:12] for k in keys)
+
+
 def test_an_error_naming_a_file_stays_one_line(cli, tiny_checkpoint, tmp_path):
     r = cli("predict", str(tmp_path / "no\nsuch[/bold].png"), "--model", str(tiny_checkpoint))
     assert r.returncode == 2
