@@ -37,20 +37,23 @@ _state = {"debug": False}
 def _stderr():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    # emoji=False: a name like ':cat:' is data (markup is escaped or off where names are printed)
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _stdout():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def _error(message: str) -> None:
-    """One line on stderr, whatever the terminal width."""
+    """One line on stderr, whatever the terminal width (and whatever names it quotes)."""
     from rich.markup import escape
 
-    _stderr().print(f"[red]error:[/red] {escape(message)}")
+    from imgcls.text import one_line
+
+    _stderr().print(f"[red]error:[/red] {escape(one_line(message))}")
 
 
 def hold_sigint() -> None:
@@ -171,7 +174,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder to create (default runs/<name>/<n>); must be new or empty."),
+        typer.Option(help="Run folder to create (default `runs/<name>/<n>`); must be new or empty."),
     ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a stopped run folder exactly where it stopped.")
@@ -411,7 +414,7 @@ def data_shapes(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder; choose another")
     path = write_shapes(out, ShapesSpec(per_class=per_class, image_size=size, seed=seed))
-    _stderr().print(f"wrote {path}")
+    _stderr().print(f"wrote {path}", markup=False)
 
 
 @data_app.command("check")
@@ -445,20 +448,25 @@ def data_check(
     """
     from imgcls.data.check import check_dataset, summary_lines
     from imgcls.errors import EXIT_PARTIAL
+    from imgcls.text import json_safe, one_line
 
     ckpt = None
     if model is not None:
         from imgcls.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(model)
-    result = check_dataset(path, model=ckpt, log=lambda message: _stderr().print(message, markup=False))
+    result = check_dataset(
+        path, model=ckpt, log=lambda message: _stderr().print(one_line(message), markup=False)
+    )
     interrupts.check()  # a Ctrl-C that compiled code swallowed: no findings written or printed
     if ckpt is not None and ckpt.run_dir is not None:
         from imgcls.checkpoint import write_text_atomic
 
-        write_text_atomic(ckpt.run_dir / "data-check.json", json.dumps(result.to_dict(), indent=1) + "\n")
+        write_text_atomic(
+            ckpt.run_dir / "data-check.json", json.dumps(json_safe(result.to_dict()), indent=1) + "\n"
+        )
     if as_json:
-        print(json.dumps(result.to_dict()), flush=True)
+        print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         print("\n".join(summary_lines(result)), flush=True)
     if not result.clean:
@@ -480,6 +488,10 @@ def cache_list(
 ) -> None:
     """List cached decoded splits, most recently used first.
 
+    The table shows each key's first 12 characters (any unique prefix names
+    an entry for `imgcls cache clear`; --json has the whole key) and wraps
+    long sources rather than cutting them.
+
     Examples:
 
         imgcls cache list
@@ -489,20 +501,32 @@ def cache_list(
     import datetime
 
     from imgcls.data.cache import cache_max, default_cache_dir, human_bytes, list_entries
+    from imgcls.text import cell, json_safe
 
     entries = list_entries()
     if as_json:
-        print(json.dumps(entries, indent=2))
+        print(json.dumps(json_safe(entries), indent=2))
         return
     from rich.table import Table
 
+    # at 80 columns every entry stays whole: a short key, the source folded over lines, the date wrapped
     table = Table()
     table.add_column("key", no_wrap=True)
-    for name in ("source", "split", "images", "size", "last used"):
-        table.add_column(name)
+    table.add_column("source", overflow="fold", ratio=1)
+    table.add_column("split", overflow="fold")
+    for name in ("images", "size"):
+        table.add_column(name, no_wrap=True, justify="right")
+    table.add_column("last used", min_width=10)
     for e in entries:
         used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
-        table.add_row(e["key"], e["source"], e["split"], str(e["images"]), human_bytes(e["bytes"]), used)
+        table.add_row(
+            e["key"][:12],
+            cell(e["source"]),
+            cell(e["split"]),
+            str(e["images"]),
+            human_bytes(e["bytes"]),
+            used,
+        )
     _stdout().print(table)
     total = sum(e["bytes"] for e in entries)
     _stderr().print(
@@ -556,7 +580,7 @@ def evaluate(
     ] = 5,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 128,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for confusion.png and metrics.json (default <run>/eval/).")
+        Path | None, typer.Option(help="Folder for confusion.png and metrics.json (default `<run>/eval/`).")
     ] = None,
     misclassified: Annotated[
         Path | None,
@@ -578,7 +602,7 @@ def evaluate(
         typer.Option(
             "--tune-thresholds",
             help="Multi-label: pick each class's F1-optimal threshold on the run's validation split, "
-            "write them into <checkpoint>-tuned.safetensors and evaluate with them.",
+            "write them into `<checkpoint>-tuned.safetensors` and evaluate with them.",
         ),
     ] = False,
 ) -> None:
@@ -601,6 +625,7 @@ def evaluate(
     """
     from imgcls.evaluate import evaluate as run_evaluate
     from imgcls.evaluate import report_renderables
+    from imgcls.text import json_safe
 
     log = lambda message: _stderr().print(message, markup=False)  # noqa: E731
     result = run_evaluate(
@@ -616,7 +641,7 @@ def evaluate(
         tune_thresholds=tune_thresholds,
     )
     if as_json:
-        print(json.dumps(result.to_dict()), flush=True)
+        print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         console = _stdout()
         for renderable in report_renderables(result):
@@ -636,6 +661,14 @@ def predict(
             help="Image files, folders (recursive), patterns like 'photos/*.jpg', or - for names on stdin."
         ),
     ],
+    null: Annotated[
+        bool,
+        typer.Option(
+            "--null",
+            "-0",
+            help="With -: names on stdin end with a NUL byte, not a newline (`find -print0`, `xargs -0`).",
+        ),
+    ] = False,
     model: Annotated[
         str | None,
         typer.Option(
@@ -687,17 +720,23 @@ def predict(
         find . -name '*.jpg' | imgcls predict - --csv --top-k 1
 
         imgcls predict cat.jpg --arch resnet18 --pretrained
+
+        find . -name '*.jpg' -print0 | imgcls predict - --null --json
     """
     import csv
 
     from rich.table import Table
+    from rich.text import Text
 
     from imgcls.errors import PartialFailure, UsageError
     from imgcls.predict import Failure
     from imgcls.predict import predict as run_predict
+    from imgcls.text import cell, json_safe, one_line, plain, shown
 
     if as_json and as_csv:
         raise UsageError("choose one of --json and --csv")
+    if null and "-" not in paths:
+        raise UsageError("--null is for names read from stdin: give - as a PATH")
     err = _stderr()
     predictor, records = run_predict(
         paths,
@@ -709,22 +748,22 @@ def predict(
         threshold=threshold,
         log=lambda message: err.print(message, markup=False),
         tta=tta,
+        null=null,
     )
     if predictor.task == "multilabel":
         # CSV in the training CSV's own syntax (labels joined by ';'), so output can be corrected and trained on
         header = ["file", "labels", "probabilities"]
 
         def csv_cells(r):
-            return [r.label, ";".join(f"{p:.6f}" for _, p in r.labels)]
+            return [plain(r.label), ";".join(f"{p:.6f}" for _, p in r.labels)]
 
         def table(rows):
             t = Table()
             t.add_column("file", overflow="fold")
             t.add_column("labels (probability)")
             for r in rows:
-                t.add_row(
-                    r.file, ", ".join(f"{label} {p:.3f}" for label, p in r.labels) or "[dim](none)[/dim]"
-                )
+                labels = ", ".join(f"{shown(label)} {p:.3f}" for label, p in r.labels)
+                t.add_row(cell(r.file), Text(labels) if labels else Text("(none)", style="dim"))
             return t
 
     else:
@@ -733,9 +772,9 @@ def predict(
         header += [col for i in range(2, k + 1) for col in (f"label_{i}", f"p_{i}")]
 
         def csv_cells(r):
-            extra = [v for label, p in r.top_k[1:] for v in (label, f"{p:.6f}")]
+            extra = [v for label, p in r.top_k[1:] for v in (plain(label), f"{p:.6f}")]
             extra += [""] * (2 * (k - 1) - len(extra))
-            return [r.label, f"{r.confidence:.6f}", str(r.unsure).lower(), *extra]
+            return [plain(r.label), f"{r.confidence:.6f}", str(r.unsure).lower(), *extra]
 
         def table(rows):
             t = Table()
@@ -746,9 +785,9 @@ def predict(
                 t.add_column(f"next {k - 1}")
             t.add_column("")
             for r in rows:
-                cells = [r.file, r.label, f"{r.confidence:.3f}"]
+                cells = [cell(r.file), cell(r.label), f"{r.confidence:.3f}"]
                 if k > 1:
-                    cells.append(", ".join(f"{label} {p:.3f}" for label, p in r.top_k[1:]))
+                    cells.append(Text(", ".join(f"{shown(label)} {p:.3f}" for label, p in r.top_k[1:])))
                 cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
                 t.add_row(*cells)
             return t
@@ -762,14 +801,14 @@ def predict(
         total += 1
         if isinstance(record, Failure):
             failed += 1
-            err.print(f"error: {record.file}: {record.error}", markup=False)
+            err.print(f"error: {shown(record.file)}: {one_line(record.error)}", markup=False)
         if as_json:
-            print(json.dumps(record.to_dict()), flush=True)
+            print(json.dumps(json_safe(record.to_dict())), flush=True)
         elif writer is not None:
             if isinstance(record, Failure):
-                writer.writerow([record.file, *[""] * (len(header) - 1), record.error])
+                writer.writerow([plain(record.file), *[""] * (len(header) - 1), plain(record.error)])
             else:
-                writer.writerow([record.file, *csv_cells(record), ""])
+                writer.writerow([plain(record.file), *csv_cells(record), ""])
             sys.stdout.flush()
         elif not isinstance(record, Failure):
             rows.append(record)
@@ -788,7 +827,7 @@ def predict(
 @command
 def export(
     target: Annotated[
-        str, typer.Argument(help="A run folder, runs/<name> (its latest run) or a .safetensors checkpoint.")
+        str, typer.Argument(help="A run folder, `runs/<name>` (its latest run) or a .safetensors checkpoint.")
     ],
     fmt: Annotated[
         str | None,
@@ -798,7 +837,7 @@ def export(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="File to write (default: beside the checkpoint, e.g. <run>/model.onnx)."),
+        typer.Option(help="File to write (default: beside the checkpoint, e.g. `<run>/model.onnx`)."),
     ] = None,
     opset: Annotated[
         int | None, typer.Option(min=7, help="ONNX opset version (default: the exporter's).")
@@ -894,7 +933,7 @@ def explain(
         list[str],
         typer.Option(help="Class to explain (name or index; repeatable). Default: the predicted class."),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default <run>/explain/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default `<run>/explain/`).")] = None,
     filters: Annotated[
         bool, typer.Option("--filters", help="Also draw the first-layer filters as a grid.")
     ] = False,
@@ -922,6 +961,7 @@ def explain(
     """
     from imgcls.checkpoint import latest_run, load_checkpoint
     from imgcls.explain import explain as run_explain
+    from imgcls.text import json_safe
 
     err = _stderr()
     if model is None:
@@ -939,7 +979,7 @@ def explain(
         log=lambda message: err.print(message, markup=False),
     )
     if as_json:
-        print(json.dumps(result.to_dict()), flush=True)
+        print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         print(f"{result.method} at layer {result.layer}; pictures in {result.out_dir}")
         for e in result.images:
@@ -1006,7 +1046,7 @@ def tune(
         ),
     ] = None,
     study: Annotated[
-        str | None, typer.Option(help="Study name and folder (default: <recipe name>-tune).")
+        str | None, typer.Option(help="Study name and folder (default: `<recipe name>-tune`).")
     ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=0.0, help="Start no new trial after this many seconds.")
@@ -1064,11 +1104,16 @@ def tune(
         print(json.dumps(result.to_dict()))
     else:
         from rich.table import Table
+        from rich.text import Text
 
+        from imgcls.text import cell, shown
+
+        # the study name, the space's keys and choices are the user's: data, not markup
         keys = sorted({k for t in result.trials for k in t.params})
-        table = Table(title=f"study {result.study}: {result.metric} ({result.direction})")
+        title = f"study {shown(result.study)}: {result.metric} ({result.direction})"
+        table = Table(title=Text(title, style="table.title"))
         for col in ("trial", "state", result.metric, "epochs", "seconds", *keys):
-            table.add_column(col, justify="left" if col == "state" else "right")
+            table.add_column(cell(col), justify="left" if col == "state" else "right")
         for t in result.trials:
             table.add_row(
                 str(t.number),
@@ -1076,17 +1121,19 @@ def tune(
                 "-" if t.value is None else f"{t.value:.4f}",
                 str(t.epochs),
                 "-" if t.seconds is None else f"{t.seconds:.1f}",
-                *("-" if t.params.get(k) is None else _short(t.params[k]) for k in keys),
+                *("-" if t.params.get(k) is None else cell(_short(t.params[k])) for k in keys),
             )
         out = _wide_stdout()
         out.print(table)
         if result.best is not None:
             out.print(
-                f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}, run {result.best.run_dir}"
+                f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}, "
+                f"run {shown(result.best.run_dir)}",
+                markup=False,
             )
         for label, path in (("best recipe", result.best_yaml), ("importance", result.importance_png)):
             if path is not None:
-                out.print(f"{label}: {path}")
+                out.print(f"{label}: {shown(path)}", markup=False)
     if result.interrupted:
         from imgcls.errors import Interrupted
 
@@ -1097,7 +1144,7 @@ def _wide_stdout():
     """A wide table stays whole when piped (rich would squeeze it to 80 columns)."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250, emoji=False)
 
 
 def _short(value) -> str:
@@ -1155,13 +1202,17 @@ def runs(
             return
         from rich.table import Table
 
+        from imgcls.text import cell
+
         out = _stdout()
         table = Table(title="recipe")
         for col in ("key", str(diff[0]), str(diff[1])):
-            table.add_column(col, overflow="fold")
+            table.add_column(cell(col), overflow="fold")
         for r in result["recipe"]:
             table.add_row(
-                r["key"], "-" if r["a"] is None else str(r["a"]), "-" if r["b"] is None else str(r["b"])
+                cell(r["key"]),
+                "-" if r["a"] is None else cell(r["a"]),
+                "-" if r["b"] is None else cell(r["b"]),
             )
         if result["recipe"]:
             out.print(table)
@@ -1169,9 +1220,9 @@ def runs(
             out.print("recipes: identical")
         table = Table(title="metrics")
         for col in ("metric", str(diff[0]), str(diff[1])):
-            table.add_column(col, justify="left" if col == "metric" else "right")
+            table.add_column(cell(col), justify="left" if col == "metric" else "right")
         for r in result["metrics"]:
-            table.add_row(r["metric"], fmt(r["metric"], r["a"]), fmt(r["metric"], r["b"]))
+            table.add_row(cell(r["metric"]), fmt(r["metric"], r["a"]), fmt(r["metric"], r["b"]))
         out.print(table)
         return
     rows = list_runs(root, sort)
@@ -1186,13 +1237,15 @@ def runs(
     else:
         from rich.table import Table
 
+        from imgcls.text import cell
+
         table = Table()
         for col in COLUMNS:
             table.add_column(
                 col, justify="left" if col in ("run", "date", "arch", "device", "precision") else "right"
             )
         for r in rows:
-            table.add_row(*(fmt(c, r[c]) for c in COLUMNS))
+            table.add_row(*(cell(fmt(c, r[c])) for c in COLUMNS))
         _wide_stdout().print(table)
 
 

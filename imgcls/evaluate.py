@@ -451,8 +451,11 @@ def save_confusion_png(path: Path, cm: list[list[int]], classes: list[str], titl
 
 
 def report_renderables(result: EvalResult) -> list:
-    """Rich tables for people: summary, per class, confusion matrix, top confusions."""
+    """Rich tables for people: summary, per class, confusion matrix, top confusions.
+    Class names and paths are data: shown as :func:`imgcls.text.cell`, never read as markup."""
     from rich.table import Table
+
+    from imgcls.text import cell
 
     r = result.report
     if r.get("task") == "multilabel":
@@ -481,7 +484,7 @@ def report_renderables(result: EvalResult) -> list:
         per.add_column(col, justify="right")
     for row in r["per_class"]:
         per.add_row(
-            row["class"],
+            cell(row["class"]),
             f"{row['precision']:.4f}",
             f"{row['recall']:.4f}",
             f"{row['f1']:.4f}",
@@ -494,10 +497,10 @@ def report_renderables(result: EvalResult) -> list:
         cm = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
         cm.add_column("")
         for name in classes:
-            cm.add_column(name, justify="right")
+            cm.add_column(cell(name), justify="right")
         for i, (name, row) in enumerate(zip(classes, r["confusion"], strict=True)):
             cells = [f"[bold]{v}[/bold]" if i == j else (str(v) if v else "·") for j, v in enumerate(row)]
-            cm.add_row(name, *cells)
+            cm.add_row(cell(name), *cells)
         out.append(cm)
 
     if r["confused_pairs"]:
@@ -510,7 +513,7 @@ def report_renderables(result: EvalResult) -> list:
         ):
             pairs.add_column(col, justify=justify)
         for p in r["confused_pairs"]:
-            pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{p['share']:.1%}")
+            pairs.add_row(cell(p["true"]), cell(p["predicted"]), str(p["count"]), f"{p['share']:.1%}")
         out.append(pairs)
     return out
 
@@ -518,10 +521,15 @@ def report_renderables(result: EvalResult) -> list:
 def _summary_table(result: EvalResult, kind: str):
     """The headline table: a ``plain`` column, a ``with TTA`` one when TTA ran, and the image count."""
     from rich.table import Table
+    from rich.text import Text
+
+    from imgcls.text import shown
 
     r, tta = result.report, result.report.get("tta")
     summary = Table(
-        title=f"{result.checkpoint} on {result.data}{kind}", title_justify="left", show_header=bool(tta)
+        title=Text(f"{shown(result.checkpoint)} on {shown(result.data)}{kind}", style="table.title"),
+        title_justify="left",
+        show_header=bool(tta),
     )
     summary.add_column("", style="bold")
     summary.add_column("plain", justify="right")
@@ -541,6 +549,8 @@ def _metric_row(summary, name: str, key: str, r: dict, tta: dict | None) -> None
 def _multilabel_renderables(result: EvalResult) -> list:
     from rich.table import Table
 
+    from imgcls.text import cell
+
     r = result.report
     tta = r.get("tta")
     summary = _summary_table(result, " (multi-label)")
@@ -558,7 +568,7 @@ def _multilabel_renderables(result: EvalResult) -> list:
         per.add_column(col, justify="right")
     for row in r["per_class"]:
         per.add_row(
-            row["class"],
+            cell(row["class"]),
             f"{row['threshold']:.3f}",
             f"{row['precision']:.4f}",
             f"{row['recall']:.4f}",

@@ -26,6 +26,7 @@ from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
 from imgcls.infer import Predictor, decoded_batches, load_predictor, multilabel_labels, predict_scores
+from imgcls.text import shown
 
 Log = Callable[[str], None]
 _GLOB_CHARS = re.compile(r"[*?[]")
@@ -76,13 +77,18 @@ class Failure:
 # --------------------------------------------------------------------------- inputs
 
 
-def collect_inputs(args: Sequence[str], stdin: TextIO | None = None) -> tuple[list[Path], list[Failure]]:
+def collect_inputs(
+    args: Sequence[str], stdin: TextIO | None = None, null: bool = False
+) -> tuple[list[Path], list[Failure]]:
     """Expand PATH arguments into image files, in order, without duplicates.
 
     A file is taken as named (the decoder judges it); a folder gives its
     images recursively; a pattern the shell left alone (quoted) is expanded
-    here; ``-`` reads one path per line from ``stdin``. Names that match
-    nothing come back as failures.
+    here; ``-`` reads one path per line from ``stdin`` (surrounding blanks
+    dropped), or with ``null`` one per NUL-terminated name, taken exactly
+    (as ``xargs -0``: a name may hold a newline). Names are read as bytes
+    where the stream has them, so a name that is not UTF-8 still opens.
+    Names that match nothing come back as failures.
     """
     files: list[Path] = []
     missing: list[Failure] = []
@@ -119,14 +125,24 @@ def collect_inputs(args: Sequence[str], stdin: TextIO | None = None) -> tuple[li
 
     for arg in args:
         if arg == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            for line in stream:
-                name = line.strip()
-                if name:
-                    take(name, allow_glob=False)
+            for name in _stdin_names(stdin if stdin is not None else sys.stdin, null):
+                take(name, allow_glob=False)
         else:
             take(arg, allow_glob=True)
     return files, missing
+
+
+def _stdin_names(stream: TextIO, null: bool) -> list[str]:
+    """The names on ``stream``: one per line, or NUL-terminated with ``null``; empty ones skipped."""
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        data = raw.read()
+        names = [os.fsdecode(n) for n in data.split(b"\0" if null else b"\n")]
+    else:
+        names = stream.read().split("\0" if null else "\n")
+    if not null:
+        names = [n.strip() for n in names]
+    return [n for n in names if n]
 
 
 # --------------------------------------------------------------------------- predict
@@ -204,15 +220,17 @@ def predict(
     stdin: TextIO | None = None,
     log: Log = _stderr,
     tta: bool = False,
+    null: bool = False,
 ) -> tuple[Predictor, Iterable[Prediction | Failure]]:
     """Resolve inputs and model; return the predictor and the record stream.
 
     Paths that match nothing come first in the stream as failures. Raises
-    :class:`UsageError` when no input file was found at all.
+    :class:`UsageError` when no input file was found at all. ``null``: names
+    on stdin are NUL-terminated (see :func:`collect_inputs`).
     """
-    files, missing = collect_inputs(paths, stdin)
+    files, missing = collect_inputs(paths, stdin, null)
     if not files:
-        detail = "; ".join(f"{m.file}: {m.error}" for m in missing[:3])
+        detail = "; ".join(f"{shown(m.file)}: {m.error}" for m in missing[:3])
         raise UsageError(f"no input files found{f' ({detail})' if detail else ''}")
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
     if predictor.task == "multilabel":

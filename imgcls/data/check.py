@@ -52,6 +52,7 @@ from imgcls.data.decode import FORMATS, DecodeError, decode_image
 from imgcls.data.shapes import cache_root
 from imgcls.data.sources import SPLITS, Links, read_labelled_rows, walk_images
 from imgcls.errors import DataError
+from imgcls.text import one_line, shown
 
 IMBALANCE = 3.0
 NEAR_DISTANCE = 8  # of 100 bits
@@ -398,10 +399,12 @@ def label_errors(ckpt, good: list[tuple[Item, dict]], log: Log) -> list[dict]:
 
 
 def summary_lines(result: CheckResult) -> list[str]:
-    """The report for people: counts, then each kind of problem with up to 10 examples."""
-    lines = [f"{result.root}: {result.files} files in {result.seconds:.1f} s"]
+    """The report for people: counts, then each kind of problem with up to 10 examples.
+    One finding is one line: names are shown by :func:`imgcls.text.shown` (a name
+    with a newline, a control character or a byte that is not UTF-8 is quoted, escaped)."""
+    lines = [f"{shown(result.root)}: {result.files} files in {result.seconds:.1f} s"]
     for split, by_class in result.counts.items():
-        lines.append(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in by_class.items()))
+        lines.append(f"  {shown(split)}: " + ", ".join(f"{shown(c)} {n}" for c, n in by_class.items()))
     names = {
         "imbalance": "imbalanced splits",
         "missing_classes": "classes missing from a split",
@@ -428,15 +431,20 @@ def summary_lines(result: CheckResult) -> list[str]:
 
 def _entry_line(key: str, e: dict) -> str:
     if key == "imbalance":
-        return f"{e['split']}: {e['largest']} has {e['ratio']}x the images of {e['smallest']}"
+        return f"{e['split']}: {shown(e['largest'])} has {e['ratio']}x the images of {shown(e['smallest'])}"
     if key == "missing_classes":
-        return f"{e['split']}: no {', '.join(e['classes'])}"
+        return f"{e['split']}: no {', '.join(shown(c) for c in e['classes'])}"
     if key == "unreadable":
-        return f"{e['file']}: {e['error']}"
+        return f"{shown(e['file'])}: {one_line(e['error'])}"
     if key in ("exact_duplicates", "near_duplicates"):
-        return f"{e['kind']}: " + ", ".join(f"{f['file']} ({f['split']}/{f['label']})" for f in e["files"])
+        return f"{e['kind']}: " + ", ".join(
+            f"{shown(f['file'])} ({f['split']}/{shown(f['label'])})" for f in e["files"]
+        )
     if key == "links_into_dataset":
-        return f"{e['file']} -> {e['target']}"
+        return f"{shown(e['file'])} -> {shown(e['target'])}"
     if key == "outliers":
-        return f"{e['file']}: {'; '.join(e['reasons'])}"
-    return f"{e['file']}: labelled {e['label']} (p={e['p_label']}), model says {e['suggested']} (p={e['p_suggested']})"
+        return f"{shown(e['file'])}: {'; '.join(e['reasons'])}"
+    return (
+        f"{shown(e['file'])}: labelled {shown(e['label'])} (p={e['p_label']}), "
+        f"model says {shown(e['suggested'])} (p={e['p_suggested']})"
+    )
