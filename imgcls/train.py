@@ -220,6 +220,7 @@ class Run:
     loss: Callable | None = None  # (logits, target) -> loss: make_loss
     group: distributed.Group = distributed.SINGLE  # ranks: rank 0 alone writes files
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of model (several processes)
+    ddp_trains: tuple = ()  # requires_grad of each parameter when ddp was built (_distribute)
     accumulation: int = 1  # micro-batches per optimizer step (train.gradient_accumulation)
 
     @property
@@ -494,14 +495,8 @@ def prepare(
         group=group,
         accumulation=spec.gradient_accumulation,
     )
-    if group.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # auxiliary heads (inception, googlenet) get no gradient from the main loss
-        aux = any("aux" in name.lower() for name, _ in model.named_children())
-        run.ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
-        )
+    finetune.set_frozen(model, finetune.frozen_at(model, recipe, state.epoch))  # a resume past unfreeze_at
+    _distribute(run)
     run.batches, run.forward = _batch_source(run), _compiled(run)
     interrupts.check()  # a Ctrl-C swallowed while the data was prepared stops us here
     # only now, with data and model ready, does the run get a folder (rank 0 makes it)
@@ -635,6 +630,28 @@ def _precision(
     return choice
 
 
+def _distribute(run: Run) -> bool:
+    """Several processes: (re)build the DistributedDataParallel wrapper when the set
+    of trainable parameters is not the one it was built with (train.unfreeze_at,
+    a resume past it). DDP averages the gradients of only the parameters that
+    required them when it was built: the others would step on each rank's own
+    gradients, and the ranks drift apart. True when (re)built."""
+    trains = tuple(p.requires_grad for p in run.model.parameters())
+    if not run.group.active or (run.ddp is not None and trains == run.ddp_trains):
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, device = run.model, run.device
+    # auxiliary heads (inception, googlenet) get no gradient from the main loss
+    aux = any("aux" in name.lower() for name, _ in model.named_children())
+    run.ddp = None  # the old wrapper (and its reducer's hooks) goes before the new one is built
+    run.ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
+    )
+    run.ddp_trains = trains
+    return True
+
+
 def _batch_source(run: Run):
     from imgcls.data.batches import describe, open_batches
 
@@ -728,6 +745,8 @@ def train_one_epoch(
     forward = run.forward or model
     total_steps = steps * spec.epochs
     finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))  # train.unfreeze_at
+    if _distribute(run):  # what trains changed: DDP must average it all
+        forward = run.forward = _compiled(run)
     model.train()
     finetune.hold_frozen_norms(model)  # frozen batch norms keep their statistics
     perm = _epoch_order(run, epoch)

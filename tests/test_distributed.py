@@ -70,9 +70,11 @@ def dist(tmp_path_factory):
     - `whole`: an uninterrupted 2-process run of as many epochs;
     - `reference`: the same recipe in one process.
     The resumed and whole launchers run in-process (their workers are real
-    processes): the launcher's own process is the point only for Ctrl-C."""
+    processes): the launcher's own process is the point only for Ctrl-C.
+    The backbone is frozen for epoch 1 (`unfreeze_at: 1`): every run crosses
+    the switch, and every resume lands past it."""
     tmp = tmp_path_factory.mktemp("dist")
-    recipe = _recipe_dict(tmp / "runs", epochs=60)
+    recipe = _recipe_dict(tmp / "runs", epochs=60, unfreeze_at=1)
     recipe_file = tmp / "tiny.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     stopped = tmp / "stopped"
@@ -209,6 +211,21 @@ def test_two_ranks_follow_one_rank_and_only_rank_0_writes(dist):
     last = _rows(run)[-1]
     assert abs(float(last["val_acc"]) - ref.history[-1]["val_acc"]) <= 1 / 9 + 1e-9
     assert float(last["train_loss"]) == pytest.approx(ref.history[-1]["train_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_one_rank_across_unfreeze_at_and_a_resume_past_it(dist):
+    """The DDP wrapper is rebuilt when the backbone unfreezes (and a resume past
+    the switch builds it with everything trainable): otherwise the unfrozen
+    weights step on each rank's own gradients (seen: off by 5e-3 after one epoch)."""
+    whole, stopped, ref = dist["whole"], dist["stopped"], dist["reference"].run_dir
+    assert "frozen (backbone)" in dist["whole_result"].stderr
+    assert dist["saved"]["epoch"] >= 1  # the Ctrl-C'd run was resumed past the switch
+    one = _weights(ref)
+    for run in (whole, stopped):  # across the switch; resumed past it (and restarted)
+        two = _weights(run)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
