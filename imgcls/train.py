@@ -135,19 +135,27 @@ def _seed(*parts: int) -> int:
 
 
 class EMA:
-    """Exponential moving average of the weights (buffers copied)."""
+    """Exponential moving average of the weights (buffers copied), warmed up:
+    update ``n`` (0-based) averages with ``min(decay, (1 + n) / (10 + n))``
+    (TensorFlow's ExponentialMovingAverage with num_updates), so a run of a few
+    hundred steps at 0.999 does not stay at its random initialisation."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.updates: int | None = 0  # in resume.pt; None: a run saved before the warm-up (fixed decay)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.decay
+        if self.updates is not None:
+            decay = min(decay, (1 + self.updates) / (10 + self.updates))
+            self.updates += 1
         for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=False):
             if e.dtype.is_floating_point:
-                e.lerp_(m, 1 - self.decay)
+                e.lerp_(m, 1 - decay)
             else:
                 e.copy_(m)
 
@@ -603,6 +611,7 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
         )
     if ema is not None:
         ema.model.load_state_dict(saved["ema"])
+        ema.updates = saved.get("ema_updates")  # absent: saved before the warm-up, which it keeps without
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     return State(**saved["state"])
@@ -1058,6 +1067,7 @@ def _save_last(run: Run) -> None:
         {
             "optimizer": run.optimizer.state_dict(),
             "ema": run.ema.model.state_dict() if run.ema else {},
+            "ema_updates": run.ema.updates if run.ema else None,
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
             "state": state.__dict__,
         },
