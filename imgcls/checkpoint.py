@@ -9,6 +9,7 @@ values, read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from imgcls.metadata import CHECKPOINT_VERSION as FORMAT_VERSION
 from imgcls.metadata import check_head, parse_checkpoint_meta, unsafe_file_reason
 
 BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
+PREVIOUS = ".last.previous.safetensors"  # the last pair's weights while a new pair is saved
 
 
 @contextmanager
@@ -356,6 +358,44 @@ def save_resume(path: Path, state: dict) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def save_pair(run_dir: Path, model, meta: dict, resume: dict) -> None:
+    """last.safetensors and resume.pt as one commit: both carry the save's
+    ``generation`` (``meta`` and ``resume["state"]``), and the previous weights
+    stay (a hard link, no copy) until resume.pt follows them. A save cut off
+    between the two renames (a kill, a second Ctrl-C) leaves a pair that
+    :func:`paired_weights` falls back to."""
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    previous.unlink(missing_ok=True)
+    if last.exists():
+        with contextlib.suppress(OSError):  # a file system without hard links: no fallback
+            os.link(last, previous)
+    save_checkpoint(last, model, meta)
+    save_resume(run_dir / RESUME, resume)
+    previous.unlink(missing_ok=True)
+
+
+def paired_weights(run_dir: Path, generation: int | None, log) -> Path:
+    """The weights file saved with resume.pt's ``generation``: last.safetensors,
+    or the previous one when a save was cut off between the two files (put
+    back as last.safetensors, and said so). Neither: one line naming both files."""
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    have = read_meta(last).get("generation")
+    if have == generation:
+        previous.unlink(missing_ok=True)
+        return last
+    if previous.is_file() and read_meta(previous).get("generation") == generation:
+        os.replace(previous, last)
+        log(
+            f"{last}: a save was cut off before {RESUME} followed it; "
+            f"resuming from the pair saved before (generation {generation})"
+        )
+        return last
+    raise CheckpointError(
+        f"{last} (generation {have}) and {run_dir / RESUME} (generation {generation}) are from different "
+        "saves (one was cut off between the two); resume refuses to mix their weights and optimizer state"
+    )
 
 
 def load_resume(path: Path) -> dict:

@@ -172,6 +172,7 @@ class State:
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
+    generation: int = 0  # saves of last.safetensors + resume.pt so far: the pair's number, in both
     history: list[dict] = field(default_factory=list)
     sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
 
@@ -457,7 +458,7 @@ def prepare(
     }
     state = State()
     if resume is not None:
-        state = _load_resume_state(resume, model, optimizer, ema, scaler)
+        state = _load_resume_state(resume, model, optimizer, ema, scaler, log)
 
     from imgcls.imbalance import class_counts, class_weights, count_lines
 
@@ -593,17 +594,18 @@ def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: 
     return prepare_data(data_spec, base_dir, None, log)
 
 
-def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
+def _load_resume_state(resume: Path, model, optimizer, ema, scaler, log: Log = _stderr) -> State:
     from safetensors.torch import load_file
 
+    saved = ck.load_resume(resume / ck.RESUME)
+    weights = ck.paired_weights(resume, saved["state"].get("generation"), log)  # the same save's
     try:
-        ck.load_weights(model, load_file(str(resume / ck.LAST)))
+        ck.load_weights(model, load_file(str(weights)))
     except RuntimeError as exc:
         raise CheckpointError(
             f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
             f"{str(exc).splitlines()[0]}"
         ) from None
-    saved = ck.load_resume(resume / ck.RESUME)
     optimizer.load_state_dict(saved["optimizer"])
     if (ema is not None) != bool(saved.get("ema")):
         raise CheckpointError(
@@ -1056,14 +1058,14 @@ def _validate_multilabel(run: Run, model: nn.Module) -> dict:
 
 def _save_last(run: Run) -> None:
     state = run.state
+    state.generation += 1
     if not run.group.main:
         run.saved = True
         return
-    ck.save_checkpoint(
-        run.run_dir / ck.LAST, run.model, {**run.meta, "epoch": state.epoch, "step": state.step}
-    )
-    ck.save_resume(
-        run.run_dir / ck.RESUME,
+    ck.save_pair(
+        run.run_dir,
+        run.model,
+        {**run.meta, "epoch": state.epoch, "step": state.step, "generation": state.generation},
         {
             "optimizer": run.optimizer.state_dict(),
             "ema": run.ema.model.state_dict() if run.ema else {},

@@ -73,6 +73,46 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, stop_after):
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in parts.history]
 
 
+def test_a_save_cut_off_between_its_two_files_resumes_from_the_pair_before(tmp_path, monkeypatch, cli):
+    """last.safetensors and resume.pt are one commit: a kill (here an exception)
+    between the two writes leaves new weights beside the old optimizer state.
+    Mixed, the resumed run went on from the wrong step; now it falls back to
+    the previous pair, or, with none kept, refuses in one line naming both."""
+    import shutil
+
+    from imgcls import checkpoint as ck
+
+    recipe = recipe_from_dict(tiny(epochs=2, deterministic=True, optimizer="sgd", ema=0.9))
+    whole = train(recipe, out=tmp_path / "whole", log=quiet)
+    real, saves = ck.save_resume, []
+
+    def cut_off(path, state):  # the second save dies between last.safetensors and resume.pt
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real(path, state)
+
+    monkeypatch.setattr(ck, "save_resume", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, out=tmp_path / "cut", log=quiet)
+    monkeypatch.setattr(ck, "save_resume", real)
+    kept = shutil.copytree(tmp_path / "cut", tmp_path / "no_previous")
+    (kept / ck.PREVIOUS).unlink()  # as on a file system without hard links
+
+    said = []
+    resumed = train(recipe, resume=tmp_path / "cut", log=said.append)
+    assert any("a save was cut off before resume.pt followed it" in line for line in said), said
+    assert same_weights(whole.run_dir / "last.safetensors", resumed.run_dir / "last.safetensors")
+    assert same_weights(whole.run_dir / "best.safetensors", resumed.run_dir / "best.safetensors")
+    assert sorted(p.name for p in resumed.run_dir.iterdir()) == sorted(p.name for p in whole.run_dir.iterdir())
+
+    refused = cli("train", "--resume", str(kept))
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"{kept / 'last.safetensors'} (generation 2)" in line, refused.stderr
+    assert f"{kept / 'resume.pt'} (generation 1) are from different saves" in line
+
+
 def test_resume_refuses_another_architecture(tmp_path):
     recipe = recipe_from_dict(tiny())
     with pytest.raises(Interrupted):
