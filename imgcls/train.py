@@ -290,8 +290,6 @@ def train(
 def _train(
     recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
 ) -> TrainResult:
-    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
-    spec = run.spec
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):
@@ -300,12 +298,14 @@ def _train(
         interrupted["flag"] = True
         log("stopping after this step (Ctrl-C again to abort without saving)")
 
-    previous_handler = None
-    bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
-    stopped_early = False
+    previous_handler = bar = None
+    stopped_early = finished = False
     tracker = None  # train.log_to: opened at the first finished epoch, so a failed start leaves none
     steps_left = stop_after_steps
-    try:
+    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
+    try:  # nothing between prepare and here: a run that fails before its first checkpoint leaves nothing
+        spec = run.spec
+        bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
             previous_handler = signal.signal(signal.SIGINT, on_sigint)
         interrupts.check()  # one swallowed before the handler above took over
@@ -328,30 +328,42 @@ def _train(
                 log(f"early stop: {run.monitor} has not improved for {run.state.bad_epochs} epochs")
                 stopped_early = True
                 break
+        finished = True  # the last checkpoint is written: the run has succeeded
     except BaseException:
         if not run.saved:  # a run that never started leaves nothing behind
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            if group.main:
+                distributed.forget_run_dir(recipe)
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if tracker is not None:
             best_file = run.run_dir / ck.BEST if run.state.best_epoch else None
             tracker.finish(best_file, completed=run.state.epoch >= spec.epochs or stopped_early)
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
-        if run.state.history and run.saved and group.main:
+        if run.state.history and run.saved and group.main and not finished:
             _plot(run.run_dir, run.state.history)
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
     if not group.main:
         return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
-    # the run's report.html (imgcls.report): a failure is a warning, not a failed run
-    try:
-        from imgcls.report import write_report
+    try:  # a Ctrl-C now skips what follows: the run is done and saved
+        if state.history:
+            _plot(run.run_dir, state.history)
+        # the run's report.html (imgcls.report): a failure is a warning, not a failed run
+        try:
+            from imgcls.report import write_report
 
-        write_report(run.run_dir)
-    except Exception as exc:
-        log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+            write_report(run.run_dir)
+        except Exception as exc:
+            log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+    except KeyboardInterrupt:
+        log(
+            f"Ctrl-C: the run had finished and is saved; its curves and report were skipped "
+            f"(imgcls report {run.run_dir} writes the report)"
+        )
     return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
 
 
@@ -522,32 +534,38 @@ def prepare(
             run.written += ["recipe.yaml", "summary.txt", "summary.json"]
             ck.write_text_atomic(run.run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
             _write_summary(run.run_dir, model, input_shape)
+            log(f"run folder: {run.run_dir}")
         except BaseException:
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
             raise
-        log(f"run folder: {run.run_dir}")
-    if group.main and out is None and resume is None:  # a given folder needs no record
-        distributed.record_run_dir(recipe, run.run_dir)
-    run.run_dir = group.broadcast(run.run_dir)
-    if not len(data.val.y):
-        log("no validation split: the best checkpoint is chosen on training loss")
-    precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
-    run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
-    run.info.update(precision_choice=choice.info(), compile=spec.compile, batches=run.batches.mode)
-    if group.active:
-        log(f"{group.world} processes, {spec.batch_size // group.world} images each per batch")
-        run.info.update(world_size=group.world, sync_batchnorm=spec.sync_batchnorm)
-    if spec.gradient_accumulation > 1:
-        run.info["gradient_accumulation"] = spec.gradient_accumulation
-    if not group.main:
+    try:  # from here a failure (a broken group, an unwritable run.json, Ctrl-C) removes what the start wrote
+        if group.main and out is None and resume is None:  # a given folder needs no record
+            distributed.record_run_dir(recipe, run.run_dir)
+        run.run_dir = group.broadcast(run.run_dir)
+        if not len(data.val.y):
+            log("no validation split: the best checkpoint is chosen on training loss")
+        precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
+        run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+        run.info.update(precision_choice=choice.info(), compile=spec.compile, batches=run.batches.mode)
+        if group.active:
+            log(f"{group.world} processes, {spec.batch_size // group.world} images each per batch")
+            run.info.update(world_size=group.world, sync_batchnorm=spec.sync_batchnorm)
+        if spec.gradient_accumulation > 1:
+            run.info["gradient_accumulation"] = spec.gradient_accumulation
+        if not group.main:
+            return run
+        if "run.json" not in run.written and not run.saved:
+            run.written.append("run.json")
+        ck.write_text_atomic(
+            run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
+        )
         return run
-    if "run.json" not in run.written and not run.saved:
-        run.written.append("run.json")
-    ck.write_text_atomic(
-        run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
-    )
-    return run
+    except BaseException:
+        if group.main and not run.saved:
+            ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            distributed.forget_run_dir(recipe)
+        raise
 
 
 def _resumable_meta(recipe: Recipe, resume: Path | None) -> dict | None:
