@@ -354,3 +354,21 @@ def test_validation_rows_split_without_overlap():
 def test_nproc_zero_is_a_usage_error(cli):
     result = cli("train", "x.yaml", "--nproc", "0")
     assert result.returncode == 2
+
+
+def test_more_cpu_processes_than_cores_are_warned_about(tmp_path, monkeypatch, cli):
+    from imgcls import distributed
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe_dict(tmp_path / "runs", device="cpu")))
+    started = []
+    monkeypatch.setattr(distributed, "launch", lambda args, nproc, **kw: started.append(nproc) or 0)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 2)
+    warned = cli("train", str(recipe), "--nproc", "4")
+    fits = cli("train", str(recipe), "--nproc", "2")
+    assert (warned.returncode, fits.returncode, started) == (0, 0, [4, 2]), warned.stderr + fits.stderr
+    assert warned.stderr.splitlines() == [
+        "warning: --nproc 4 is more than the 2 CPU cores this machine gives the run; "
+        "the processes will take turns (use --nproc 2 or fewer)"
+    ]
+    assert fits.stderr == ""
