@@ -394,6 +394,8 @@ def prepare(
 
     if out is not None and resume is None and group.main:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
+    if resume is not None and group.main:  # before any rank reads the pair
+        ck.repair_pair(resume, log)
     saved_meta = _resumable_meta(recipe, resume)
     # rank 0 decodes (and fills the persistent cache); the others then read it
     data = _prepare_data(recipe, base_dir, saved_meta, log) if group.main else None
@@ -470,7 +472,7 @@ def prepare(
     }
     state = State()
     if resume is not None:
-        state = _load_resume_state(resume, model, optimizer, ema, scaler, log)
+        state = _load_resume_state(resume, model, optimizer, ema, scaler)
 
     from imgcls.imbalance import class_counts, class_weights, count_lines
 
@@ -612,13 +614,13 @@ def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: 
     return prepare_data(data_spec, base_dir, None, log)
 
 
-def _load_resume_state(resume: Path, model, optimizer, ema, scaler, log: Log = _stderr) -> State:
+def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
     from safetensors.torch import load_file
 
     saved = ck.load_resume(resume / ck.RESUME)
-    weights = ck.paired_weights(resume, saved["state"].get("generation"), log)  # the same save's
+    ck.check_pair(resume, saved["state"].get("generation"))  # the weights of the same save
     try:
-        ck.load_weights(model, load_file(str(weights)))
+        ck.load_weights(model, load_file(str(resume / ck.LAST)))
     except RuntimeError as exc:
         raise CheckpointError(
             f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
