@@ -82,6 +82,7 @@ def test_a_save_cut_off_between_its_two_files_resumes_from_the_pair_before(tmp_p
 
     from imgcls import checkpoint as ck
 
+    monkeypatch.setattr("imgcls.train._plot", lambda *args: None)  # curves.png: 60% of a tiny run's time
     recipe = recipe_from_dict(tiny(epochs=2, deterministic=True, optimizer="sgd", ema=0.9))
     whole = train(recipe, out=tmp_path / "whole", log=quiet)
     real, saves = ck.save_resume, []
@@ -326,7 +327,7 @@ def test_resume_extends_epochs_and_refuses_switching_ema(tmp_path):
         train(recipe_from_dict(tiny(epochs=3, ema=0.9)), resume=tmp_path / "run", log=quiet)
 
 
-def test_ema_warms_up_so_a_short_run_is_as_accurate_as_without_it(tmp_path):
+def test_ema_warms_up_so_a_short_run_is_as_accurate_as_without_it(tmp_path, monkeypatch):
     """200 steps with train.ema 0.999: without a warm-up the average stayed 82%
     (0.999^200) the random initial weights (measured: val_acc 0.625 against 1.0)."""
     import numpy as np
@@ -345,6 +346,7 @@ def test_ema_warms_up_so_a_short_run_is_as_accurate_as_without_it(tmp_path):
         # 160 training images in batches of 4: 40 steps an epoch, 200 in all
         "train": {"epochs": 5, "batch_size": 4, "optimizer": {"name": "sgd", "lr": 0.01}, "threads": 1},
     }
+    monkeypatch.setattr("imgcls.train._plot", lambda *args: None)  # curves.png: not the point, and slow
     plain = train(recipe_from_dict(raw), out=tmp_path / "plain", log=quiet)
     raw["train"]["ema"] = 0.999
     ema = train(recipe_from_dict(raw), out=tmp_path / "ema", log=quiet)
