@@ -9,6 +9,7 @@ values, read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from imgcls.metadata import CHECKPOINT_VERSION as FORMAT_VERSION
 from imgcls.metadata import check_head, parse_checkpoint_meta, unsafe_file_reason
 
 BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
+PREVIOUS = ".last.previous.safetensors"  # the last pair's weights while a new pair is saved
 
 
 @contextmanager
@@ -356,6 +358,61 @@ def save_resume(path: Path, state: dict) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def save_pair(run_dir: Path, model, meta: dict, resume: dict) -> None:
+    """last.safetensors and resume.pt as one commit: both carry the save's
+    ``generation`` (``meta`` and ``resume["state"]``), and the previous weights
+    stay (a hard link, no copy) until resume.pt follows them. A save cut off
+    between the two renames (a kill, a second Ctrl-C) leaves a pair that
+    :func:`check_pair` falls back to."""
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    previous.unlink(missing_ok=True)
+    if last.exists():
+        with contextlib.suppress(OSError):  # a file system without hard links: no fallback
+            os.link(last, previous)
+    save_checkpoint(last, model, meta)
+    save_resume(run_dir / RESUME, resume)
+    previous.unlink(missing_ok=True)
+
+
+def repair_pair(run_dir: Path, log) -> None:
+    """Before a resume, in one process (rank 0, before the others read): a save
+    cut off between last.safetensors and resume.pt falls back to the pair before
+    it, or refuses (:func:`check_pair`). resume.pt's tensors are mapped, not read."""
+    import torch
+
+    if not (run_dir / LAST).is_file() or not (run_dir / RESUME).is_file():
+        return  # the resume's own checks name what is missing
+    try:
+        saved = torch.load(run_dir / RESUME, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return  # unreadable: load_resume says so in its own words
+    check_pair(run_dir, saved.get("state", {}).get("generation"), log)
+
+
+def check_pair(run_dir: Path, generation: int | None, log=None) -> None:
+    """last.safetensors must be the weights saved with resume.pt's ``generation``.
+    With ``log`` (one process, before the others read: rank 0), a save cut off
+    between the two files is undone: the previous weights, kept for that, go
+    back as last.safetensors, and that is said. Otherwise: one line naming both files."""
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    have = read_meta(last).get("generation")
+    if have == generation:
+        if log is not None:
+            previous.unlink(missing_ok=True)
+        return
+    if log is not None and previous.is_file() and read_meta(previous).get("generation") == generation:
+        os.replace(previous, last)
+        log(
+            f"{last}: a save was cut off before {RESUME} followed it; "
+            f"resuming from the pair saved before (generation {generation})"
+        )
+        return
+    raise CheckpointError(
+        f"{last} (generation {have}) and {run_dir / RESUME} (generation {generation}) are from different "
+        "saves (one was cut off between the two); resume refuses to mix their weights and optimizer state"
+    )
 
 
 def load_resume(path: Path) -> dict:

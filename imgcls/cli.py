@@ -237,9 +237,11 @@ def train(
         recipe_path = recipe
     parsed = load_recipe(recipe_path, overrides)
     if nproc is not None:
-        from imgcls.distributed import check_launch, launch
+        from imgcls.distributed import check_launch, launch, oversubscribed
 
         check_launch(nproc, parsed)
+        if warning := oversubscribed(nproc, parsed):
+            _stderr().print(warning, markup=False)
         worker = ["--debug"] if _state["debug"] else []
         worker += ["train", str(recipe_path), *(f"--set={o}" for o in overrides)]
         worker += [f"--out={out}"] if out is not None else []

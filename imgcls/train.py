@@ -135,19 +135,27 @@ def _seed(*parts: int) -> int:
 
 
 class EMA:
-    """Exponential moving average of the weights (buffers copied)."""
+    """Exponential moving average of the weights (buffers copied), warmed up:
+    update ``n`` (0-based) averages with ``min(decay, (1 + n) / (10 + n))``
+    (TensorFlow's ExponentialMovingAverage with num_updates), so a run of a few
+    hundred steps at 0.999 does not stay at its random initialisation."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.updates: int | None = 0  # in resume.pt; None: a run saved before the warm-up (fixed decay)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.decay
+        if self.updates is not None:
+            decay = min(decay, (1 + self.updates) / (10 + self.updates))
+            self.updates += 1
         for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=False):
             if e.dtype.is_floating_point:
-                e.lerp_(m, 1 - self.decay)
+                e.lerp_(m, 1 - decay)
             else:
                 e.copy_(m)
 
@@ -164,6 +172,7 @@ class State:
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
+    generation: int = 0  # saves of last.safetensors + resume.pt so far: the pair's number, in both
     history: list[dict] = field(default_factory=list)
     sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
 
@@ -220,6 +229,7 @@ class Run:
     loss: Callable | None = None  # (logits, target) -> loss: make_loss
     group: distributed.Group = distributed.SINGLE  # ranks: rank 0 alone writes files
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of model (several processes)
+    ddp_trains: tuple = ()  # requires_grad of each parameter when ddp was built (_distribute)
     accumulation: int = 1  # micro-batches per optimizer step (train.gradient_accumulation)
 
     @property
@@ -280,8 +290,6 @@ def train(
 def _train(
     recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
 ) -> TrainResult:
-    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
-    spec = run.spec
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):
@@ -290,12 +298,14 @@ def _train(
         interrupted["flag"] = True
         log("stopping after this step (Ctrl-C again to abort without saving)")
 
-    previous_handler = None
-    bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
-    stopped_early = False
+    previous_handler = bar = None
+    stopped_early = finished = False
     tracker = None  # train.log_to: opened at the first finished epoch, so a failed start leaves none
     steps_left = stop_after_steps
-    try:
+    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
+    try:  # nothing between prepare and here: a run that fails before its first checkpoint leaves nothing
+        spec = run.spec
+        bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
             previous_handler = signal.signal(signal.SIGINT, on_sigint)
         interrupts.check()  # one swallowed before the handler above took over
@@ -318,30 +328,42 @@ def _train(
                 log(f"early stop: {run.monitor} has not improved for {run.state.bad_epochs} epochs")
                 stopped_early = True
                 break
+        finished = True  # the last checkpoint is written: the run has succeeded
     except BaseException:
         if not run.saved:  # a run that never started leaves nothing behind
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            if group.main:
+                distributed.forget_run_dir(recipe)
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if tracker is not None:
             best_file = run.run_dir / ck.BEST if run.state.best_epoch else None
             tracker.finish(best_file, completed=run.state.epoch >= spec.epochs or stopped_early)
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
-        if run.state.history and run.saved and group.main:
+        if run.state.history and run.saved and group.main and not finished:
             _plot(run.run_dir, run.state.history)
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
     if not group.main:
         return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
-    # the run's report.html (imgcls.report): a failure is a warning, not a failed run
-    try:
-        from imgcls.report import write_report
+    try:  # a Ctrl-C now skips what follows: the run is done and saved
+        if state.history:
+            _plot(run.run_dir, state.history)
+        # the run's report.html (imgcls.report): a failure is a warning, not a failed run
+        try:
+            from imgcls.report import write_report
 
-        write_report(run.run_dir)
-    except Exception as exc:
-        log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+            write_report(run.run_dir)
+        except Exception as exc:
+            log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+    except KeyboardInterrupt:
+        log(
+            f"Ctrl-C: the run had finished and is saved; its curves and report were skipped "
+            f"(imgcls report {run.run_dir} writes the report)"
+        )
     return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
 
 
@@ -372,6 +394,8 @@ def prepare(
 
     if out is not None and resume is None and group.main:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
+    if resume is not None and group.main:  # before any rank reads the pair
+        ck.repair_pair(resume, log)
     saved_meta = _resumable_meta(recipe, resume)
     # rank 0 decodes (and fills the persistent cache); the others then read it
     data = _prepare_data(recipe, base_dir, saved_meta, log) if group.main else None
@@ -494,14 +518,8 @@ def prepare(
         group=group,
         accumulation=spec.gradient_accumulation,
     )
-    if group.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # auxiliary heads (inception, googlenet) get no gradient from the main loss
-        aux = any("aux" in name.lower() for name, _ in model.named_children())
-        run.ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
-        )
+    finetune.set_frozen(model, finetune.frozen_at(model, recipe, state.epoch))  # a resume past unfreeze_at
+    _distribute(run)
     run.batches, run.forward = _batch_source(run), _compiled(run)
     interrupts.check()  # a Ctrl-C swallowed while the data was prepared stops us here
     # only now, with data and model ready, does the run get a folder (rank 0 makes it)
@@ -518,32 +536,38 @@ def prepare(
             run.written += ["recipe.yaml", "summary.txt", "summary.json"]
             ck.write_text_atomic(run.run_dir / "recipe.yaml", dump_yaml(resolved_recipe))
             _write_summary(run.run_dir, model, input_shape)
+            log(f"run folder: {run.run_dir}")
         except BaseException:
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
             raise
-        log(f"run folder: {run.run_dir}")
-    if group.main and out is None and resume is None:  # a given folder needs no record
-        distributed.record_run_dir(recipe, run.run_dir)
-    run.run_dir = group.broadcast(run.run_dir)
-    if not len(data.val.y):
-        log("no validation split: the best checkpoint is chosen on training loss")
-    precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
-    run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
-    run.info.update(precision_choice=choice.info(), compile=spec.compile, batches=run.batches.mode)
-    if group.active:
-        log(f"{group.world} processes, {spec.batch_size // group.world} images each per batch")
-        run.info.update(world_size=group.world, sync_batchnorm=spec.sync_batchnorm)
-    if spec.gradient_accumulation > 1:
-        run.info["gradient_accumulation"] = spec.gradient_accumulation
-    if not group.main:
+    try:  # from here a failure (a broken group, an unwritable run.json, Ctrl-C) removes what the start wrote
+        if group.main and out is None and resume is None:  # a given folder needs no record
+            distributed.record_run_dir(recipe, run.run_dir)
+        run.run_dir = group.broadcast(run.run_dir)
+        if not len(data.val.y):
+            log("no validation split: the best checkpoint is chosen on training loss")
+        precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        log(f"device: {device.type}, {precision_name}{', channels_last' if channels_last else ''}")
+        run.info = {"device": device.type, "precision": precision_name, "channels_last": channels_last}
+        run.info.update(precision_choice=choice.info(), compile=spec.compile, batches=run.batches.mode)
+        if group.active:
+            log(f"{group.world} processes, {spec.batch_size // group.world} images each per batch")
+            run.info.update(world_size=group.world, sync_batchnorm=spec.sync_batchnorm)
+        if spec.gradient_accumulation > 1:
+            run.info["gradient_accumulation"] = spec.gradient_accumulation
+        if not group.main:
+            return run
+        if "run.json" not in run.written and not run.saved:
+            run.written.append("run.json")
+        ck.write_text_atomic(
+            run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
+        )
         return run
-    if "run.json" not in run.written and not run.saved:
-        run.written.append("run.json")
-    ck.write_text_atomic(
-        run.run_dir / "run.json", json.dumps({**run.info, "torch": torch.__version__}, indent=2)
-    )
-    return run
+    except BaseException:
+        if group.main and not run.saved:
+            ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            distributed.forget_run_dir(recipe)
+        raise
 
 
 def _resumable_meta(recipe: Recipe, resume: Path | None) -> dict | None:
@@ -593,6 +617,8 @@ def _prepare_data(recipe: Recipe, base_dir: Path, saved_meta: dict | None, log: 
 def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
     from safetensors.torch import load_file
 
+    saved = ck.load_resume(resume / ck.RESUME)
+    ck.check_pair(resume, saved["state"].get("generation"))  # the weights of the same save
     try:
         ck.load_weights(model, load_file(str(resume / ck.LAST)))
     except RuntimeError as exc:
@@ -600,7 +626,6 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
             f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
             f"{str(exc).splitlines()[0]}"
         ) from None
-    saved = ck.load_resume(resume / ck.RESUME)
     optimizer.load_state_dict(saved["optimizer"])
     if (ema is not None) != bool(saved.get("ema")):
         raise CheckpointError(
@@ -608,6 +633,7 @@ def _load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
         )
     if ema is not None:
         ema.model.load_state_dict(saved["ema"])
+        ema.updates = saved.get("ema_updates")  # absent: saved before the warm-up, which it keeps without
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     return State(**saved["state"])
@@ -633,6 +659,28 @@ def _precision(
     )
     log(choice.line())
     return choice
+
+
+def _distribute(run: Run) -> bool:
+    """Several processes: (re)build the DistributedDataParallel wrapper when the set
+    of trainable parameters is not the one it was built with (train.unfreeze_at,
+    a resume past it). DDP averages the gradients of only the parameters that
+    required them when it was built: the others would step on each rank's own
+    gradients, and the ranks drift apart. True when (re)built."""
+    trains = tuple(p.requires_grad for p in run.model.parameters())
+    if not run.group.active or (run.ddp is not None and trains == run.ddp_trains):
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, device = run.model, run.device
+    # auxiliary heads (inception, googlenet) get no gradient from the main loss
+    aux = any("aux" in name.lower() for name, _ in model.named_children())
+    run.ddp = None  # the old wrapper (and its reducer's hooks) goes before the new one is built
+    run.ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=aux
+    )
+    run.ddp_trains = trains
+    return True
 
 
 def _batch_source(run: Run):
@@ -728,6 +776,8 @@ def train_one_epoch(
     forward = run.forward or model
     total_steps = steps * spec.epochs
     finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))  # train.unfreeze_at
+    if _distribute(run):  # what trains changed: DDP must average it all
+        forward = run.forward = _compiled(run)
     model.train()
     finetune.hold_frozen_norms(model)  # frozen batch norms keep their statistics
     perm = _epoch_order(run, epoch)
@@ -1028,17 +1078,18 @@ def _validate_multilabel(run: Run, model: nn.Module) -> dict:
 
 def _save_last(run: Run) -> None:
     state = run.state
+    state.generation += 1
     if not run.group.main:
         run.saved = True
         return
-    ck.save_checkpoint(
-        run.run_dir / ck.LAST, run.model, {**run.meta, "epoch": state.epoch, "step": state.step}
-    )
-    ck.save_resume(
-        run.run_dir / ck.RESUME,
+    ck.save_pair(
+        run.run_dir,
+        run.model,
+        {**run.meta, "epoch": state.epoch, "step": state.step, "generation": state.generation},
         {
             "optimizer": run.optimizer.state_dict(),
             "ema": run.ema.model.state_dict() if run.ema else {},
+            "ema_updates": run.ema.updates if run.ema else None,
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
             "state": state.__dict__,
         },
