@@ -142,3 +142,27 @@ def test_report_skips_missing_sections(tiny_checkpoint, tmp_path):
     )
     html = build_report(run)
     assert "Explanations" in html and "star.gradcam.star.png" in html and "data:image/png;base64," in html
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("metrics.csv", b"abc\n", "metrics.csv:1: no 'epoch' column"),
+        ("metrics.csv", b"epoch,val_acc,seconds\n1,0.5,1\n2,abc,1\n", "metrics.csv:3: val_acc: 'abc' is not a number"),
+        ("metrics.csv", b"epoch,val_acc,seconds\n1,\xff,1\n", "metrics.csv:2: not UTF-8 text"),
+        ("recipe.yaml", b"name: tiny\ntrain: [1, 2\n", "recipe.yaml:3: not valid YAML"),
+        ("summary.json", b"[1, 2, 3]", "summary.json:1: not a JSON object (a list)"),
+        ("summary.json", b'{"rows": [1]}', "summary.json: not what imgcls writes there"),
+    ],
+)
+def test_a_corrupt_run_file_is_one_line_naming_it(tmp_path, cli, name, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: tiny\ntrain: {device: cpu}\n")
+    (run / "metrics.csv").write_text("epoch,val_acc,seconds\n1,0.5,1.5\n")
+    (run / name).write_bytes(content)
+    r = cli("report", str(run))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    assert str(run / name) in r.stderr and message in r.stderr
+    assert not (run / "report.html").exists()
