@@ -300,27 +300,47 @@ def new_run_dir(root: Path, name: str) -> Path:
         ) from None
 
 
-def check_out_dir(path: Path) -> None:
+def check_out_dir(path: Path, *, empty: bool = True) -> None:
     """Refuse an --out folder we could not use, before minutes of decoding.
 
-    It must be new or an empty folder, inside an existing, writable folder: a
-    missing parent is an error (a typo should not scatter folders about)."""
+    It must be new or (with ``empty``) an empty folder, inside an existing,
+    writable folder: a missing parent is an error (a typo should not scatter
+    folders about)."""
     from imgcls.errors import UsageError
 
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{path}: exists and is not a folder")
-        if any(path.iterdir()):
+        if empty and any(path.iterdir()):
             raise UsageError(f"{path}: already holds files; choose a new --out (nothing is overwritten)")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(f"{path}: this folder is not writable")
         return
+    _check_parent(path)
+
+
+def check_out_file(path: Path) -> None:
+    """Refuse an output file (--out) we could not write, before the work.
+
+    Written by :func:`atomic_path`: a temporary file beside it, renamed over
+    it, so its folder must exist and be writable even when the file exists;
+    a missing folder is an error, as for :func:`check_out_dir`."""
+    from imgcls.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a file name")
+    _check_parent(path, "write" if path.exists() else "create")
+
+
+def _check_parent(path: Path, verb: str = "create") -> None:
+    from imgcls.errors import UsageError
+
     parent = path.absolute().parent
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UsageError(f"{path}: the parent folder {parent} {what}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: cannot create it, {parent} is not writable")
+        raise UsageError(f"{path}: cannot {verb} it, {parent} is not writable")
 
 
 def claim_out_dir(path: Path) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.checkpoint import Checkpoint, atomic_path
+from imgcls.checkpoint import Checkpoint, atomic_path, check_out_dir
 from imgcls.data.decode import DecodeError, load_image
 from imgcls.errors import PartialFailure, UsageError
 from imgcls.infer import main_logits, model_input
@@ -413,6 +413,7 @@ def explain(
         find_layer(model, maps)
     wanted = resolve_targets(targets, classes)
     out_dir = Path(out) if out is not None else default_out_dir(ckpt)
+    check_out_dir(out_dir, empty=False)  # before the work: a missing or read-only parent, a file
     result = ExplainResult(str(ckpt.path), method, layer, out_dir)
     if filters:
         result.filters = str(out_dir / "filters.png")
