@@ -194,7 +194,11 @@ def load_checkpoint(target: str | Path) -> Checkpoint:
             check_head(
                 meta["classes"], shapes[head][0], where, f"the head ({head}, shape {list(shapes[head])})"
             )
-        check_fit(skeleton, shapes, where)
+        try:
+            check_fit(skeleton, shapes, where)
+        except CheckpointError:
+            _check_class_count(meta, shapes, skeleton, where)
+            raise
     state = load_file(str(path))
     model = _model_with_weights(meta, state, where, skeleton)
     model.eval()
@@ -220,6 +224,36 @@ def check_fit(model, shapes: dict[str, tuple[int, ...]], where: str) -> None:
                 f"{where}: weights do not fit the architecture: {key} has shape {list(shapes[key])} "
                 f"in the file, the architecture expects {list(shape)}"
             )
+
+
+def _check_class_count(meta: dict, shapes: dict[str, tuple[int, ...]], skeleton, where: str) -> None:
+    """Weights that do not fit because ``classes`` names another number of
+    classes than they were trained for: say that (the key and both counts),
+    not which head tensors are missing. A layer stack whose own output is as
+    wide as its class list gets no dense head, so there the mismatch shows as
+    a head too many or too few. Candidates: the input width of a Linear the
+    file lacks, the rows of a 2-D weight only the file has; the one a model
+    built for that many classes fits exactly is the file's count."""
+    import torch
+    from torch import nn
+
+    own = set(skeleton.state_dict())
+    counts = {
+        m.in_features
+        for n, m in skeleton.named_modules()
+        if isinstance(m, nn.Linear) and f"{n}.weight" not in shapes
+    }
+    counts |= {
+        shape[0] for k, shape in shapes.items() if k not in own and k.endswith(".weight") and len(shape) == 2
+    }
+    for n in sorted(counts - {len(meta["classes"])}):
+        try:
+            with torch.device("meta"):
+                other = build_from_meta({**meta, "classes": [str(i) for i in range(n)]}, where)
+            check_fit(other, shapes, where)
+        except Exception:  # not this count
+            continue
+        check_head(meta["classes"], n, where, "the model in the file")
 
 
 def _head_weight(model) -> str | None:
