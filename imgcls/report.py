@@ -127,6 +127,11 @@ def _reading(path: Path):
         raise RunFileError(f"{path}: not what imgcls writes there ({detail})") from None
 
 
+def _seconds(value: float) -> str:
+    """0.043 s, 2.5 s, 130 s: never "0.0 s" for a short run."""
+    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
+
+
 def _number(text: str):
     try:
         value = float(text)
@@ -228,8 +233,16 @@ def build_report(run: str | os.PathLike) -> str:
         parts.append(
             _table(cols, [[_number(h.get(c, "")) for c in cols] for h in history], element_id="history")
         )
-        seconds = sum(float(h.get("seconds") or 0) for h in history)
-        parts.append(f"<p>training time {seconds:.1f} s over {len(history)} epochs</p>")
+        # timings are in metrics.csv (never in a checkpoint): elapsed is the run's wall time,
+        # seconds each epoch's training steps alone (what img/s is measured on)
+        steps = sum(float(h.get("seconds") or 0) for h in history)
+        elapsed = history[-1].get("elapsed")
+        parts.append(
+            f"<p id=timing>training time {float(elapsed):.1f} s over {len(history)} epochs, of which "
+            f"{_seconds(steps)} in training steps (the rest: data preparation, validation, checkpoints)</p>"
+            if elapsed
+            else f"<p id=timing>training steps {_seconds(steps)} over {len(history)} epochs</p>"
+        )
 
     if evaluation:
         with _reading(run_dir / "eval" / "metrics.json"):

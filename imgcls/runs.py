@@ -2,7 +2,7 @@
 
 A run folder is any folder holding ``recipe.yaml`` and ``metrics.csv``
 (``runs/<name>/<n>/``, tune trials ``runs/<study>/<trial>/``). Read from it:
-recipe.yaml (architecture), metrics.csv (epochs, time, img/s, best val
+recipe.yaml (architecture), metrics.csv (epochs, wall time, img/s, best val
 metrics), summary.json (parameters), best.safetensors metadata (the best
 epoch), run.json (device, precision) and eval/metrics.json (test accuracy,
 once ``imgcls evaluate`` has run). A missing file leaves its columns empty; a
@@ -217,7 +217,10 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
     summary = _read_json(path / "summary.json", problems)
     info = _read_json(path / "run.json", problems)
     evaluation = _read_json(path / "eval" / "metrics.json", problems)
-    seconds = sum(h.get("seconds") or 0 for h in history) if history else None
+    # wall time from the start of train (metrics.csv's elapsed); older runs: their epochs' step time
+    seconds = history[-1].get("elapsed") if history else None
+    if seconds is None and history:
+        seconds = sum(h.get("seconds") or 0 for h in history)
     rates = [h["img_per_s"] for h in history if h.get("img_per_s")]
     stamp = path / "recipe.yaml"
     date = (

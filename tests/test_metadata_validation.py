@@ -135,7 +135,12 @@ def test_wrong_class_count_without_a_dense_head_names_classes(tmp_path, names):
     bad = tmp_path / "b.safetensors"
     pre = {"image_size": [8, 8], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "resize": "stretch"}
     classes = [f"c{i}" for i in range(names)]
-    meta = {"recipe": recipe_to_dict(recipe), "classes": classes, "input_shape": [3, 8, 8], "preprocessing": pre}
+    meta = {
+        "recipe": recipe_to_dict(recipe),
+        "classes": classes,
+        "input_shape": [3, 8, 8],
+        "preprocessing": pre,
+    }
     save_checkpoint(bad, model, meta)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(bad)
