@@ -141,15 +141,14 @@ def open_image_file(path: str | os.PathLike) -> BinaryIO:
     """
     try:
         _check_regular(path, os.stat(path))
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise DecodeError(path, "no such file") from None
     except OSError as exc:
         raise DecodeError(path, f"cannot read: {exc.strerror or exc}") from None
     try:
         _check_regular(path, os.fstat(fd))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb")  # O_NONBLOCK means nothing for a regular file's reads
     except BaseException:
         os.close(fd)
         raise
