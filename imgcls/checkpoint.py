@@ -196,7 +196,11 @@ def load_checkpoint(target: str | Path) -> Checkpoint:
             check_head(
                 meta["classes"], shapes[head][0], where, f"the head ({head}, shape {list(shapes[head])})"
             )
-        check_fit(skeleton, shapes, where)
+        try:
+            check_fit(skeleton, shapes, where)
+        except CheckpointError:
+            _check_class_count(meta, shapes, skeleton, where)
+            raise
     state = load_file(str(path))
     model = _model_with_weights(meta, state, where, skeleton)
     model.eval()
@@ -222,6 +226,36 @@ def check_fit(model, shapes: dict[str, tuple[int, ...]], where: str) -> None:
                 f"{where}: weights do not fit the architecture: {key} has shape {list(shapes[key])} "
                 f"in the file, the architecture expects {list(shape)}"
             )
+
+
+def _check_class_count(meta: dict, shapes: dict[str, tuple[int, ...]], skeleton, where: str) -> None:
+    """Weights that do not fit because ``classes`` names another number of
+    classes than they were trained for: say that (the key and both counts),
+    not which head tensors are missing. A layer stack whose own output is as
+    wide as its class list gets no dense head, so there the mismatch shows as
+    a head too many or too few. Candidates: the input width of a Linear the
+    file lacks, the rows of a 2-D weight only the file has; the one a model
+    built for that many classes fits exactly is the file's count."""
+    import torch
+    from torch import nn
+
+    own = set(skeleton.state_dict())
+    counts = {
+        m.in_features
+        for n, m in skeleton.named_modules()
+        if isinstance(m, nn.Linear) and f"{n}.weight" not in shapes
+    }
+    counts |= {
+        shape[0] for k, shape in shapes.items() if k not in own and k.endswith(".weight") and len(shape) == 2
+    }
+    for n in sorted(counts - {len(meta["classes"])}):
+        try:
+            with torch.device("meta"):
+                other = build_from_meta({**meta, "classes": [str(i) for i in range(n)]}, where)
+            check_fit(other, shapes, where)
+        except Exception:  # not this count
+            continue
+        check_head(meta["classes"], n, where, "the model in the file")
 
 
 def _head_weight(model) -> str | None:
@@ -302,27 +336,47 @@ def new_run_dir(root: Path, name: str) -> Path:
         ) from None
 
 
-def check_out_dir(path: Path) -> None:
+def check_out_dir(path: Path, *, empty: bool = True) -> None:
     """Refuse an --out folder we could not use, before minutes of decoding.
 
-    It must be new or an empty folder, inside an existing, writable folder: a
-    missing parent is an error (a typo should not scatter folders about)."""
+    It must be new or (with ``empty``) an empty folder, inside an existing,
+    writable folder: a missing parent is an error (a typo should not scatter
+    folders about)."""
     from imgcls.errors import UsageError
 
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{path}: exists and is not a folder")
-        if any(path.iterdir()):
+        if empty and any(path.iterdir()):
             raise UsageError(f"{path}: already holds files; choose a new --out (nothing is overwritten)")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(f"{path}: this folder is not writable")
         return
+    _check_parent(path)
+
+
+def check_out_file(path: Path) -> None:
+    """Refuse an output file (--out) we could not write, before the work.
+
+    Written by :func:`atomic_path`: a temporary file beside it, renamed over
+    it, so its folder must exist and be writable even when the file exists;
+    a missing folder is an error, as for :func:`check_out_dir`."""
+    from imgcls.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a file name")
+    _check_parent(path, "write" if path.exists() else "create")
+
+
+def _check_parent(path: Path, verb: str = "create") -> None:
+    from imgcls.errors import UsageError
+
     parent = path.absolute().parent
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UsageError(f"{path}: the parent folder {parent} {what}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: cannot create it, {parent} is not writable")
+        raise UsageError(f"{path}: cannot {verb} it, {parent} is not writable")
 
 
 def claim_out_dir(path: Path) -> bool:

@@ -1184,7 +1184,7 @@ def runs(
     """
     import csv
 
-    from imgcls.errors import UsageError
+    from imgcls.errors import PartialFailure, UsageError
     from imgcls.runs import COLUMNS, diff_runs, fmt, list_runs
 
     if as_json and as_csv:
@@ -1228,12 +1228,16 @@ def runs(
         out.print(table)
         return
     rows = list_runs(root, sort)
+    bad = [r for r in rows if r["problems"]]
+    for r in bad:
+        for line in r["problems"]:
+            _error(line)
     if as_json:
         print(json.dumps(rows))
     elif as_csv:
-        writer = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, [*COLUMNS, "problems"], lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "problems": " | ".join(r["problems"])} for r in rows)
     elif not rows:
         _stderr().print(f"no runs under {root}", markup=False)
     else:
@@ -1241,14 +1245,25 @@ def runs(
 
         from imgcls.text import cell
 
+        columns = [*COLUMNS, "problems"] if bad else COLUMNS
         table = Table()
-        for col in COLUMNS:
+        for col in columns:
             table.add_column(
-                col, justify="left" if col in ("run", "date", "arch", "device", "precision") else "right"
+                col,
+                justify="left" if col in ("run", "date", "arch", "device", "precision", "problems") else "right",
             )
         for r in rows:
-            table.add_row(*(cell(fmt(c, r[c])) for c in COLUMNS))
+            cells = [fmt(c, r[c]) for c in COLUMNS]
+            if bad:
+                n = len(r["problems"])
+                cells.append(f"{n} unreadable file{'s' if n > 1 else ''}" if n else "")
+            table.add_row(*(cell(c) for c in cells))
         _wide_stdout().print(table)
+    if bad:
+        raise PartialFailure(
+            f"{len(bad)} of {len(rows)} runs {'has' if len(bad) == 1 else 'have'} files that cannot be "
+            "read (listed above; the columns from those files are empty); the other runs are complete"
+        )
 
 
 def main() -> None:

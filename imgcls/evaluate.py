@@ -434,7 +434,9 @@ def save_confusion_png(path: Path, cm: list[list[int]], classes: list[str], titl
         ax.set_yticks(ticks, classes, fontsize=fontsize)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(title, fontsize=9)
+        from imgcls.explain import fit_text
+
+        ax.set_title(fit_text(title, side - 0.4, 9), fontsize=9)
         if n <= 30:
             for t in range(n):
                 for p in range(n):
@@ -444,8 +446,8 @@ def save_confusion_png(path: Path, cm: list[list[int]], classes: list[str], titl
                             p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=color
                         )
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        with atomic_path(path) as tmp:  # tight: whatever the wrapping missed is not cut off
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", pad_inches=0.05)
     finally:
         plt.close(fig)
 

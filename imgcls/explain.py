@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from imgcls import interrupts
-from imgcls.checkpoint import Checkpoint, atomic_path
+from imgcls.checkpoint import Checkpoint, atomic_path, check_out_dir
 from imgcls.data.decode import DecodeError, load_image
 from imgcls.errors import PartialFailure, UsageError
 from imgcls.infer import (
@@ -429,6 +429,7 @@ def explain(
         find_layer(model, maps)
     wanted = resolve_targets(targets, classes)
     out_dir = Path(out) if out is not None else default_out_dir(ckpt)
+    check_out_dir(out_dir, empty=False)  # before the work: a missing or read-only parent, a file
     result = ExplainResult(str(ckpt.path), method, layer, out_dir)
     if filters:
         result.filters = str(out_dir / "filters.png")
@@ -494,6 +495,19 @@ def explain(
 # --------------------------------------------------------------------------- evaluate's error gallery
 
 
+def fit_text(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines no wider than ``width_in`` inches at
+    ``fontsize`` points (matplotlib clips a title wider than its figure);
+    words longer than a line (paths, long class names) are broken too. A
+    character is taken as 0.65 em, a little over DejaVu Sans's average."""
+    import textwrap
+
+    chars = max(6, int(width_in * 72 / (fontsize * 0.65)))
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, chars, break_on_hyphens=False) or [""]) for line in text.split("\n")
+    )
+
+
 def write_error_gallery(
     path: Path,
     ckpt: Checkpoint,
@@ -547,11 +561,13 @@ def write_error_gallery(
                 else:
                     picture = _viewable(pixels, min_side=64)
                 ax.imshow(picture, interpolation="nearest")
-                ax.set_title(f"{w['true']} → {w['predicted']}\np={w['confidence']:.2f}", fontsize=7)
-        fig.suptitle("misclassified, most confused pairs first (true → predicted)", fontsize=9)
+                caption = f"{w['true']} → {w['predicted']}\np={w['confidence']:.2f}"
+                ax.set_title(fit_text(caption, 1.5, 7), fontsize=7)
+        title = "misclassified, most confused pairs first (true → predicted)"
+        fig.suptitle(fit_text(title, cols * 1.6, 9), fontsize=9)
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
+        with atomic_path(path) as tmp:  # tight: whatever the wrapping missed is not cut off
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight", pad_inches=0.05)
     finally:
         plt.close(fig)
     return path

@@ -15,16 +15,16 @@ any time: ``train`` writes it at the end of a run, ``evaluate`` refreshes it
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from imgcls.checkpoint import resolve_checkpoint, write_text_atomic
 from imgcls.errors import UsageError
+from imgcls.runs import RunFileError, read_recipe_file
 
 REPORT = "report.html"
 MAX_OVERLAYS = 24
@@ -105,18 +105,31 @@ def _table(
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    from imgcls.runs import read_json_file
+
+    return read_json_file(path)
 
 
 def _read_history(path: Path) -> list[dict]:
+    from imgcls.runs import read_metrics_file
+
+    return read_metrics_file(path) or []
+
+
+@contextmanager
+def _reading(path: Path):
+    """A section drawn from ``path``: content of the wrong shape (a missing
+    key, a list where a mapping belongs) is one line naming the file."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except OSError:
-        return []
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise RunFileError(f"{path}: not what imgcls writes there ({detail})") from None
+
+
+def _seconds(value: float) -> str:
+    """0.043 s, 2.5 s, 130 s: never "0.0 s" for a short run."""
+    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
 
 
 def _number(text: str):
@@ -161,12 +174,12 @@ def environment() -> list[list[str]]:
 
 def build_report(run: str | os.PathLike) -> str:
     """The HTML of the report for run folder ``run``."""
-    import yaml
 
     run_dir = run_folder(run)
-    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
-    recipe = yaml.safe_load(recipe_text) or {}
+    recipe_text, recipe = read_recipe_file(run_dir / "recipe.yaml") or ("", {})
     train_spec = recipe.get("train", {}) or {}
+    if not isinstance(train_spec, dict):
+        raise RunFileError(f"{run_dir / 'recipe.yaml'}: train: not a mapping")
     history = _read_history(run_dir / "metrics.csv")
     evaluation = _read_json(run_dir / "eval" / "metrics.json")
     summary = _read_json(run_dir / "summary.json")
@@ -188,26 +201,28 @@ def build_report(run: str | os.PathLike) -> str:
     parts.append("<h2>Final metrics</h2>")
     rows: list[list] = []
     if evaluation:
-        parts.append(f"<p class=muted>evaluate on {_e(evaluation.get('data', ''))}</p>")
-        rows.append(["accuracy", evaluation["accuracy"]])
-        if "top_k_accuracy" in evaluation:
-            rows.append([f"top-{evaluation.get('top_k')} accuracy", evaluation["top_k_accuracy"]])
-        rows.append(["loss", evaluation.get("loss", "")])
-        for kind in ("macro", "weighted"):
-            if kind in evaluation:
-                rows.append([f"{kind} F1", evaluation[kind]["f1"]])
-        rows.append(["images", evaluation.get("samples", "")])
+        with _reading(run_dir / "eval" / "metrics.json"):
+            parts.append(f"<p class=muted>evaluate on {_e(evaluation.get('data', ''))}</p>")
+            rows.append(["accuracy", evaluation["accuracy"]])
+            if "balanced_accuracy" in evaluation:
+                rows.append(["balanced accuracy", evaluation["balanced_accuracy"]])
+            if "top_k_accuracy" in evaluation:
+                rows.append([f"top-{evaluation.get('top_k')} accuracy", evaluation["top_k_accuracy"]])
+            rows.append(["loss", evaluation.get("loss", "")])
+            for kind in ("macro", "weighted"):
+                if kind in evaluation:
+                    rows.append([f"{kind} F1", evaluation[kind]["f1"]])
+            rows.append(["images", evaluation.get("samples", "")])
     elif history:
         key = "val_acc" if history[0].get("val_acc") else "train_loss"
-        best = (
-            max(history, key=lambda h: float(h[key]))
-            if key == "val_acc"
-            else min(history, key=lambda h: float(h[key]))
-        )
-        parts.append(f"<p class=muted>best epoch {best['epoch']} (by {key}); no evaluation yet</p>")
-        for col in ("val_acc", "val_loss", "train_acc", "train_loss"):
-            if best.get(col):
-                rows.append([col.replace("val_acc", "accuracy"), _number(best[col])])
+        scored = [h for h in history if h.get(key)]
+        if scored:
+            pick = max if key == "val_acc" else min
+            best = pick(scored, key=lambda h: float(h[key]))
+            parts.append(f"<p class=muted>best epoch {best['epoch']} (by {key}); no evaluation yet</p>")
+            for col in ("val_acc", "val_loss", "train_acc", "train_loss"):
+                if best.get(col):
+                    rows.append([col.replace("val_acc", "accuracy"), _number(best[col])])
     if rows:
         parts.append(_table(["metric", "value"], rows, element_id="metrics", sortable=False))
 
@@ -218,35 +233,44 @@ def build_report(run: str | os.PathLike) -> str:
         parts.append(
             _table(cols, [[_number(h.get(c, "")) for c in cols] for h in history], element_id="history")
         )
-        seconds = sum(float(h.get("seconds") or 0) for h in history)
-        parts.append(f"<p>training time {seconds:.1f} s over {len(history)} epochs</p>")
+        # timings are in metrics.csv (never in a checkpoint): elapsed is the run's wall time,
+        # seconds each epoch's training steps alone (what img/s is measured on)
+        steps = sum(float(h.get("seconds") or 0) for h in history)
+        elapsed = history[-1].get("elapsed")
+        parts.append(
+            f"<p id=timing>training time {float(elapsed):.1f} s over {len(history)} epochs, of which "
+            f"{_seconds(steps)} in training steps (the rest: data preparation, validation, checkpoints)</p>"
+            if elapsed
+            else f"<p id=timing>training steps {_seconds(steps)} over {len(history)} epochs</p>"
+        )
 
     if evaluation:
-        parts.append("<h2>Per class</h2>")
-        parts.append(
-            _table(
-                ["class", "precision", "recall", "f1", "support"],
-                [
-                    [r["class"], r["precision"], r["recall"], r["f1"], r["support"]]
-                    for r in evaluation.get("per_class", [])
-                ],
-                element_id="per-class",
-            )
-        )
-        if (run_dir / "eval" / "confusion.png").is_file():
-            parts.append(
-                "<h2>Confusion matrix</h2>"
-                + _png(run_dir / "eval" / "confusion.png", "confusion matrix", "confusion")
-            )
-        pairs = evaluation.get("confused_pairs") or []
-        if pairs:
+        with _reading(run_dir / "eval" / "metrics.json"):
+            parts.append("<h2>Per class</h2>")
             parts.append(
                 _table(
-                    ["true", "predicted", "count", "share of true"],
-                    [[p["true"], p["predicted"], p["count"], p["share"]] for p in pairs],
-                    element_id="confused",
-                )  # fmt: skip
+                    ["class", "precision", "recall", "f1", "support"],
+                    [
+                        [r["class"], r["precision"], r["recall"], r["f1"], r["support"]]
+                        for r in evaluation.get("per_class", [])
+                    ],
+                    element_id="per-class",
+                )
             )
+            if (run_dir / "eval" / "confusion.png").is_file():
+                parts.append(
+                    "<h2>Confusion matrix</h2>"
+                    + _png(run_dir / "eval" / "confusion.png", "confusion matrix", "confusion")
+                )
+            pairs = evaluation.get("confused_pairs") or []
+            if pairs:
+                parts.append(
+                    _table(
+                        ["true", "predicted", "count", "share of true"],
+                        [[p["true"], p["predicted"], p["count"], p["share"]] for p in pairs],
+                        element_id="confused",
+                    )  # fmt: skip
+                )
     gallery = run_dir / "eval" / "errors.png"
     if gallery.is_file():
         parts.append("<h2>Mistakes</h2>" + _png(gallery, "misclassified images", "gallery"))
@@ -263,35 +287,37 @@ def build_report(run: str | os.PathLike) -> str:
             )
 
     if check:
-        parts.append(
-            f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>"
-        )
-        problem_rows = [
-            [key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()
-        ]
-        parts.append(_table(["finding", "count"], problem_rows, element_id="data-check"))
+        with _reading(run_dir / "data-check.json"):
+            parts.append(
+                f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>"
+            )
+            problem_rows = [
+                [key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()
+            ]
+            parts.append(_table(["finding", "count"], problem_rows, element_id="data-check"))
 
     if summary:
-        parts.append(
-            f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
-            f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>"
-        )
-        parts.append(
-            _table(
-                ["layer", "type", "output", "params", "MACs"],
-                [
-                    [
-                        r["name"],
-                        r["type"],
-                        "x".join(map(str, r["output_shape"] or [])),
-                        r["params"],
-                        r["macs"],
-                    ]
-                    for r in summary.get("rows", [])
-                ],
-                element_id="summary",
+        with _reading(run_dir / "summary.json"):
+            parts.append(
+                f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
+                f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>"
             )
-        )
+            parts.append(
+                _table(
+                    ["layer", "type", "output", "params", "MACs"],
+                    [
+                        [
+                            r["name"],
+                            r["type"],
+                            "x".join(map(str, r["output_shape"] or [])),
+                            r["params"],
+                            r["macs"],
+                        ]
+                        for r in summary.get("rows", [])
+                    ],
+                    element_id="summary",
+                )
+            )
 
     parts.append("<h2>Recipe</h2><pre>" + _e(recipe_text) + "</pre>")
     env = environment() + [

@@ -186,7 +186,10 @@ class TrainResult:
     stopped_early: bool
 
 
-TIMINGS = ("seconds", "img_per_s")  # in metrics.csv, never in a weight file (bit-identical runs)
+# in metrics.csv, never in a weight file (bit-identical runs). seconds: the epoch's training
+# steps (img_per_s's time); elapsed: wall time since the run started (data preparation,
+# validation and checkpoints included; a resumed run goes on from its last epoch's)
+TIMINGS = ("seconds", "img_per_s", "elapsed")
 
 
 def _is_better(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
@@ -221,6 +224,7 @@ class Run:
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
+    started: float = 0.0  # time.perf_counter() when the run would have started had it never stopped
     batches: object = None  # imgcls.data.batches source of training batches
     forward: Callable | None = None  # model, or torch.compile(model) with train.compile
     compile_pending: bool = False  # the first step compiles: timed apart from throughput
@@ -290,6 +294,7 @@ def train(
 def _train(
     recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
 ) -> TrainResult:
+    started = time.perf_counter()
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):
@@ -304,6 +309,7 @@ def _train(
     steps_left = stop_after_steps
     run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
     try:  # nothing between prepare and here: a run that fails before its first checkpoint leaves nothing
+        run.started = started - _elapsed(run.state.history)  # wall time counts on across a resume
         spec = run.spec
         bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
@@ -942,6 +948,7 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
             run.steps_per_epoch,
         )
 
+    row["elapsed"] = round(time.perf_counter() - run.started, 3)  # validated, not yet saved
     state.history.append(row)
     state.epoch, state.step = state.epoch + 1, 0
     state.sums = State().sums
@@ -1122,7 +1129,16 @@ def _write_summary(run_dir: Path, model: nn.Module, input_shape) -> None:
     ck.write_text_atomic(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))
 
 
-COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "img_per_s"]
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "img_per_s", "elapsed"]
+
+
+def _elapsed(history: list[dict]) -> float:
+    """The wall time a run had taken by its last finished epoch (older runs
+    have no ``elapsed``: the sum of their epochs' step times)."""
+    if not history:
+        return 0.0
+    last = history[-1].get("elapsed")
+    return float(last) if last is not None else float(sum(h.get("seconds") or 0 for h in history))
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:

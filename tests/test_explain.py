@@ -278,3 +278,17 @@ def test_error_gallery_rows_per_confused_pair(tiny_checkpoint, shapes_folder, tm
         assert h > 100 and w > h  # 2 rows of up to 3 pictures
     assert write_error_gallery(tmp_path / "none.png", ckpt, [], pairs) is None
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing parent", "a file"])
+def test_unusable_out_is_refused_before_the_work(tiny_checkpoint, shapes_folder, tmp_path, cli, case):
+    """--out as train --out: a missing parent folder or a file is one line, exit 2,
+    and nothing is drawn (no folder is created)."""
+    (tmp_path / "file").write_text("x")
+    out = {"missing parent": tmp_path / "no" / "such" / "out", "a file": tmp_path / "file"}[case]
+    good = str(shapes_folder / "circle" / "circle_0000.png")
+    r = cli("explain", good, "--model", str(tiny_checkpoint), "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    assert str(out) in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "no").exists() and (tmp_path / "file").read_text() == "x"

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.data.decode import FORMATS, DecodeError, decode_image
+from imgcls.data.decode import FORMATS, DecodeError, decode_image, max_file_bytes, open_image_file
 from imgcls.data.shapes import cache_root
 from imgcls.data.sources import SPLITS, Links, read_labelled_rows, walk_images
 from imgcls.errors import DataError
@@ -146,14 +146,25 @@ def file_facts(path: Path) -> dict:
     """Hashes, size and mode of one file, or its decode error."""
     from PIL import Image
 
+    digest = hashlib.sha256()
     try:
-        data = path.read_bytes()
+        # the decoder's guard: a regular file within the size cap, never a FIFO or a device
+        with open_image_file(path) as fh:
+            cap, seen = max_file_bytes(), 0
+            while block := fh.read(1 << 20):
+                digest.update(block)
+                seen += len(block)
+                if cap is not None and seen > cap:  # it grew after it was checked
+                    return {"error": f"refused, grew past {cap} bytes while being read"}
+    except DecodeError as exc:
+        return {"error": exc.reason}
     except OSError as exc:
         return {"error": f"cannot read: {exc.strerror or exc}"}
-    facts: dict = {"sha256": hashlib.sha256(data).hexdigest()}
+    facts: dict = {"sha256": digest.hexdigest()}
     try:
         image = decode_image(path, 3)  # the one decode path: its reasons, its format allowlist
-        with Image.open(path, formats=FORMATS) as im:  # the header again: the file's own mode
+        # the header again, for the file's own mode
+        with open_image_file(path) as fh, Image.open(fh, formats=FORMATS) as im:
             facts["mode"] = im.mode
     except DecodeError as exc:
         return {**facts, "error": exc.reason}

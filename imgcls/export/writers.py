@@ -99,7 +99,7 @@ def export_model(
     ``out`` is replaced only with ``force``, and only once the new export
     has passed its check.
     """
-    from imgcls.checkpoint import load_checkpoint
+    from imgcls.checkpoint import check_out_file, load_checkpoint
 
     started = time.perf_counter()
     if out is not None and fmt is None:
@@ -121,10 +121,9 @@ def export_model(
         raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
     if out.resolve() == ckpt.path.resolve():
         raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a folder; give a file name")
-    if out.exists() and not force:
+    if out.exists() and not out.is_dir() and not force:
         raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    check_out_file(out)  # a folder, a missing or read-only parent: refused before the export
 
     x, counts = check_batch(ckpt, images)
     model = ckpt.model.eval()
