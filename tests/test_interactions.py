@@ -544,7 +544,7 @@ SETTING_NAMES = {  # how a refusal names each setting
 }
 
 
-@pytest.mark.parametrize("pair", REFUSED, ids=" × ".join)
+@pytest.mark.parametrize("pair", REFUSED, ids="+".join)
 def test_refused_pair(pair, images, tmp_path, cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(set(pair), images, tmp_path / "runs")))
