@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -48,6 +49,8 @@ def test_second_run_maps_and_an_edit_decodes_only_that_file(root, decodes):
     victim = first.train.files[0]
     Image.new("RGB", (8, 8), (1, 2, 3)).save(victim)
     (root / "d" / "b" / "3.png").unlink()  # victim is in class a
+    del first, again  # an entry in use is never replaced: let these go
+    gc.collect()
     decodes.clear()
     logs.clear()
     third = prepare_data(spec, root, log=logs.append)
