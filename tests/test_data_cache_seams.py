@@ -83,7 +83,7 @@ def test_two_trains_at_once_on_one_folder_share_one_intact_entry_per_split(tmp_p
     env = {
         **os.environ,
         "IMGCLS_CACHE": str(tmp_path / "cache"),
-        "IMGCLS_CACHE_MAX": "40K",  # each split fits, not both: every eviction meets entries in use
+        "IMGCLS_CACHE_MAX": "30K",  # each split fits, not both: every eviction meets entries in use
         "IMGCLS_DECODE": "serial",
     }
     procs = [
