@@ -30,7 +30,9 @@ def _tree(root, classes=3, per_class=40, size=16):
     return root
 
 
-def test_a_cap_below_one_runs_data_keeps_its_splits_and_the_next_runs_map_them(tmp_path, monkeypatch, decodes):
+def test_a_cap_below_one_runs_data_keeps_its_splits_and_the_next_runs_map_them(
+    tmp_path, monkeypatch, decodes
+):
     # 3 x 40 images at 16 px: each split fits 100K, the run's splits together do not
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("IMGCLS_CACHE_MAX", "100K")
@@ -41,7 +43,9 @@ def test_a_cap_below_one_runs_data_keeps_its_splits_and_the_next_runs_map_them(t
     assert sum(decodes) == 120
     # writing val did not evict train: its file is there, and streaming it reads every row
     assert run.train.file.exists() and run.val.file.exists()
-    stream = open_batches(run.train.x, run.train.y, run.train.x.device, max_batch=8, file=run.train.file, mode="stream")
+    stream = open_batches(
+        run.train.x, run.train.y, run.train.x.device, max_batch=8, file=run.train.file, mode="stream"
+    )
     assert stream.n == len(run.train)
     stream.close()
     warned = [m for m in logs if "IMGCLS_CACHE_MAX" in m]
@@ -109,3 +113,21 @@ def test_two_trains_at_once_on_one_folder_share_one_intact_entry_per_split(tmp_p
         meta = json.loads((decoded / e["key"] / "meta.json").read_text())
         assert (decoded / e["key"] / "rows.u8").stat().st_size == meta["images"] * 3 * 16 * 16
     assert not list(decoded.glob(".tmp-*"))
+
+
+def test_built_in_data_with_the_cache_set_to_a_file_falls_back_with_one_warning(tmp_path, monkeypatch, cli):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
+    r = cli(
+        "train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), env={"IMGCLS_CACHE": str(blocker)}
+    )
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(blocker) in warnings[0], r.stderr
+    assert list((tmp_path / "tmp").glob("imgcls-*/shapes/*/circle/*.png")), (
+        "the shapes set went to the temp folder"
+    )
+    assert blocker.read_text() == "x"

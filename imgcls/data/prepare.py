@@ -49,7 +49,7 @@ def prepare_data(
     start = time.perf_counter()
     progress = progress or Progress.auto(log)
     with progress.task("listing") as task:
-        source = open_source(spec, Path(base_dir), task)
+        source = open_source(spec, Path(base_dir), task, log)
     listed = time.perf_counter() - start
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with DecodePool() as pool:  # one pool of decode workers for every split

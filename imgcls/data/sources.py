@@ -42,7 +42,7 @@ import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
 from imgcls.data.progress import Task
-from imgcls.data.shapes import shapes_dir, write_shapes
+from imgcls.data.shapes import builtin_shapes, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
@@ -71,15 +71,17 @@ class Source:
         return len(self.train) + len(self.val) + len(self.test)
 
 
-def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None) -> Source:
+def open_source(
+    spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None, log=lambda message: None
+) -> Source:
     """List the images of ``spec`` (relative paths are relative to ``base_dir``);
-    ``progress`` counts the files found."""
+    ``progress`` counts the files found; ``log`` takes warnings."""
     base_dir = Path(base_dir)
     if spec.source == "shapes":
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
-            out = write_shapes(shapes_dir(spec.shapes), spec.shapes)
+            out = builtin_shapes(spec.shapes, log)
         return read_folder(out, spec.val_split, spec.split_seed, progress)
     assert spec.path is not None  # DataSpec checks this
     path = resolve(spec.path, base_dir)
