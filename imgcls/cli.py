@@ -1009,7 +1009,7 @@ def tune(
         float | None, typer.Option(min=0.0, help="Start no new trial after this many seconds.")
     ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, in threads of this process.")
+        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, each in its own worker process.")
     ] = 1,
     metric: Annotated[
         str, typer.Option(help="The objective: val_acc (maximised), val_loss, train_acc or train_loss.")
@@ -1018,6 +1018,10 @@ def tune(
     startup_trials: Annotated[
         int, typer.Option(min=0, help="Median pruner: trials that run in full before any is pruned.")
     ] = 2,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Sampler seed: the same command tries the same values (default: train.seed)."),
+    ] = None,
     set_: Annotated[
         list[str], typer.Option("--set", help="Override a recipe value for every trial: key.path=value.")
     ] = None,
@@ -1055,6 +1059,7 @@ def tune(
         metric=metric,
         pruner=pruner,
         startup_trials=startup_trials,
+        seed=seed,
         log=lambda message: err.print(message, markup=False),
     )
     if as_json:

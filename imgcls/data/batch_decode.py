@@ -22,6 +22,12 @@ Processes use the ``spawn`` context (no fork after torch started its
 threads) and import only PIL and numpy; they ignore SIGINT, so Ctrl-C reaches
 the parent alone, which terminates the pool and re-raises. ``IMGCLS_DECODE``
 (``serial``, ``threads``, ``processes``) overrides the measurement.
+
+The pool is a :class:`DecodePool` its caller owns: nothing here is
+process-global. As with any spawn or forkserver worker, each imports the
+parent's ``__main__`` module as Python's multiprocessing does (a script that
+calls imgcls needs the usual ``if __name__ == "__main__":`` guard); where that
+module cannot be imported again (a script read from stdin), threads are used.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -110,6 +117,8 @@ def decode_into(
     n = len(paths)
     workers = workers or decode_workers()
     mode = mode or decode_mode()
+    if mode in ("auto", "processes") and not main_importable():
+        mode = "threads"  # no worker process could start (see the module doc)
     failures: list[tuple[int, str]] = []
     total = np.zeros((2, channels), dtype=np.int64)
 
@@ -277,6 +286,18 @@ def _processes(
         # Then the caller removes what was half-written.
         owner.close(wait=True)
         raise
+
+
+def main_importable() -> bool:
+    """Whether a spawned process can import this one's ``__main__`` again
+    (it cannot when that is a script read from stdin)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or path is None:
+        return True
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    return os.path.isfile(path)
 
 
 class DecodePool:
