@@ -529,9 +529,11 @@ def cache_clear(
 
     if bool(keys) == all_:
         raise UsageError("name entry keys to remove, or pass --all (not both)")
-    removed, freed = clear_entries(keys or ())
+    removed, freed, kept = clear_entries(keys or ())
+    in_use = f"; kept {kept} in use by a running process" if kept else ""
     _stderr().print(
-        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}", markup=False
+        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}{in_use}",
+        markup=False,
     )
 
 

@@ -51,3 +51,16 @@ def test_cache_clear_by_key_and_all(cli, tmp_path, monkeypatch):
     r = cli("cache", "clear", "--all")
     assert r.returncode == 0 and "removed 1 cache entries" in r.stderr
     assert not _names(tmp_path)  # (the entries' lock files stay: see imgcls.data.cache)
+
+
+def test_cache_clear_keeps_an_entry_a_running_process_uses(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "root"))
+    for i in range(4):
+        Image.new("L", (6, 6), i * 30).save(tmp_path / f"{i}.png")
+    items = [(tmp_path / f"{i}.png", i % 2) for i in range(4)]
+    in_use = load_split(items, DataSpec(image_size=4, cache="disk"))  # holds its entry while it lives
+    load_split(items, DataSpec(image_size=5, cache="disk"))  # let go at once
+    r = cli("cache", "clear", "--all")
+    assert r.returncode == 0 and "removed 1 cache entries" in r.stderr, r.stderr
+    assert "kept 1 in use by a running process" in r.stderr
+    assert in_use.file.exists() and _names(tmp_path) == [in_use.file.parent.name]

@@ -109,9 +109,8 @@ def decode_into(
     """
     if pool is None:
         with DecodePool() as own:
-            return decode_into(
-                out, paths, channels, size, resize, workers, progress, log, mode, file=file, sums=sums, pool=own
-            )
+            args = (out, paths, channels, size, resize, workers, progress, log, mode)
+            return decode_into(*args, file=file, sums=sums, pool=own)
     arr = out.numpy() if hasattr(out, "numpy") else out  # a tensor shares its memory
     paths = [os.fspath(p) for p in paths]
     n = len(paths)

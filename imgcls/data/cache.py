@@ -208,7 +208,9 @@ def load_split(
     if policy != "none" and len(paths):
         cap = cache_max()
         if policy == "auto" and int(np.prod(shape)) > cap:
-            note(f"note: a decoded split would exceed IMGCLS_CACHE_MAX ({human_bytes(cap)}); decoding into RAM")
+            note(
+                f"note: a decoded split would exceed IMGCLS_CACHE_MAX ({human_bytes(cap)}); decoding into RAM"
+            )
             policy = "none"
         elif policy == "auto" and not _writable(cache):
             note(f"note: cannot write the cache folder {cache}; decoding into RAM")
@@ -280,7 +282,7 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
     hold = _hold(cache, key)
     try:
         found = _map_or_build(
-            entry, names, paths, abs_names, stats, spec, cache, shape, log, source, split, progress, what, pool
+            entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool
         )
     except BaseException:
         _release(hold)
@@ -288,10 +290,8 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
     return (*found, hold)
 
 
-def _map_or_build(
-    entry, names, paths, abs_names, stats, spec, cache, shape, log, source, split, progress, what, pool
-):
-    key = entry.name
+def _map_or_build(entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool):
+    cache, key = entry.parent, entry.name
     hit = _open_entry(entry, shape)
     if hit is not None:
         x, meta = hit
@@ -598,10 +598,13 @@ def list_entries(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     return sorted(out, key=lambda e: -e["last_used"])
 
 
-def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+def clear_entries(
+    keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None
+) -> tuple[int, int, int]:
     """Remove the named entries (a unique key prefix is enough), or all when
-    ``keys`` is empty; returns (entries removed, bytes freed). An unknown key
-    is a :class:`UsageError` and nothing is removed."""
+    ``keys`` is empty; returns (entries removed, bytes freed, entries kept
+    because a running process uses them). An unknown key is a
+    :class:`UsageError` and nothing is removed."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = list_entries(cache)
     if keys:
@@ -614,14 +617,16 @@ def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None 
             chosen.append(match[0])
     else:
         chosen = entries
-    freed = 0
+    freed = kept = 0
     for e in chosen:
-        shutil.rmtree(cache / e["key"], ignore_errors=True)
-        freed += e["bytes"]
+        if _remove_unused(cache, e["key"]):
+            freed += e["bytes"]
+        else:
+            kept += 1
     if not keys:
         for p in cache.glob(".tmp-*"):  # a crashed writer's leftovers
             shutil.rmtree(p, ignore_errors=True)
-    return len(chosen), freed
+    return len(chosen) - kept, freed, kept
 
 
 def human_bytes(n: float) -> str:
