@@ -146,29 +146,6 @@ def shapes_dir(spec: ShapesSpec) -> Path:
     return cache_root() / "shapes" / spec_key(spec)
 
 
-def builtin_shapes(spec: ShapesSpec, log=lambda message: None) -> Path:
-    """The built-in set at :func:`shapes_dir`; where the cache folder cannot be
-    written (``IMGCLS_CACHE`` a file or a read-only folder), under the system's
-    temporary folder instead, said in one warning line (as folder data then
-    decodes into RAM)."""
-    try:
-        return write_shapes(shapes_dir(spec), spec)
-    except OSError as exc:
-        uid = os.getuid() if hasattr(os, "getuid") else "user"
-        fallback = Path(tempfile.gettempdir()) / f"imgcls-{uid}" / "shapes" / spec_key(spec)
-        log(
-            f"warning: cannot write the cache folder {cache_root()} ({exc.strerror or exc}); "
-            f"the built-in shapes data goes to {fallback.parent}"
-        )
-        try:
-            return write_shapes(fallback, spec)
-        except OSError as again:
-            raise DataError(
-                f"cannot write the built-in shapes data to {cache_root()} nor {fallback.parent} "
-                f"({again.strerror or again}); set IMGCLS_CACHE to a writable folder"
-            ) from None
-
-
 def is_complete(out_dir: Path, spec: ShapesSpec) -> bool:
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
@@ -42,7 +43,7 @@ import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
 from imgcls.data.progress import Task
-from imgcls.data.shapes import builtin_shapes, write_shapes
+from imgcls.data.shapes import cache_root, shapes_dir, spec_key, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
@@ -81,7 +82,7 @@ def open_source(
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
-            out = builtin_shapes(spec.shapes, log)
+            out = _builtin_shapes(spec.shapes, log)
         return read_folder(out, spec.val_split, spec.split_seed, progress)
     assert spec.path is not None  # DataSpec checks this
     path = resolve(spec.path, base_dir)
@@ -90,6 +91,29 @@ def open_source(
     if spec.source == "csv":
         return read_csv(path, spec.val_split, spec.split_seed, spec.task)
     raise DataError(f"unknown data source '{spec.source}'")
+
+
+def _builtin_shapes(spec, log) -> Path:
+    """The built-in set at :func:`shapes_dir`; where the cache folder cannot be
+    written (``IMGCLS_CACHE`` a file or a read-only folder), under the system's
+    temporary folder instead, said in one warning line (as folder data then
+    decodes into RAM)."""
+    try:
+        return write_shapes(shapes_dir(spec), spec)
+    except OSError as exc:
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        fallback = Path(tempfile.gettempdir()) / f"imgcls-{uid}" / "shapes" / spec_key(spec)
+        log(
+            f"warning: cannot write the cache folder {cache_root()} ({exc.strerror or exc}); "
+            f"the built-in shapes data goes to {fallback.parent}"
+        )
+        try:
+            return write_shapes(fallback, spec)
+        except OSError as again:
+            raise DataError(
+                f"cannot write the built-in shapes data to {cache_root()} nor {fallback.parent} "
+                f"({again.strerror or again}); set IMGCLS_CACHE to a writable folder"
+            ) from None
 
 
 def resolve(path: str | os.PathLike, base_dir: Path) -> Path:
