@@ -558,9 +558,11 @@ def cache_clear(
 
     if bool(keys) == all_:
         raise UsageError("name entry keys to remove, or pass --all (not both)")
-    removed, freed = clear_entries(keys or ())
+    removed, freed, kept = clear_entries(keys or ())
+    in_use = f"; kept {kept} in use by a running process" if kept else ""
     _stderr().print(
-        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}", markup=False
+        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}{in_use}",
+        markup=False,
     )
 
 
@@ -1054,7 +1056,7 @@ def tune(
         float | None, typer.Option(min=0.0, help="Start no new trial after this many seconds.")
     ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, in threads of this process.")
+        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, each in its own worker process.")
     ] = 1,
     metric: Annotated[
         str, typer.Option(help="The objective: val_acc (maximised), val_loss, train_acc or train_loss.")
@@ -1063,6 +1065,10 @@ def tune(
     startup_trials: Annotated[
         int, typer.Option(min=0, help="Median pruner: trials that run in full before any is pruned.")
     ] = 2,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Sampler seed: the same command tries the same values (default: train.seed)."),
+    ] = None,
     set_: Annotated[
         list[str], typer.Option("--set", help="Override a recipe value for every trial: key.path=value.")
     ] = None,
@@ -1100,6 +1106,7 @@ def tune(
         metric=metric,
         pruner=pruner,
         startup_trials=startup_trials,
+        seed=seed,
         log=lambda message: err.print(message, markup=False),
     )
     if as_json:

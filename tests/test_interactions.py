@@ -33,7 +33,7 @@ X: FILE::TEST" (also equal to a reference, in that targeted test); "refused:
 TEXT" (exit 2 before training, one line naming both settings, TEXT in it);
 "n/a: WHY" (the two cannot be asked for together). "defect N" marks a known
 defect, item N of issue 17: its case is xfail(strict) until the fix lands.
-    ddp × freeze:                works (2 ranks = 1 across the switch is item 1's test: a known defect, fixed elsewhere)
+    ddp × freeze:                equals 1 process: test_distributed.py::test_two_ranks_follow_one_rank_across_unfreeze_at_and_a_resume_past_it
     ddp × multilabel:            works
     ddp × class_weights:         equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler (fixed here)
     ddp × balanced:              equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
@@ -112,8 +112,8 @@ defect, item N of issue 17: its case is xfail(strict) until the fix lands.
     resume × export:             works
     tune × export:               works
 
-Known defects met here (issue 17 items fixed on other branches; each case xfail(strict))
-    item 3: tune --jobs 2 runs trials in threads, --trials 1 finishes 2: test_interactions.py::test_tune_jobs_finishes_exactly_the_trials_asked
+Known defects met here (issue 17 items; each case xfail(strict) until its fix lands)
+    none (item 3, tune --jobs 2 finishing 2 trials for --trials 1, was fixed: test_interactions.py::test_tune_jobs_finishes_exactly_the_trials_asked)
 
 How the pairs run: the in-process settings (all but ddp and tune) are combined
 by a covering array (allpairspy, pairwise: every value of every two settings
@@ -661,7 +661,6 @@ def test_tune_jobs_with_many_settings(tuned, images):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 17 item 3: tune --jobs N runs trials in threads; --trials 1 finishes 2")
 def test_tune_jobs_finishes_exactly_the_trials_asked(tuned):
     for _, _, result in tuned:
         assert len(json.loads(result.stdout)["trials"]) == 1

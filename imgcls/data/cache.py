@@ -27,9 +27,17 @@ looks complete, and two processes building the same entry both end with one.
 When a split changes (files added, removed or edited), the new entry copies
 the rows of unchanged files (same path, size and mtime) from the previous
 entries of the same source and geometry, decodes only the rest, and then
-replaces the previous entry of that split. After each write, entries are
-evicted least recently used first until the cache fits ``IMGCLS_CACHE_MAX``
-(default :data:`DEFAULT_CACHE_MAX`).
+replaces the previous entry of that split. Once all of a run's splits are
+built (:func:`evict`), entries are evicted least recently used first until the
+cache fits ``IMGCLS_CACHE_MAX`` (default :data:`DEFAULT_CACHE_MAX`).
+
+An entry in use is never evicted nor replaced: a process using one holds a
+shared lock on ``.locks/<key>`` (filelock's reader/writer lock, SQLite) from
+before it is built or mapped until the process lets the split go or ends
+(the lock dies with the process, even killed); evicting takes the exclusive
+lock without waiting, and an entry whose lock is held stays. So a cap smaller
+than one run's data keeps that run's entries, says so once, and the next run
+maps them.
 
 Files that fail to decode are skipped, reported through ``log`` and returned
 in ``DecodedSplit.bad``; :func:`check_bad` enforces ``max_bad_fraction``.
@@ -42,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -52,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.data.batch_decode import decode_into, decode_workers
+from imgcls.data.batch_decode import DecodePool, decode_into, decode_workers
 from imgcls.data.decode import channel_sums
 from imgcls.data.progress import Progress
 from imgcls.data.shapes import cache_root
@@ -81,6 +90,9 @@ class DecodedSplit:
     # the cache file x is memory-mapped from (rows from offset 0), or None when x
     # is in RAM: a split larger than memory is streamed from it (imgcls.data.batches)
     file: Path | None = None
+    # the shared lock that keeps ``file``'s cache entry from being evicted or
+    # replaced while this process uses it (see the module doc); None in RAM
+    hold: object | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -160,6 +172,9 @@ def load_split(
     source: str | os.PathLike | None = None,
     split: str = "",
     progress: Progress | None = None,
+    pool: DecodePool | None = None,
+    notes: set[str] | None = None,
+    evicting: bool = True,
 ) -> DecodedSplit:
     """Decode ``items`` = [(file, label), ...] into a :class:`DecodedSplit`,
     through the persistent cache (``cache_dir``, default :func:`default_cache_dir`)
@@ -168,7 +183,17 @@ def load_split(
     ``stats``: (size, mtime_ns) per path from the listing; ``source`` and
     ``split`` name the entry (shown by ``imgcls cache list``; a new entry
     replaces the previous one of the same source, split and geometry).
+    ``pool``: decode workers kept across the splits of one dataset; ``notes``:
+    notes already said (a note is said once per set); ``evicting=False``
+    leaves eviction to the caller (:func:`evict`, once all splits are built).
     """
+    notes = set() if notes is None else notes
+
+    def note(message: str) -> None:
+        if message not in notes:
+            notes.add(message)
+            log(message)
+
     paths = [p for p, _ in items]
     names = [p if isinstance(p, str) else os.fspath(p) for p in paths]
     # a class index per row, or a multi-hot row (multi-label source): float targets for BCE
@@ -183,35 +208,41 @@ def load_split(
     if policy != "none" and len(paths):
         cap = cache_max()
         if policy == "auto" and int(np.prod(shape)) > cap:
-            log(f"note: {len(paths)} decoded images would exceed IMGCLS_CACHE_MAX; decoding into RAM")
+            note(
+                f"note: a decoded split would exceed IMGCLS_CACHE_MAX ({human_bytes(cap)}); decoding into RAM"
+            )
             policy = "none"
         elif policy == "auto" and not _writable(cache):
-            log(f"note: cannot write the cache folder {cache}; decoding into RAM")
+            note(f"note: cannot write the cache folder {cache}; decoding into RAM")
             policy = "none"
-    file = None  # set when x is mapped from the cache
+    file = hold = None  # set when x is mapped from the cache
     if policy == "none" or not len(paths):
         x = torch.zeros(shape, dtype=torch.uint8)  # zero: failed rows add nothing to sums
         sums = np.zeros((2, spec.channels), dtype=np.int64)
         with progress.task(what, total=len(paths)) as task:
             failures = decode_into(
-                x, names, spec.channels, spec.size, spec.resize, progress=task, log=log, sums=sums
+                x, names, spec.channels, spec.size, spec.resize, progress=task, log=log, sums=sums, pool=pool
             )
         ok, bad = _split_failures(paths, failures)
         if bad:
             x = x[ok]
     else:
-        x, ok, bad, sums, file = _cached(
-            names, paths, spec, cache, shape, log, stats, source, split, progress, what
+        x, ok, bad, sums, file, hold = _cached(
+            names, paths, spec, cache, shape, log, stats, source, split, progress, what, pool
         )
         if policy == "ram":
             x, file = x.clone(), None
+            _release(hold)
+            hold = None
+        if evicting:
+            evict(cache, log)
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
     if len(ok) == len(paths):
-        return DecodedSplit(x, labels, paths, bad, sums, file)
-    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums, file)
+        return DecodedSplit(x, labels, paths, bad, sums, file, hold)
+    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums, file, hold)
 
 
 def _ok_rows(failures, n: int) -> np.ndarray:
@@ -232,32 +263,48 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, progress, what):
-    """The persistent-cache path of :func:`load_split`: map, or build then map."""
+def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, progress, what, pool):
+    """The persistent-cache path of :func:`load_split`: map, or build then
+    map; the entry is held (shared lock) from before either, so no other
+    process evicts it between its build and its use."""
     # The listing's stats are keyed by the names it produced (absolute for a
     # folder source, see sources.read_folder), so no per-file rewrite here.
     abs_names = _absolute(names)
     stats = file_stats(abs_names, known)
     key = cache_key(abs_names, spec, stats)
     entry = cache / key
-    hit = _open_entry(entry, shape)
-    if hit is not None:
-        x, meta = hit
-        ok, bad = _split_failures(paths, meta["bad"])
-        log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
-        return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(
             f"{cache}: cannot create the decoded-image cache folder: {exc.strerror or exc}"
         ) from None
+    hold = _hold(cache, key)
+    try:
+        found = _map_or_build(
+            entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool
+        )
+    except BaseException:
+        _release(hold)
+        raise
+    return (*found, hold)
+
+
+def _map_or_build(entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool):
+    cache, key = entry.parent, entry.name
+    hit = _open_entry(entry, shape)
+    if hit is not None:
+        x, meta = hit
+        ok, bad = _split_failures(paths, meta["bad"])
+        log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
+        return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
     source_name = os.path.abspath(source) if source is not None else os.path.commonpath(abs_names)
-    meta = _build_entry(cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what)
+    meta = _build_entry(
+        cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what, pool
+    )
     x, meta = _open_entry(entry, shape) or (None, None)
     if x is None:
         raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
-    _evict(cache, keep=key, log=log)
     ok, bad = _split_failures(paths, meta["bad"])
     return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
 
@@ -288,7 +335,7 @@ def _open_entry(entry: Path, shape) -> tuple[torch.Tensor, dict] | None:
     return torch.from_numpy(np.memmap(rows, dtype=np.uint8, mode="c", shape=(n_ok, *shape[1:]))), meta
 
 
-def _build_entry(cache, key, names, stats, spec, shape, source, split, log, progress, what) -> dict:
+def _build_entry(cache, key, names, stats, spec, shape, source, split, log, progress, what, pool) -> dict:
     tmp = cache / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -316,6 +363,7 @@ def _build_entry(cache, key, names, stats, spec, shape, source, split, log, prog
                     # file is fresh, so failed rows stay zero)
                     file=(os.fspath(tmp / "rows.u8"), 0) if whole else None,
                     sums=sums,
+                    pool=pool,
                 )
             if not whole:
                 mm[need] = sub
@@ -429,27 +477,89 @@ def _drop_superseded(cache: Path, key: str, meta: dict) -> None:
     for entry, other in _entries(cache):
         same = all(other.get(k) == meta[k] for k in ("source", "split", "geometry"))
         if same and other.get("key") != key:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove_unused(cache, entry.name)  # one in use stays: eviction removes it later
 
 
-def _evict(cache: Path, keep: str, log: Log) -> None:
-    """Least recently used entries first, until the cache fits its cap."""
+def _drop_replaced(cache: Path) -> None:
+    """Entries that a newer one of the same source, split and geometry
+    replaced while a process still used them (see :func:`_drop_superseded`)."""
+    newest: dict[str, tuple[float, str]] = {}
+    entries = _entries(cache)
+    for entry, meta in entries:
+        which = json.dumps([meta.get(k) for k in ("source", "split", "geometry")])
+        created = float(meta.get("created") or 0)
+        if which not in newest or created > newest[which][0]:
+            newest[which] = (created, entry.name)
+    for entry, meta in entries:
+        which = json.dumps([meta.get(k) for k in ("source", "split", "geometry")])
+        if newest[which][1] != entry.name:
+            _remove_unused(cache, entry.name)
+
+
+def _lock_path(cache: Path, key: str) -> Path:
+    locks = cache / ".locks"
+    locks.mkdir(exist_ok=True)
+    return locks / key
+
+
+def _hold(cache: Path, key: str):
+    """A shared lock on entry ``key`` (which need not exist yet), or None where
+    the lock cannot be made (a read-only cache folder: nothing evicts there)."""
+    from filelock import ReadWriteLock
+
+    try:
+        lock = ReadWriteLock(_lock_path(cache, key), is_singleton=False)
+        lock.acquire_read()  # waits only while another process removes the entry
+    except (OSError, sqlite3.Error, ValueError):
+        return None
+    return lock
+
+
+def _release(lock) -> None:
+    if lock is not None:
+        lock.close()
+
+
+def _remove_unused(cache: Path, key: str) -> bool:
+    """Remove entry ``key`` unless a process holds it; whether it was removed."""
+    from filelock import ReadWriteLock, Timeout
+
+    try:
+        lock = ReadWriteLock(_lock_path(cache, key), is_singleton=False)
+        lock.acquire_write(blocking=False)
+    except (Timeout, OSError, sqlite3.Error, ValueError):
+        return False
+    try:
+        shutil.rmtree(cache / key, ignore_errors=True)
+    finally:
+        lock.close()
+    return True
+
+
+def evict(cache: str | os.PathLike | None, log: Log) -> None:
+    """Least recently used entries first, until the cache fits its cap; an
+    entry a process holds (this one's splits included) is never removed. Call
+    it once a run's splits are all built."""
+    cache = Path(cache) if cache is not None else default_cache_dir()
+    if not cache.is_dir():
+        return
+    _drop_replaced(cache)
     cap = cache_max()
     entries = list_entries(cache)
     total = sum(e["bytes"] for e in entries)
     for e in sorted(entries, key=lambda e: e["last_used"]):
         if total <= cap:
             break
-        if e["key"] == keep:
+        if not _remove_unused(cache, e["key"]):
             continue
-        shutil.rmtree(cache / e["key"], ignore_errors=True)
         total -= e["bytes"]
         log(
             f"cache: evicted {e['key']} ({e['source']} {e['split']}, {human_bytes(e['bytes'])}) to stay under IMGCLS_CACHE_MAX"
         )
     if total > cap:
         log(
-            f"warning: the decoded cache ({human_bytes(total)}) exceeds IMGCLS_CACHE_MAX ({human_bytes(cap)})"
+            f"warning: the decoded cache ({human_bytes(total)}, entries in use kept) exceeds "
+            f"IMGCLS_CACHE_MAX ({human_bytes(cap)}); raise it to keep this data decoded between runs"
         )
     _remove_stale_temps(cache)
 
@@ -488,10 +598,13 @@ def list_entries(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     return sorted(out, key=lambda e: -e["last_used"])
 
 
-def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+def clear_entries(
+    keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None
+) -> tuple[int, int, int]:
     """Remove the named entries (a unique key prefix is enough), or all when
-    ``keys`` is empty; returns (entries removed, bytes freed). An unknown key
-    is a :class:`UsageError` and nothing is removed."""
+    ``keys`` is empty; returns (entries removed, bytes freed, entries kept
+    because a running process uses them). An unknown key is a
+    :class:`UsageError` and nothing is removed."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = list_entries(cache)
     if keys:
@@ -504,14 +617,16 @@ def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None 
             chosen.append(match[0])
     else:
         chosen = entries
-    freed = 0
+    freed = kept = 0
     for e in chosen:
-        shutil.rmtree(cache / e["key"], ignore_errors=True)
-        freed += e["bytes"]
+        if _remove_unused(cache, e["key"]):
+            freed += e["bytes"]
+        else:
+            kept += 1
     if not keys:
         for p in cache.glob(".tmp-*"):  # a crashed writer's leftovers
             shutil.rmtree(p, ignore_errors=True)
-    return len(chosen), freed
+    return len(chosen) - kept, freed, kept
 
 
 def human_bytes(n: float) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
@@ -47,7 +48,7 @@ import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
 from imgcls.data.progress import Task
-from imgcls.data.shapes import shapes_dir, write_shapes
+from imgcls.data.shapes import cache_root, shapes_dir, spec_key, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
@@ -76,15 +77,17 @@ class Source:
         return len(self.train) + len(self.val) + len(self.test)
 
 
-def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None) -> Source:
+def open_source(
+    spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None, log=lambda message: None
+) -> Source:
     """List the images of ``spec`` (relative paths are relative to ``base_dir``);
-    ``progress`` counts the files found."""
+    ``progress`` counts the files found; ``log`` takes warnings."""
     base_dir = Path(base_dir)
     if spec.source == "shapes":
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
-            out = write_shapes(shapes_dir(spec.shapes), spec.shapes)
+            out = _builtin_shapes(spec.shapes, log)
         return read_folder(out, spec.val_split, spec.split_seed, progress)
     assert spec.path is not None  # DataSpec checks this
     path = resolve(spec.path, base_dir)
@@ -93,6 +96,29 @@ def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Tas
     if spec.source == "csv":
         return read_csv(path, spec.val_split, spec.split_seed, spec.task)
     raise DataError(f"unknown data source '{spec.source}'")
+
+
+def _builtin_shapes(spec, log) -> Path:
+    """The built-in set at :func:`shapes_dir`; where the cache folder cannot be
+    written (``IMGCLS_CACHE`` a file or a read-only folder), under the system's
+    temporary folder instead, said in one warning line (as folder data then
+    decodes into RAM)."""
+    try:
+        return write_shapes(shapes_dir(spec), spec)
+    except OSError as exc:
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        fallback = Path(tempfile.gettempdir()) / f"imgcls-{uid}" / "shapes" / spec_key(spec)
+        log(
+            f"warning: cannot write the cache folder {cache_root()} ({exc.strerror or exc}); "
+            f"the built-in shapes data goes to {fallback.parent}"
+        )
+        try:
+            return write_shapes(fallback, spec)
+        except OSError as again:
+            raise DataError(
+                f"cannot write the built-in shapes data to {cache_root()} nor {fallback.parent} "
+                f"({again.strerror or again}); set IMGCLS_CACHE to a writable folder"
+            ) from None
 
 
 def resolve(path: str | os.PathLike, base_dir: Path) -> Path:
