@@ -9,6 +9,7 @@ values, read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from imgcls.metadata import check_head, parse_checkpoint_meta, unsafe_file_reaso
 from imgcls.models.state import check_fit, clean_state_dict, load_weights
 
 BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
+PREVIOUS = ".last.previous.safetensors"  # the last pair's weights while a new pair is saved
 
 
 def save_checkpoint(path: Path, model, meta: dict) -> None:
@@ -154,11 +156,45 @@ def load_checkpoint(target: str | os.PathLike) -> Checkpoint:
             check_head(
                 meta["classes"], shapes[head][0], where, f"the head ({head}, shape {list(shapes[head])})"
             )
-        check_fit(skeleton, shapes, where)
+        try:
+            check_fit(skeleton, shapes, where)
+        except CheckpointError:
+            _check_class_count(meta, shapes, skeleton, where)
+            raise
     state = load_file(str(path))
     model = _model_with_weights(meta, state, where, skeleton)
     model.eval()
     return Checkpoint(path, meta, model)
+
+
+def _check_class_count(meta: dict, shapes: dict[str, tuple[int, ...]], skeleton, where: str) -> None:
+    """Weights that do not fit because ``classes`` names another number of
+    classes than they were trained for: say that (the key and both counts),
+    not which head tensors are missing. A layer stack whose own output is as
+    wide as its class list gets no dense head, so there the mismatch shows as
+    a head too many or too few. Candidates: the input width of a Linear the
+    file lacks, the rows of a 2-D weight only the file has; the one a model
+    built for that many classes fits exactly is the file's count."""
+    import torch
+    from torch import nn
+
+    own = set(skeleton.state_dict())
+    counts = {
+        m.in_features
+        for n, m in skeleton.named_modules()
+        if isinstance(m, nn.Linear) and f"{n}.weight" not in shapes
+    }
+    counts |= {
+        shape[0] for k, shape in shapes.items() if k not in own and k.endswith(".weight") and len(shape) == 2
+    }
+    for n in sorted(counts - {len(meta["classes"])}):
+        try:
+            with torch.device("meta"):
+                other = build_from_meta({**meta, "classes": [str(i) for i in range(n)]}, where)
+            check_fit(other, shapes, where)
+        except Exception:  # not this count
+            continue
+        check_head(meta["classes"], n, where, "the model in the file")
 
 
 def _head_weight(model) -> str | None:
@@ -214,27 +250,47 @@ def new_run_dir(root: Path, name: str) -> Path:
         ) from None
 
 
-def check_out_dir(path: Path) -> None:
+def check_out_dir(path: Path, *, empty: bool = True) -> None:
     """Refuse an --out folder we could not use, before minutes of decoding.
 
-    It must be new or an empty folder, inside an existing, writable folder: a
-    missing parent is an error (a typo should not scatter folders about)."""
+    It must be new or (with ``empty``) an empty folder, inside an existing,
+    writable folder: a missing parent is an error (a typo should not scatter
+    folders about)."""
     from imgcls.errors import UsageError
 
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{path}: exists and is not a folder")
-        if any(path.iterdir()):
+        if empty and any(path.iterdir()):
             raise UsageError(f"{path}: already holds files; choose a new --out (nothing is overwritten)")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(f"{path}: this folder is not writable")
         return
+    _check_parent(path)
+
+
+def check_out_file(path: Path) -> None:
+    """Refuse an output file (--out) we could not write, before the work.
+
+    Written by :func:`atomic_path`: a temporary file beside it, renamed over
+    it, so its folder must exist and be writable even when the file exists;
+    a missing folder is an error, as for :func:`check_out_dir`."""
+    from imgcls.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a file name")
+    _check_parent(path, "write" if path.exists() else "create")
+
+
+def _check_parent(path: Path, verb: str = "create") -> None:
+    from imgcls.errors import UsageError
+
     parent = path.absolute().parent
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UsageError(f"{path}: the parent folder {parent} {what}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: cannot create it, {parent} is not writable")
+        raise UsageError(f"{path}: cannot {verb} it, {parent} is not writable")
 
 
 def claim_out_dir(path: Path) -> bool:
@@ -270,6 +326,61 @@ def save_resume(path: Path, state: dict) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def save_pair(run_dir: Path, model, meta: dict, resume: dict) -> None:
+    """last.safetensors and resume.pt as one commit: both carry the save's
+    ``generation`` (``meta`` and ``resume["state"]``), and the previous weights
+    stay (a hard link, no copy) until resume.pt follows them. A save cut off
+    between the two renames (a kill, a second Ctrl-C) leaves a pair that
+    :func:`check_pair` falls back to."""
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    previous.unlink(missing_ok=True)
+    if last.exists():
+        with contextlib.suppress(OSError):  # a file system without hard links: no fallback
+            os.link(last, previous)
+    save_checkpoint(last, model, meta)
+    save_resume(run_dir / RESUME, resume)
+    previous.unlink(missing_ok=True)
+
+
+def repair_pair(run_dir: Path, log) -> None:
+    """Before a resume, in one process (rank 0, before the others read): a save
+    cut off between last.safetensors and resume.pt falls back to the pair before
+    it, or refuses (:func:`check_pair`). resume.pt's tensors are mapped, not read."""
+    import torch
+
+    if not (run_dir / LAST).is_file() or not (run_dir / RESUME).is_file():
+        return  # the resume's own checks name what is missing
+    try:
+        saved = torch.load(run_dir / RESUME, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return  # unreadable: load_resume says so in its own words
+    check_pair(run_dir, saved.get("state", {}).get("generation"), log)
+
+
+def check_pair(run_dir: Path, generation: int | None, log=None) -> None:
+    """last.safetensors must be the weights saved with resume.pt's ``generation``.
+    With ``log`` (one process, before the others read: rank 0), a save cut off
+    between the two files is undone: the previous weights, kept for that, go
+    back as last.safetensors, and that is said. Otherwise: one line naming both files."""
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    have = read_meta(last).get("generation")
+    if have == generation:
+        if log is not None:
+            previous.unlink(missing_ok=True)
+        return
+    if log is not None and previous.is_file() and read_meta(previous).get("generation") == generation:
+        os.replace(previous, last)
+        log(
+            f"{last}: a save was cut off before {RESUME} followed it; "
+            f"resuming from the pair saved before (generation {generation})"
+        )
+        return
+    raise CheckpointError(
+        f"{last} (generation {have}) and {run_dir / RESUME} (generation {generation}) are from different "
+        "saves (one was cut off between the two); resume refuses to mix their weights and optimizer state"
+    )
 
 
 def load_resume(path: Path) -> dict:

@@ -277,6 +277,32 @@ def check_launch(nproc: int, recipe) -> None:
             )
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS keeps one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def oversubscribed(nproc: int, recipe) -> str | None:
+    """A warning when CPU processes outnumber the cores: each then waits for the
+    others at every step, so the run is slower than with fewer (None: fine, or GPUs)."""
+    device = recipe.train.device
+    if device == "cuda" or device == "auto":
+        import torch
+
+        if device == "cuda" or torch.cuda.is_available():
+            return None
+    cpus = usable_cpus()
+    if nproc <= cpus:
+        return None
+    return (
+        f"warning: --nproc {nproc} is more than the {cpus} CPU cores this machine gives the run; "
+        f"the processes will take turns (use --nproc {cpus} or fewer)"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

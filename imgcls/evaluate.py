@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from imgcls import interrupts
 from imgcls.checkpoint import Checkpoint, load_checkpoint
 from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import read_labelled_rows, scan_class_folders
@@ -141,8 +142,9 @@ def evaluate(
     items, where = labelled_items(ckpt, data)
     several = next((label for _, label in items if isinstance(label, tuple)), None)
     if several is not None and not multilabel:
+        rows = f"rows with several labels ('{';'.join(several)}')" if several else "rows with no label"
         raise DataError(
-            f"{where}: rows with several labels ('{';'.join(several)}') but {ckpt.path} is a "
+            f"{where}: {rows} but {ckpt.path} is a "
             "single-label model; evaluate it on data with one label per image"
         )
     index = class_index(ckpt.classes, {n for _, label in items for n in _names(label)}, where)
@@ -169,6 +171,7 @@ def evaluate(
     if tta_scores is not None:
         report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
     result = EvalResult(ckpt.path, where, report, wrong, bad)
+    interrupts.check()  # before the first file of the evaluation is written
     if tuned is not None:
         result.files["tuned_checkpoint"] = str(tuned.path)
     result.out_dir = out_dir = Path(out) if out is not None else default_out_dir(ckpt)
@@ -191,6 +194,7 @@ def write_metrics_json(result: EvalResult) -> None:
     again by a later step that adds a file, so it lists every file written)."""
     metrics_json = Path(result.out_dir or ".") / "metrics.json"
     result.files["metrics_json"] = str(metrics_json)
+    interrupts.check()
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
 
 
@@ -285,6 +289,7 @@ def score_items(
     bad: list[tuple[Path, str]] = []
     done = 0
     for results in decoded_batches(paths, ckpt.preprocessing, batch_size):
+        interrupts.check()  # between batches
         batch_items = items[done : done + len(results)]
         done += len(results)
         good = []
@@ -374,13 +379,14 @@ def read_labelled_folder(root: Path) -> tuple[Items, str]:
 
 def read_labels_csv(path: Path) -> Items:
     """Every ``file,label[,split]`` row (the split is ignored: every row counts).
-    A label cell with several labels (``dog;cat``) gives a tuple of names.
+    A label cell with several labels (``dog;cat``) gives a tuple of names, an
+    empty one (multi-label: no positive label) an empty tuple.
 
     A listed file that is missing is not an error here: it is skipped and
     counted like an unreadable one.
     """
     rows = read_labelled_rows(path, must_exist=False)
-    return [(row.path, row.labels if len(row.labels) > 1 else row.label) for row in rows]
+    return [(row.path, row.labels if len(row.labels) != 1 else row.label) for row in rows]
 
 
 def class_index(model_classes: list[str], data_classes: set[str], where: str) -> dict[str, int]:
@@ -429,7 +435,9 @@ def save_confusion_png(path: Path, cm: list[list[int]], classes: list[str], titl
         ax.set_yticks(ticks, classes, fontsize=fontsize)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(title, fontsize=9)
+        from imgcls.explain import fit_text
+
+        ax.set_title(fit_text(title, side - 0.4, 9), fontsize=9)
         if n <= 30:
             for t in range(n):
                 for p in range(n):
@@ -439,15 +447,18 @@ def save_confusion_png(path: Path, cm: list[list[int]], classes: list[str], titl
                             p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=color
                         )
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        with atomic_path(path) as tmp:  # tight: whatever the wrapping missed is not cut off
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", pad_inches=0.05)
     finally:
         plt.close(fig)
 
 
 def report_renderables(result: EvalResult) -> list:
-    """Rich tables for people: summary, per class, confusion matrix, top confusions."""
+    """Rich tables for people: summary, per class, confusion matrix, top confusions.
+    Class names and paths are data: shown as :func:`imgcls.text.cell`, never read as markup."""
     from rich.table import Table
+
+    from imgcls.text import cell
 
     r = result.report
     if r.get("task") == "multilabel":
@@ -476,7 +487,7 @@ def report_renderables(result: EvalResult) -> list:
         per.add_column(col, justify="right")
     for row in r["per_class"]:
         per.add_row(
-            row["class"],
+            cell(row["class"]),
             f"{row['precision']:.4f}",
             f"{row['recall']:.4f}",
             f"{row['f1']:.4f}",
@@ -489,10 +500,10 @@ def report_renderables(result: EvalResult) -> list:
         cm = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
         cm.add_column("")
         for name in classes:
-            cm.add_column(name, justify="right")
+            cm.add_column(cell(name), justify="right")
         for i, (name, row) in enumerate(zip(classes, r["confusion"], strict=True)):
             cells = [f"[bold]{v}[/bold]" if i == j else (str(v) if v else "·") for j, v in enumerate(row)]
-            cm.add_row(name, *cells)
+            cm.add_row(cell(name), *cells)
         out.append(cm)
 
     if r["confused_pairs"]:
@@ -500,7 +511,7 @@ def report_renderables(result: EvalResult) -> list:
         for col in ("true", "predicted", "count", "share of true"):
             pairs.add_column(col, justify="left" if col in ("true", "predicted") else "right")
         for p in r["confused_pairs"]:
-            pairs.add_row(p["true"], p["predicted"], str(p["count"]), f"{p['share']:.1%}")
+            pairs.add_row(cell(p["true"]), cell(p["predicted"]), str(p["count"]), f"{p['share']:.1%}")
         out.append(pairs)
     return out
 
@@ -508,10 +519,15 @@ def report_renderables(result: EvalResult) -> list:
 def _summary_table(result: EvalResult, kind: str):
     """The headline table: a ``plain`` column, a ``with TTA`` one when TTA ran, and the image count."""
     from rich.table import Table
+    from rich.text import Text
+
+    from imgcls.text import shown
 
     r, tta = result.report, result.report.get("tta")
     summary = Table(
-        title=f"{result.checkpoint} on {result.data}{kind}", title_justify="left", show_header=bool(tta)
+        title=Text(f"{shown(result.checkpoint)} on {shown(result.data)}{kind}", style="table.title"),
+        title_justify="left",
+        show_header=bool(tta),
     )
     summary.add_column("", style="bold")
     summary.add_column("plain", justify="right")
@@ -531,6 +547,8 @@ def _metric_row(summary, name: str, key: str, r: dict, tta: dict | None) -> None
 def _multilabel_renderables(result: EvalResult) -> list:
     from rich.table import Table
 
+    from imgcls.text import cell
+
     r = result.report
     tta = r.get("tta")
     summary = _summary_table(result, " (multi-label)")
@@ -548,7 +566,7 @@ def _multilabel_renderables(result: EvalResult) -> list:
         per.add_column(col, justify="right")
     for row in r["per_class"]:
         per.add_row(
-            row["class"],
+            cell(row["class"]),
             f"{row['threshold']:.3f}",
             f"{row['precision']:.4f}",
             f"{row['recall']:.4f}",

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.checkpoint import Checkpoint
+from imgcls import interrupts
+from imgcls.checkpoint import Checkpoint, check_out_dir
 from imgcls.data.decode import DecodeError, load_image
 from imgcls.errors import PartialFailure, UsageError
-from imgcls.forward import main_logits, model_input
+from imgcls.forward import logits, main_logits, model_input
 from imgcls.io import atomic_path
+from imgcls.predictor import checkpoint_predictor, multilabel_labels, predict_scores
 
 METHODS = ("gradcam", "gradcam++", "layercam")
 Log = Callable[[str], None]
@@ -137,7 +139,8 @@ def class_maps(
 
     ``x`` is a batch from :func:`imgcls.forward.model_input`. Returns the maps
     (N, H, W) upsampled to the input size and scaled to 0..1 (all zero when
-    nothing in the layer speaks for the class), and the probabilities (N, K).
+    nothing in the layer speaks for the class), and the class scores (logits,
+    N x K; :func:`imgcls.predictor.predict_scores` makes them probabilities).
     """
     module = find_layer(model, layer)
     captured: dict[str, torch.Tensor] = {}
@@ -171,7 +174,7 @@ def class_maps(
     ]
     top = cam.flatten(1).max(1).values.view(-1, 1, 1)
     cam = torch.where(top > 0, cam / top.clamp(min=1e-12), torch.zeros_like(cam))
-    return cam, torch.softmax(scores.detach(), 1)
+    return cam, scores.detach()
 
 
 def map_stats(cam: torch.Tensor) -> dict:
@@ -316,10 +319,11 @@ def save_feature_maps(path: Path, maps: torch.Tensor, title: str, limit: int = 6
 @dataclass
 class Explanation:
     file: str
-    predicted: str
-    probability: float
+    predicted: str  # multi-label: every label on at its threshold, joined by ';' (as predict writes them)
+    probability: float  # of the predicted class (multi-label: the likeliest label on, 0 when none)
     targets: list[dict] = field(default_factory=list)  # class, probability, peak, area, overlay
     maps: str | None = None
+    labels: list[tuple[str, float]] | None = None  # multi-label: (label, probability), as predict's
 
     def to_dict(self) -> dict:
         out = {
@@ -328,6 +332,8 @@ class Explanation:
             "probability": round(self.probability, 6),
             "targets": self.targets,
         }
+        if self.labels is not None:
+            out["labels"] = [{"label": label, "p": p} for label, p in self.labels]
         if self.maps:
             out["maps"] = self.maps
         return out
@@ -397,13 +403,17 @@ def explain(
 ) -> ExplainResult:
     """Heatmap overlays (one PNG per image and class) for a loaded checkpoint.
 
-    Without ``targets``, each image is explained for its predicted class.
+    Without ``targets``, each image is explained for its predicted class (a
+    multi-label model: for each label it predicts, or its likeliest class when
+    none); probabilities and predictions are predict's
+    (:func:`imgcls.predictor.predict_scores`, :func:`imgcls.predictor.multilabel_labels`).
     Unreadable images are skipped and listed; the caller makes that exit 3
     (:meth:`ExplainResult.raise_if_skipped`), or 2 when none was readable.
     """
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose from {', '.join(METHODS)}")
     model, classes, pre = ckpt.model, ckpt.classes, ckpt.preprocessing
+    predictor = checkpoint_predictor(ckpt)  # softmax or a sigmoid per class, as predict decides
     input_shape = tuple(ckpt.meta["input_shape"])
     arch = ckpt.meta["recipe"].get("model", {}).get("arch") or "recipe model"
     if layer is None:
@@ -414,6 +424,7 @@ def explain(
         find_layer(model, maps)
     wanted = resolve_targets(targets, classes)
     out_dir = Path(out) if out is not None else default_out_dir(ckpt)
+    check_out_dir(out_dir, empty=False)  # before the work: a missing or read-only parent, a file
     result = ExplainResult(str(ckpt.path), method, layer, out_dir)
     if filters:
         result.filters = str(out_dir / "filters.png")
@@ -422,24 +433,19 @@ def explain(
     used: set[str] = set()
     size = tuple(pre["image_size"])
     for file in images:
+        interrupts.check()  # a Ctrl-C that compiled code swallowed: no more pictures
         try:
             pixels = load_image(file, pre["channels"], size, pre["resize"])
         except DecodeError as exc:
             result.bad.append((str(file), exc.reason))
             log(f"warning: skipped {file}: {exc.reason}")
             continue
-        stem = _safe(Path(file).stem)
-        base, n = stem, 1
-        while stem in used:  # two inputs with one name (a/x.png, b/x.png)
-            n += 1
-            stem = f"{base}-{n}"
-        used.add(stem)
+        stem = _unique_stem(_safe(Path(file).stem), used)
         x = model_input(pixels[None], pre["mean"], pre["std"])
         with torch.no_grad():
-            probs = torch.softmax(main_logits(model(x)).float(), 1)[0]
-        predicted = int(probs.argmax())
-        explanation = Explanation(str(file), classes[predicted], float(probs[predicted]))
-        for target in wanted or [predicted]:
+            probs = predict_scores(predictor, logits(model, x))[0]
+        explanation, predicted = _prediction(predictor, str(file), probs)
+        for target in wanted or predicted:
             cam, _ = class_maps(model, x, layer, torch.tensor([target]), method)
             png = out_dir / f"{stem}.{_safe(method)}.{_safe(classes[target])}.png"
             save_png(png, side_by_side(pixels, cam[0]))
@@ -468,7 +474,43 @@ def explain(
     return result
 
 
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``...: two inputs with one name (a/x.png, b/x.png)."""
+    base, n = stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{base}-{n}"
+    used.add(stem)
+    return stem
+
+
+def _prediction(predictor, file: str, probs: torch.Tensor) -> tuple[Explanation, list[int]]:
+    """What the model predicts for one image, as predict says it, and the
+    classes to explain by default (a multi-label model: each label it predicts,
+    or its likeliest class when none)."""
+    classes = predictor.classes
+    predicted = [int(probs.argmax())]
+    if predictor.task == "multilabel":
+        (on,) = multilabel_labels(predictor, probs[None])
+        explanation = Explanation(file, ";".join(c for c, _ in on), on[0][1] if on else 0.0, labels=on)
+        return explanation, [classes.index(c) for c, _ in on] or predicted
+    return Explanation(file, classes[predicted[0]], float(probs[predicted[0]])), predicted
+
+
 # --------------------------------------------------------------------------- evaluate's error gallery
+
+
+def fit_text(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines no wider than ``width_in`` inches at
+    ``fontsize`` points (matplotlib clips a title wider than its figure);
+    words longer than a line (paths, long class names) are broken too. A
+    character is taken as 0.65 em, a little over DejaVu Sans's average."""
+    import textwrap
+
+    chars = max(6, int(width_in * 72 / (fontsize * 0.65)))
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, chars, break_on_hyphens=False) or [""]) for line in text.split("\n")
+    )
 
 
 def write_error_gallery(
@@ -524,11 +566,13 @@ def write_error_gallery(
                 else:
                     picture = _viewable(pixels, min_side=64)
                 ax.imshow(picture, interpolation="nearest")
-                ax.set_title(f"{w['true']} → {w['predicted']}\np={w['confidence']:.2f}", fontsize=7)
-        fig.suptitle("misclassified, most confused pairs first (true → predicted)", fontsize=9)
+                caption = f"{w['true']} → {w['predicted']}\np={w['confidence']:.2f}"
+                ax.set_title(fit_text(caption, 1.5, 7), fontsize=7)
+        title = "misclassified, most confused pairs first (true → predicted)"
+        fig.suptitle(fit_text(title, cols * 1.6, 9), fontsize=9)
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
+        with atomic_path(path) as tmp:  # tight: whatever the wrapping missed is not cut off
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight", pad_inches=0.05)
     finally:
         plt.close(fig)
     return path

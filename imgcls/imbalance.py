@@ -58,11 +58,23 @@ def class_weights(spec, classes: Sequence[str], counts: Sequence[int]) -> torch.
 
 
 def loss_fn(weights: torch.Tensor | None, label_smoothing: float, device: torch.device) -> Callable:
-    """The training loss: cross entropy, weighted per class when asked."""
+    """The training loss: cross entropy, weighted per class when asked.
+
+    Weighted, it is the mean over the batch of each image's weighted loss, not
+    torch's default (divided by the batch's sum of weights): a sum over images
+    divided by their count is the same whether one batch holds them or several
+    micro-batches (gradient accumulation) or processes share them, so those
+    take the step one batch takes. (Soft targets, mixup's, are already divided
+    by the count in torch.)"""
     weight = weights.to(device) if weights is not None else None
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+        if weight is None:
+            return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        per_image = F.cross_entropy(
+            logits, target, weight=weight, label_smoothing=label_smoothing, reduction="none"
+        )
+        return per_image.mean()
 
     return loss
 

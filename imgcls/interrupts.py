@@ -12,11 +12,18 @@ no other module calls ``signal.signal`` for SIGINT.
   it draws its first image) drops a KeyboardInterrupt that lands during the
   import (2 of 40 timed trials), and a run interrupted then went on to train.
   So the handler also records the Ctrl-C, and :func:`check` raises it again
-  where work with lasting effects would begin.
+  where work with lasting effects would begin or a result would be printed:
+  before a run folder is made, before the first training step, between the
+  batches of evaluate and predict, before an export, an evaluation's files or
+  a study's folder are written.
+- :func:`finish`: once the command has returned (its result is out), a Ctrl-C
+  is harmless: raised while the interpreter shuts down, it would only print
+  ``Exception ignored in atexit callback ... KeyboardInterrupt``.
 - :func:`handled`: while a block runs, Ctrl-C calls a function instead
   (training stops after the running step, tune after the running trial).
 - :func:`postponed`: a Ctrl-C during the block is raised when it ends.
-- :func:`ignore`: worker processes leave Ctrl-C to their parent.
+- :func:`ignore`, :func:`block_in_this_thread`: worker processes leave Ctrl-C
+  to their parent.
 """
 
 from __future__ import annotations
@@ -56,6 +63,12 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _after_the_command(signum, frame) -> None:
+    # the first Ctrl-C during shutdown is dropped; a second ends the process
+    # as an unhandled SIGINT does (exit 130 in a shell), should shutdown hang
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def install() -> None:
     """From now on a Ctrl-C raises KeyboardInterrupt and is remembered (main thread only)."""
     _pressed[0] = False
@@ -63,10 +76,21 @@ def install() -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
 
+def pressed() -> bool:
+    """Did a Ctrl-C come since :func:`install` (raised, or swallowed on its way)?"""
+    return _pressed[0]
+
+
 def check() -> None:
     """Raise KeyboardInterrupt again if a Ctrl-C came since :func:`install`."""
     if _pressed[0]:
         raise KeyboardInterrupt
+
+
+def finish() -> None:
+    """The command has returned: a Ctrl-C from now on changes nothing and prints nothing."""
+    if _main_thread():
+        signal.signal(signal.SIGINT, _after_the_command)
 
 
 @contextmanager
@@ -103,6 +127,17 @@ def postponed() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def ignore() -> None:
-    """In a worker process: Ctrl-C is the parent's to handle (it ends the workers)."""
+def block_in_this_thread() -> None:
+    """Block SIGINT in the calling thread (any thread, not only the main one):
+    processes it starts begin with SIGINT blocked, and :func:`ignore` it before
+    they unblock it, so a Ctrl-C meant for the parent never reaches them."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def ignore(*, unblock: bool = False) -> None:
+    """In a worker process: Ctrl-C is the parent's to handle (it ends the workers).
+    ``unblock``: the process was started with SIGINT blocked (:func:`block_in_this_thread`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if unblock and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

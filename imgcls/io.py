@@ -7,7 +7,7 @@ it, so a crash or a Ctrl-C never leaves half a file where a whole one was.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,23 +18,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # created as a plain open() would (0666 less the umask, applied by the
+    # kernel), not mkstemp's 0600, so a run folder is as shareable as any file;
+    # the umask is never read by setting it (process-global, threads race on it)
+    while True:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield Path(tmp)
-        # mkstemp makes the file 0600; give it the mode a plain open() would
-        # have (0666 less the umask), so a run folder is as shareable as any file
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def write_text_atomic(path: Path, text: str) -> None:

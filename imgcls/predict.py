@@ -21,11 +21,13 @@ from typing import TextIO
 
 import torch
 
+from imgcls import interrupts
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
-from imgcls.predictor import Predictor, load_predictor, predict_scores
+from imgcls.predictor import Predictor, load_predictor, multilabel_labels, predict_scores
+from imgcls.text import shown
 
 Log = Callable[[str], None]
 _GLOB_CHARS = re.compile(r"[*?[]")
@@ -76,13 +78,18 @@ class Failure:
 # --------------------------------------------------------------------------- inputs
 
 
-def collect_inputs(args: Sequence[str], stdin: TextIO | None = None) -> tuple[list[Path], list[Failure]]:
+def collect_inputs(
+    args: Sequence[str], stdin: TextIO | None = None, null: bool = False
+) -> tuple[list[Path], list[Failure]]:
     """Expand PATH arguments into image files, in order, without duplicates.
 
     A file is taken as named (the decoder judges it); a folder gives its
     images recursively; a pattern the shell left alone (quoted) is expanded
-    here; ``-`` reads one path per line from ``stdin``. Names that match
-    nothing come back as failures.
+    here; ``-`` reads one path per line from ``stdin`` (surrounding blanks
+    dropped), or with ``null`` one per NUL-terminated name, taken exactly
+    (as ``xargs -0``: a name may hold a newline). Names are read as bytes
+    where the stream has them, so a name that is not UTF-8 still opens.
+    Names that match nothing come back as failures.
     """
     files: list[Path] = []
     missing: list[Failure] = []
@@ -119,14 +126,24 @@ def collect_inputs(args: Sequence[str], stdin: TextIO | None = None) -> tuple[li
 
     for arg in args:
         if arg == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            for line in stream:
-                name = line.strip()
-                if name:
-                    take(name, allow_glob=False)
+            for name in _stdin_names(stdin if stdin is not None else sys.stdin, null):
+                take(name, allow_glob=False)
         else:
             take(arg, allow_glob=True)
     return files, missing
+
+
+def _stdin_names(stream: TextIO, null: bool) -> list[str]:
+    """The names on ``stream``: one per line, or NUL-terminated with ``null``; empty ones skipped."""
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        data = raw.read()
+        names = [os.fsdecode(n) for n in data.split(b"\0" if null else b"\n")]
+    else:
+        names = stream.read().split("\0" if null else "\n")
+    if not null:
+        names = [n.strip() for n in names]
+    return [n for n in names if n]
 
 
 # --------------------------------------------------------------------------- predict
@@ -153,22 +170,19 @@ def predict_files(
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
     multilabel = predictor.task == "multilabel"
-    cuts = torch.empty(0)
-    if multilabel:
-        cuts = torch.tensor(
-            [threshold] * len(classes)
-            if threshold is not None
-            else predictor.thresholds or [0.5] * len(classes)
-        )
     done = 0
     for results in decoded_batches(files, predictor.preprocessing, batch_size, threads):
+        interrupts.check()  # a Ctrl-C that compiled code swallowed: no more records
         names = [str(p) for p in files[done : done + len(results)]]
         done += len(results)
         good = [r for r in results if isinstance(r, torch.Tensor)]
         probs = top_p = top_i = torch.empty(0)
+        decided: list[list[tuple[str, float]]] = []
         if good:
             probs = predict_scores(predictor, predictor.batch_logits(torch.stack(good), tta=tta))
             top_p, top_i = probs.topk(k, dim=1)
+            if multilabel:
+                decided = multilabel_labels(predictor, probs, threshold)
         row = 0
         for name, result in zip(names, results, strict=True):
             if isinstance(result, DecodeError):
@@ -176,8 +190,7 @@ def predict_files(
                 continue
             ps, idx = top_p[row].tolist(), top_i[row].tolist()
             if multilabel:
-                on = torch.nonzero(probs[row] >= cuts).flatten().tolist()
-                labels = sorted(((classes[i], float(probs[row, i])) for i in on), key=lambda t: -t[1])
+                labels = decided[row]
                 row += 1
                 yield Prediction(
                     file=name,
@@ -209,15 +222,17 @@ def predict(
     stdin: TextIO | None = None,
     log: Log = _stderr,
     tta: bool = False,
+    null: bool = False,
 ) -> tuple[Predictor, Iterable[Prediction | Failure]]:
     """Resolve inputs and model; return the predictor and the record stream.
 
     Paths that match nothing come first in the stream as failures. Raises
-    :class:`UsageError` when no input file was found at all.
+    :class:`UsageError` when no input file was found at all. ``null``: names
+    on stdin are NUL-terminated (see :func:`collect_inputs`).
     """
-    files, missing = collect_inputs(paths, stdin)
+    files, missing = collect_inputs(paths, stdin, null)
     if not files:
-        detail = "; ".join(f"{m.file}: {m.error}" for m in missing[:3])
+        detail = "; ".join(f"{shown(m.file)}: {m.error}" for m in missing[:3])
         raise UsageError(f"no input files found{f' ({detail})' if detail else ''}")
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
     if predictor.task == "multilabel":
@@ -229,6 +244,7 @@ def predict(
         if threshold is not None:
             cuts = f"threshold {threshold:g} (--threshold) for every class"
         log(f"multi-label model: every label with a probability at or above its {cuts}")
+    interrupts.check()  # before the first line of output
 
     def stream() -> Iterator[Prediction | Failure]:
         yield from missing

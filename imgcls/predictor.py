@@ -80,7 +80,11 @@ def load_predictor(
         return _load_exported(path)
     from imgcls.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    return checkpoint_predictor(load_checkpoint(path))
+
+
+def checkpoint_predictor(ckpt) -> Predictor:
+    """A loaded :class:`imgcls.checkpoint.Checkpoint` as a :class:`Predictor`."""
     return Predictor(
         list(ckpt.classes), dict(ckpt.preprocessing), ckpt.model, str(ckpt.path), **_task_fields(ckpt.meta)
     )
@@ -139,3 +143,20 @@ def predict_scores(predictor: Predictor, logits_: torch.Tensor) -> torch.Tensor:
     if predictor.task == "multilabel":
         return torch.sigmoid(logits_)
     return torch.softmax(logits_, dim=1)
+
+
+def multilabel_labels(
+    predictor: Predictor, probs: torch.Tensor, threshold: float | None = None
+) -> list[list[tuple[str, float]]]:
+    """Per row of ``probs`` (from :func:`predict_scores`), a multi-label model's
+    labels: every class at or above its threshold (the model's own, 0.5 unless
+    tuned; ``threshold`` replaces them all), highest probability first."""
+    n = len(predictor.classes)
+    cuts = torch.tensor(
+        [threshold] * n if threshold is not None else predictor.thresholds or [0.5] * n, dtype=probs.dtype
+    )
+    out = []
+    for row in probs:
+        on = torch.nonzero(row >= cuts).flatten().tolist()
+        out.append(sorted(((predictor.classes[i], float(row[i])) for i in on), key=lambda t: -t[1]))
+    return out

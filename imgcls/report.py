@@ -15,17 +15,17 @@ any time: ``train`` writes it at the end of a run, ``evaluate`` refreshes it
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from imgcls.checkpoint import resolve_checkpoint
 from imgcls.errors import UsageError
 from imgcls.io import write_text_atomic
+from imgcls.runs import RunFileError, read_recipe_file
 
 REPORT = "report.html"
 MAX_OVERLAYS = 24
@@ -106,18 +106,31 @@ def _table(
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    from imgcls.runs import read_json_file
+
+    return read_json_file(path)
 
 
 def _read_history(path: Path) -> list[dict]:
+    from imgcls.runs import read_metrics_file
+
+    return read_metrics_file(path) or []
+
+
+@contextmanager
+def _reading(path: Path):
+    """A section drawn from ``path``: content of the wrong shape (a missing
+    key, a list where a mapping belongs) is one line naming the file."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except OSError:
-        return []
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise RunFileError(f"{path}: not what imgcls writes there ({detail})") from None
+
+
+def _seconds(value: float) -> str:
+    """0.043 s, 2.5 s, 130 s: never "0.0 s" for a short run."""
+    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
 
 
 def _number(text: str):
@@ -162,11 +175,11 @@ def environment() -> list[list[str]]:
 
 def build_report(run: str | os.PathLike) -> str:
     """The HTML of the report for run folder ``run``: one section after another."""
-    import yaml
-
     run_dir = run_folder(run)
-    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
-    recipe = yaml.safe_load(recipe_text) or {}
+    recipe_text, recipe = read_recipe_file(run_dir / "recipe.yaml") or ("", {})
+    train_spec = recipe.get("train", {}) or {}
+    if not isinstance(train_spec, dict):
+        raise RunFileError(f"{run_dir / 'recipe.yaml'}: train: not a mapping")
     history = _read_history(run_dir / "metrics.csv")
     evaluation = _read_json(run_dir / "eval" / "metrics.json")
     name = recipe.get("name", run_dir.parent.name)
@@ -180,43 +193,45 @@ def build_report(run: str | os.PathLike) -> str:
         f"<title>{_e(name)}: imgcls run report</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(name)}</h1><p class=muted>run folder {_e(run_dir)}</p>",
     ]
-    parts += _final_metrics(evaluation, history)
+    parts += _final_metrics(run_dir, evaluation, history)
     parts += _training(run_dir, history)
     parts += _evaluation(run_dir, evaluation)
     parts += _explanations(run_dir)
-    parts += _data_check(_read_json(run_dir / "data-check.json"))
-    parts += _model(_read_json(run_dir / "summary.json"))
+    parts += _data_check(run_dir, _read_json(run_dir / "data-check.json"))
+    parts += _model(run_dir, _read_json(run_dir / "summary.json"))
     parts.append("<h2>Recipe</h2><pre>" + _e(recipe_text) + "</pre>")
-    parts += _environment(recipe.get("train", {}) or {})
+    parts += _environment(train_spec)
     parts.append(f"<script>{_JS}</script></body></html>\n")
     return "\n".join(parts)
 
 
-def _final_metrics(evaluation: dict | None, history: list[dict]) -> list[str]:
+def _final_metrics(run_dir: Path, evaluation: dict | None, history: list[dict]) -> list[str]:
     """The evaluation when there is one, else the best epoch."""
     parts = ["<h2>Final metrics</h2>"]
     rows: list[list] = []
     if evaluation:
-        parts.append(f"<p class=muted>evaluate on {_e(evaluation.get('data', ''))}</p>")
-        rows.append(["accuracy", evaluation["accuracy"]])
-        if "top_k_accuracy" in evaluation:
-            rows.append([f"top-{evaluation.get('top_k')} accuracy", evaluation["top_k_accuracy"]])
-        rows.append(["loss", evaluation.get("loss", "")])
-        for kind in ("macro", "weighted"):
-            if kind in evaluation:
-                rows.append([f"{kind} F1", evaluation[kind]["f1"]])
-        rows.append(["images", evaluation.get("samples", "")])
+        with _reading(run_dir / "eval" / "metrics.json"):
+            parts.append(f"<p class=muted>evaluate on {_e(evaluation.get('data', ''))}</p>")
+            rows.append(["accuracy", evaluation["accuracy"]])
+            if "balanced_accuracy" in evaluation:
+                rows.append(["balanced accuracy", evaluation["balanced_accuracy"]])
+            if "top_k_accuracy" in evaluation:
+                rows.append([f"top-{evaluation.get('top_k')} accuracy", evaluation["top_k_accuracy"]])
+            rows.append(["loss", evaluation.get("loss", "")])
+            for kind in ("macro", "weighted"):
+                if kind in evaluation:
+                    rows.append([f"{kind} F1", evaluation[kind]["f1"]])
+            rows.append(["images", evaluation.get("samples", "")])
     elif history:
         key = "val_acc" if history[0].get("val_acc") else "train_loss"
-        best = (
-            max(history, key=lambda h: float(h[key]))
-            if key == "val_acc"
-            else min(history, key=lambda h: float(h[key]))
-        )
-        parts.append(f"<p class=muted>best epoch {best['epoch']} (by {key}); no evaluation yet</p>")
-        for col in ("val_acc", "val_loss", "train_acc", "train_loss"):
-            if best.get(col):
-                rows.append([col.replace("val_acc", "accuracy"), _number(best[col])])
+        scored = [h for h in history if h.get(key)]
+        if scored:
+            pick = max if key == "val_acc" else min
+            best = pick(scored, key=lambda h: float(h[key]))
+            parts.append(f"<p class=muted>best epoch {best['epoch']} (by {key}); no evaluation yet</p>")
+            for col in ("val_acc", "val_loss", "train_acc", "train_loss"):
+                if best.get(col):
+                    rows.append([col.replace("val_acc", "accuracy"), _number(best[col])])
     if rows:
         parts.append(_table(["metric", "value"], rows, element_id="metrics", sortable=False))
     return parts
@@ -231,8 +246,16 @@ def _training(run_dir: Path, history: list[dict]) -> list[str]:
         parts.append(
             _table(cols, [[_number(h.get(c, "")) for c in cols] for h in history], element_id="history")
         )
-        seconds = sum(float(h.get("seconds") or 0) for h in history)
-        parts.append(f"<p>training time {seconds:.1f} s over {len(history)} epochs</p>")
+        # timings are in metrics.csv (never in a checkpoint): elapsed is the run's wall time,
+        # seconds each epoch's training steps alone (what img/s is measured on)
+        steps = sum(float(h.get("seconds") or 0) for h in history)
+        elapsed = history[-1].get("elapsed")
+        parts.append(
+            f"<p id=timing>training time {float(elapsed):.1f} s over {len(history)} epochs, of which "
+            f"{_seconds(steps)} in training steps (the rest: data preparation, validation, checkpoints)</p>"
+            if elapsed
+            else f"<p id=timing>training steps {_seconds(steps)} over {len(history)} epochs</p>"
+        )
     return parts
 
 
@@ -240,31 +263,32 @@ def _evaluation(run_dir: Path, evaluation: dict | None) -> list[str]:
     """Per class, the confusion matrix and its most confused pairs, the error gallery."""
     parts = []
     if evaluation:
-        parts.append("<h2>Per class</h2>")
-        parts.append(
-            _table(
-                ["class", "precision", "recall", "f1", "support"],
-                [
-                    [r["class"], r["precision"], r["recall"], r["f1"], r["support"]]
-                    for r in evaluation.get("per_class", [])
-                ],
-                element_id="per-class",
-            )
-        )
-        if (run_dir / "eval" / "confusion.png").is_file():
-            parts.append(
-                "<h2>Confusion matrix</h2>"
-                + _png(run_dir / "eval" / "confusion.png", "confusion matrix", "confusion")
-            )
-        pairs = evaluation.get("confused_pairs") or []
-        if pairs:
+        with _reading(run_dir / "eval" / "metrics.json"):
+            parts.append("<h2>Per class</h2>")
             parts.append(
                 _table(
-                    ["true", "predicted", "count", "share of true"],
-                    [[p["true"], p["predicted"], p["count"], p["share"]] for p in pairs],
-                    element_id="confused",
-                )  # fmt: skip
+                    ["class", "precision", "recall", "f1", "support"],
+                    [
+                        [r["class"], r["precision"], r["recall"], r["f1"], r["support"]]
+                        for r in evaluation.get("per_class", [])
+                    ],
+                    element_id="per-class",
+                )
             )
+            if (run_dir / "eval" / "confusion.png").is_file():
+                parts.append(
+                    "<h2>Confusion matrix</h2>"
+                    + _png(run_dir / "eval" / "confusion.png", "confusion matrix", "confusion")
+                )
+            pairs = evaluation.get("confused_pairs") or []
+            if pairs:
+                parts.append(
+                    _table(
+                        ["true", "predicted", "count", "share of true"],
+                        [[p["true"], p["predicted"], p["count"], p["share"]] for p in pairs],
+                        element_id="confused",
+                    )  # fmt: skip
+                )
     gallery = run_dir / "eval" / "errors.png"
     if gallery.is_file():
         parts.append("<h2>Mistakes</h2>" + _png(gallery, "misclassified images", "gallery"))
@@ -284,28 +308,30 @@ def _explanations(run_dir: Path) -> list[str]:
     return parts
 
 
-def _data_check(check: dict | None) -> list[str]:
+def _data_check(run_dir: Path, check: dict | None) -> list[str]:
     if not check:
         return []
-    problem_rows = [[key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()]
-    return [
-        f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>",
-        _table(["finding", "count"], problem_rows, element_id="data-check"),
-    ]
+    with _reading(run_dir / "data-check.json"):
+        problem_rows = [[key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()]
+        return [
+            f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>",
+            _table(["finding", "count"], problem_rows, element_id="data-check"),
+        ]
 
 
-def _model(summary: dict | None) -> list[str]:
+def _model(run_dir: Path, summary: dict | None) -> list[str]:
     if not summary:
         return []
-    rows = [
-        [r["name"], r["type"], "x".join(map(str, r["output_shape"] or [])), r["params"], r["macs"]]
-        for r in summary.get("rows", [])
-    ]
-    return [
-        f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
-        f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>",
-        _table(["layer", "type", "output", "params", "MACs"], rows, element_id="summary"),
-    ]
+    with _reading(run_dir / "summary.json"):
+        rows = [
+            [r["name"], r["type"], "x".join(map(str, r["output_shape"] or [])), r["params"], r["macs"]]
+            for r in summary.get("rows", [])
+        ]
+        return [
+            f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
+            f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>",
+            _table(["layer", "type", "output", "params", "MACs"], rows, element_id="summary"),
+        ]
 
 
 def _environment(train_spec: dict) -> list[str]:
@@ -319,7 +345,6 @@ def _environment(train_spec: dict) -> list[str]:
         "<h2>Environment</h2><p class=muted>of the machine that wrote this report</p>",
         _table(["", ""], env, element_id="environment", sortable=False),
     ]
-
 
 def write_report(run: str | os.PathLike) -> Path:
     """Write ``<run>/report.html`` (atomically) and return its path."""

@@ -2,16 +2,19 @@
 
 A run folder is any folder holding ``recipe.yaml`` and ``metrics.csv``
 (``runs/<name>/<n>/``, tune trials ``runs/<study>/<trial>/``). Read from it:
-recipe.yaml (architecture), metrics.csv (epochs, time, img/s, best val
+recipe.yaml (architecture), metrics.csv (epochs, wall time, img/s, best val
 metrics), summary.json (parameters), best.safetensors metadata (the best
 epoch), run.json (device, precision) and eval/metrics.json (test accuracy,
-once ``imgcls evaluate`` has run). A missing or unreadable file leaves its
-columns empty; it never hides the run.
+once ``imgcls evaluate`` has run). A missing file leaves its columns empty; a
+file that is there but cannot be read (not UTF-8, not JSON / YAML / CSV, a
+value that is not a number) leaves its columns empty too and is one line in
+the run's ``problems`` (file and line): it never hides the run, nor the others.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,13 +49,113 @@ class RunInfo:
     path: Path
     row: dict[str, Any]
     recipe: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # one line per unreadable file
 
 
-def _read_json(path: Path) -> dict:
+class RunFileError(UsageError):
+    """A run file that is there but cannot be read: ``path[:line]: reason``."""
+
+
+def _read_bytes(path: Path) -> bytes | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RunFileError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def read_json_file(path: Path) -> dict | None:
+    """The JSON object in ``path``, None when there is no such file;
+    :class:`RunFileError` naming the file and line when it cannot be read."""
+    data = _read_bytes(path)
+    if data is None:
+        return None
+    try:
+        doc = json.loads(_utf8(path, data))
+    except json.JSONDecodeError as exc:
+        raise RunFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(doc, dict):
+        raise RunFileError(f"{path}:1: not a JSON object (a {type(doc).__name__})")
+    return doc
+
+
+def read_recipe_file(path: Path) -> tuple[str, dict] | None:
+    """A run's recipe.yaml as (text, mapping), None when there is none."""
+    data = _read_bytes(path)
+    if data is None:
+        return None
+    text = _utf8(path, data)
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RunFileError(f"{where}: not valid YAML ({reason})") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise RunFileError(f"{path}:1: not a mapping of recipe keys (a {type(recipe).__name__})")
+    return text, recipe
+
+
+def read_metrics_file(path: Path) -> list[dict[str, str]] | None:
+    """metrics.csv's rows as text, each value checked to be a number (or
+    empty); None when there is no such file. A bad value names its line."""
+    data = _read_bytes(path)
+    if data is None:
+        return None
+    reader = csv.DictReader(io.StringIO(_utf8(path, data), newline=""))
+    rows = []
+    try:
+        if reader.fieldnames is None:
+            return []
+        if "epoch" not in reader.fieldnames:
+            raise RunFileError(f"{path}:1: no 'epoch' column in the header (not a metrics.csv imgcls wrote)")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise RunFileError(f"{where}: more cells than the header has columns")
+            for key, value in row.items():
+                if value is None:
+                    raise RunFileError(f"{where}: fewer cells than the header has columns")
+                if value and _float(value) is None:
+                    raise RunFileError(f"{where}: {key}: {value!r} is not a number")
+            if _float(row["epoch"]) is None:
+                raise RunFileError(f"{where}: epoch: empty")
+            rows.append(row)
+    except csv.Error as exc:
+        raise RunFileError(f"{path}:{reader.line_num}: cannot parse CSV: {exc}") from None
+    return rows
+
+
+def _read_json(path: Path, problems: list[str]) -> dict:
+    try:
+        return read_json_file(path) or {}
+    except RunFileError as exc:
+        problems.append(str(exc))
         return {}
+
+
+def _value(doc: dict, key: str, path: Path, problems: list[str], kind: type | tuple = (int, float)):
+    """``doc[key]`` when it is of ``kind`` (numbers: not bool), None when absent;
+    anything else is a problem naming the file and key."""
+    value = doc.get(key)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    names: dict[Any, str] = {int: "a whole number", str: "text"}
+    what = names.get(kind, "a number")
+    problems.append(f"{path}: {key}: {value!r} is not {what}")
+    return None
 
 
 def _float(text: Any) -> float | None:
@@ -63,46 +166,30 @@ def _float(text: Any) -> float | None:
 
 
 def read_run(path: Path, root: Path | None = None) -> RunInfo:
-    """One run folder as a row of COLUMNS (None where a file is missing)."""
+    """One run folder as a row of COLUMNS (None where a file is missing or
+    unreadable; each unreadable file is one line in ``problems``)."""
+    problems: list[str] = []
     recipe: dict = {}
     try:
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        pass
-    model = recipe.get("model", {}) if isinstance(recipe, dict) else {}
-    if model.get("arch"):
-        arch = model["arch"]
-    elif model.get("layers") is not None:
-        arch = f"layers ({len(model['layers'])})"
-    else:
-        arch = None
-
+        recipe = (read_recipe_file(path / "recipe.yaml") or ("", {}))[1]
+    except RunFileError as exc:
+        problems.append(str(exc))
     history: list[dict] = []
+    epochs: int | None = None
     try:
-        with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
-            history = [{k: _float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    except OSError:
-        pass
-    best_row: dict = {}
-    best_epoch = None
-    if (path / "best.safetensors").exists():
-        from imgcls.checkpoint import read_meta
-        from imgcls.errors import CheckpointError
-
-        try:
-            meta = read_meta(path / "best.safetensors")
-            best_row, best_epoch = meta.get("metrics") or {}, meta.get("epoch")
-        except CheckpointError:
-            pass
-    if not best_row and history:  # no checkpoint: the best validation epoch
-        with_val = [h for h in history if h.get("val_acc") is not None]
-        if with_val:
-            best_row = max(with_val, key=lambda h: h["val_acc"])
-            best_epoch = int(best_row["epoch"])
-    summary = _read_json(path / "summary.json")
-    info = _read_json(path / "run.json")
-    evaluation = _read_json(path / "eval" / "metrics.json")
-    seconds = sum(h.get("seconds") or 0 for h in history) if history else None
+        rows = read_metrics_file(path / "metrics.csv") or []
+        history = [{k: _float(v) for k, v in r.items()} for r in rows]
+        epochs = len(history)
+    except RunFileError as exc:
+        problems.append(str(exc))
+    best_row, best_epoch = _best(path, history, problems)
+    summary = _read_json(path / "summary.json", problems)
+    info = _read_json(path / "run.json", problems)
+    evaluation = _read_json(path / "eval" / "metrics.json", problems)
+    # wall time from the start of train (metrics.csv's elapsed); older runs: their epochs' step time
+    seconds = history[-1].get("elapsed") if history else None
+    if seconds is None and history:
+        seconds = sum(h.get("seconds") or 0 for h in history)
     rates = [h["img_per_s"] for h in history if h.get("img_per_s")]
     stamp = path / "recipe.yaml"
     date = (
@@ -112,19 +199,61 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
     row = {
         "run": name,
         "date": date,
-        "arch": arch,
-        "params": summary.get("total_params"),
-        "epochs": len(history),
+        "arch": _arch(path, recipe, problems),
+        "params": _value(summary, "total_params", path / "summary.json", problems, int),
+        "epochs": epochs,
         "best_epoch": best_epoch,
         "val_acc": best_row.get("val_acc"),
         "val_loss": best_row.get("val_loss"),
-        "test_acc": evaluation.get("accuracy"),
+        "test_acc": _value(evaluation, "accuracy", path / "eval" / "metrics.json", problems),
         "seconds": round(seconds, 1) if seconds is not None else None,
         "img_per_s": round(sum(rates) / len(rates), 1) if rates else None,
-        "device": info.get("device"),
-        "precision": info.get("precision"),
+        "device": _value(info, "device", path / "run.json", problems, str),
+        "precision": _value(info, "precision", path / "run.json", problems, str),
+        "problems": problems,
     }
-    return RunInfo(path, row, recipe if isinstance(recipe, dict) else {})
+    return RunInfo(path, row, recipe, problems)
+
+
+def _arch(path: Path, recipe: dict, problems: list[str]) -> str | None:
+    """The architecture's name, or how many layers a recipe stack has."""
+    model = recipe.get("model") or {}
+    if not isinstance(model, dict):
+        problems.append(f"{path / 'recipe.yaml'}: model: not a mapping")
+        model = {}
+    if model.get("arch"):
+        return model["arch"]
+    if isinstance(model.get("layers"), list):
+        return f"layers ({len(model['layers'])})"
+    return None
+
+
+def _best(path: Path, history: list[dict], problems: list[str]) -> tuple[dict, int | None]:
+    """The best epoch's metrics and number: the best checkpoint's, else the
+    best validation epoch of metrics.csv."""
+    best_row: dict = {}
+    best_epoch = None
+    if (path / "best.safetensors").exists():
+        from imgcls.checkpoint import read_meta
+        from imgcls.errors import CheckpointError
+
+        try:
+            meta = read_meta(path / "best.safetensors")
+            best_row, best_epoch = meta.get("metrics") or {}, meta.get("epoch")
+        except CheckpointError as exc:
+            problems.append(str(exc))
+        if not isinstance(best_row, dict):
+            problems.append(f"{path / 'best.safetensors'}: metrics: not a mapping")
+            best_row = {}
+        where = path / "best.safetensors"
+        best_epoch = _value({"epoch": best_epoch}, "epoch", where, problems, int)
+        best_row = {k: _value(best_row, k, where, problems) for k in ("val_acc", "val_loss")}
+    if all(v is None for v in best_row.values()) and history:  # no checkpoint: the best validation epoch
+        with_val = [h for h in history if h.get("val_acc") is not None]
+        if with_val:
+            best_row = max(with_val, key=lambda h: h["val_acc"])
+            best_epoch = int(best_row["epoch"])
+    return best_row, best_epoch
 
 
 def find_runs(root: Path) -> list[Path]:

@@ -481,8 +481,12 @@ def _subtree_totals(named, own_params: dict, macs: dict) -> tuple[list[list[int]
 
 
 def summary_table(summary: Summary):
-    """A rich table like Keras' ``model.summary()``: one row per module, indented."""
+    """A rich table like Keras' ``model.summary()``: one row per module, indented.
+    The model's name (a recipe's, a file's) is data: never read as markup."""
     from rich.table import Table
+    from rich.text import Text
+
+    from imgcls.text import shown
 
     # an expanded container shows only what its children do not (its own
     # weights, its own products), so the column adds up to the total, as in torchinfo
@@ -494,7 +498,7 @@ def summary_table(summary: Summary):
             parent[1] -= row.macs
     cells = []
     for row in summary.rows:
-        label = row.name.rpartition(".")[2] if row.name else summary.name
+        label = row.name.rpartition(".")[2] if row.name else shown(summary.name)
         params, macs = own[row.name] if row.children else (row.params, row.macs)
         cells.append(
             (
@@ -505,7 +509,8 @@ def summary_table(summary: Summary):
                 row.trainable,
             )
         )
-    table = Table(title=f"{summary.name} ({summary.model_type})", title_justify="left")
+    title = Text(f"{shown(summary.name)} ({summary.model_type})", style="table.title")
+    table = Table(title=title, title_justify="left")
     # numbers are never cut; a narrow terminal shortens the layer names instead
     headers = ("Layer (type)", "Output shape", "Params", "MACs", "Trainable")
     for i, header in enumerate(headers):
@@ -518,7 +523,7 @@ def summary_table(summary: Summary):
             justify="right" if header in ("Params", "MACs") else "center" if i == 4 else "left",
         )
     for row, cell in zip(summary.rows, cells, strict=True):
-        table.add_row(*cell, style="dim" if row.children and cell[2] == "--" else None)
+        table.add_row(Text(cell[0]), *cell[1:], style="dim" if row.children and cell[2] == "--" else None)
     return table
 
 

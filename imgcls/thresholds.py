@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from imgcls import interrupts
 from imgcls.checkpoint import Checkpoint, save_checkpoint
 from imgcls.errors import UsageError
 from imgcls.evaluate import TunedThresholds, run_split, score_items
@@ -34,6 +35,7 @@ def tune_thresholds(ckpt: Checkpoint, *, batch_size: int, log: Log) -> TunedThre
     index = {name: i for i, name in enumerate(ckpt.classes)}
     scores, _, targets, _, _ = score_items(ckpt, items, index, batch_size, True)
     thresholds = f1_optimal_thresholds(torch.sigmoid(scores), targets)
+    interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
     tuned = tuned_path(ckpt.path)
     save_checkpoint(tuned, ckpt.model, {**ckpt.meta, "thresholds": thresholds})
     shown = ", ".join(f"{c} {t:.3f}" for c, t in zip(ckpt.classes, thresholds, strict=True))

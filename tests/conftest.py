@@ -139,7 +139,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def _process_like_globals():
     """Undo everything a command changes in this interpreter, as a process exit would.
 
-    The command's own state (imgcls.cli._state), signal handlers, torch's
+    The command's own state (imgcls.cli._state, the Ctrl-C record of imgcls.interrupts), signal handlers, torch's
     threads, determinism flag and random state, Python's random state, the
     environment, the current directory, warning filters and logging handlers.
     """
@@ -147,6 +147,8 @@ def _process_like_globals():
 
     cli_module = importlib.import_module("imgcls.cli")
     cli_state = copy.deepcopy(getattr(cli_module, "_state", None))
+    interrupts = importlib.import_module("imgcls.interrupts")
+    pressed = list(interrupts._pressed)
     handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     threads = torch.get_num_threads()
     deterministic = (
@@ -179,6 +181,7 @@ def _process_like_globals():
         torch.set_num_threads(threads)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        interrupts._pressed[:] = pressed
         if cli_state is not None:
             cli_module._state.clear()
             cli_module._state.update(cli_state)

@@ -110,3 +110,17 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
         == (tmp_path / "plain.txt").stat().st_mode & 0o777
         == 0o644
     )
+
+
+def test_atomic_writes_leave_the_process_umask_alone(tmp_path, monkeypatch):
+    """The umask is process-global: setting it to read it races with every other thread."""
+    import os
+
+    from imgcls.io import write_text_atomic
+
+    def refuse(mask):
+        raise AssertionError("os.umask called by library code")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    write_text_atomic(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").read_text() == "x"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 
 def test_export_torchscript_json(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "deploy" / "model.pt"
+    out.parent.mkdir()  # a missing folder is refused (test_unusable_out_is_refused_up_front_exit_2)
     result = cli("export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # stdout holds only the JSON; progress went to stderr
@@ -84,3 +86,32 @@ def test_missing_onnx_extra_exit_2(cli, tiny_checkpoint, tmp_path, monkeypatch):
     result = cli("export", str(tiny_checkpoint), "-f", "onnx", "--out", str(tmp_path / "m.onnx"))
     assert result.returncode == 2
     assert "ONNX export needs onnx and onnxruntime: pip install 'imgcls[onnx]'" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["missing parent", "parent is a file", "a folder", "read-only folder"])
+def test_unusable_out_is_refused_up_front_exit_2(cli, tiny_checkpoint, tmp_path, case):
+    """As train --out: one line, exit 2, before any exporting; a missing parent
+    folder is refused, not created."""
+    import os
+
+    (tmp_path / "file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    read_only = locked
+    if os.access(locked, os.W_OK):  # root writes anywhere, but not into /proc/sys (Linux)
+        read_only = Path("/proc/sys")
+        if case == "read-only folder" and (not read_only.is_dir() or os.access(read_only, os.W_OK)):
+            pytest.skip("no read-only folder to test with")
+    out = {
+        "missing parent": tmp_path / "no" / "such" / "m.pt",
+        "parent is a file": tmp_path / "file" / "m.pt",
+        "a folder": tmp_path / "dir.pt",
+        "read-only folder": read_only / "m.pt",
+    }[case]
+    (tmp_path / "dir.pt").mkdir()
+    result = cli("export", str(tiny_checkpoint), "-f", "torchscript", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
+    assert str(out) in result.stderr and "exporting" not in result.stderr
+    assert not (tmp_path / "no").exists()
+    assert sorted(p.name for p in locked.iterdir()) == []

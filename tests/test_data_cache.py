@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -59,6 +60,8 @@ def test_disk_cache_is_reused_and_invalidated(tmp_path, decodes):
     assert changed.x[0, :, 0, 0].tolist() == [1, 2, 3] and decodes == [4, 1]
     assert torch.equal(changed.x[1:], first.x[1:])
     assert [m for m in logs if m.startswith("cached 4 decoded images") and "(1 decoded, 3 reused)" in m]
+    del first, again  # an entry in use is never replaced: let the old one go
+    gc.collect()
     other = load_split(items, DataSpec(image_size=5, cache="disk"), tmp_path / "c")
     assert other.x.shape[-1] == 5
     # the changed split replaced its old entry; the other geometry has its own

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +50,8 @@ def test_second_run_maps_and_an_edit_decodes_only_that_file(root, decodes):
     victim = first.train.files[0]
     Image.new("RGB", (8, 8), (1, 2, 3)).save(victim)
     (root / "d" / "b" / "3.png").unlink()  # victim is in class a
+    del first, again  # an entry in use is never replaced: let these go
+    gc.collect()
     decodes.clear()
     logs.clear()
     third = prepare_data(spec, root, log=logs.append)
@@ -140,6 +144,60 @@ def test_decode_in_processes_gives_the_same_rows(tmp_path):
     decode_into(a, paths, 3, (4, 4), "center_crop", mode="serial")
     assert decode_into(b, paths, 3, (4, 4), "center_crop", workers=2, mode="processes") == []
     assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_threads_decoding_in_processes_at_once_share_no_pool_and_leave_main_alone(tmp_path):
+    """Each caller owns its DecodePool; __main__ is never swapped (threads raced on that swap)."""
+    import threading
+
+    from imgcls.data.batch_decode import DecodePool
+
+    paths = []
+    for i in range(60):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (9, 7), (i, 2 * i, 3)).save(p)
+        paths.append(p)
+    expected = np.zeros((60, 3, 4, 4), np.uint8)
+    decode_into(expected, paths, 3, (4, 4), "stretch", mode="serial")
+    main, seen, done = sys.modules["__main__"], [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(sys.modules["__main__"] is main)
+            time.sleep(0.001)
+
+    results = [np.zeros_like(expected) for _ in range(3)]
+
+    errors: list[BaseException] = []
+
+    def decode(out) -> None:
+        try:
+            decode_owned(out)
+        except BaseException as exc:  # noqa: BLE001  (asserted below)
+            errors.append(exc)
+
+    def decode_owned(out) -> None:
+        with DecodePool() as pool:
+            for _ in range(2):  # the second call finds the pool warm
+                assert (
+                    decode_into(out, paths, 3, (4, 4), "stretch", workers=2, mode="processes", pool=pool)
+                    == []
+                )
+                assert pool.ready(2)
+        assert not pool.ready(2)  # closed with the block
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=decode, args=(out,)) for out in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert not errors and all(seen) and sys.modules["__main__"] is main
+    assert all(np.array_equal(out, expected) for out in results)
 
 
 def test_plain_progress_lines_have_rate_and_eta(monkeypatch):

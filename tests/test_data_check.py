@@ -132,3 +132,18 @@ def test_csv_with_splits_reports_leakage(shapes_folder, tmp_path):
     (group,) = result.problems["exact_duplicates"]
     assert group["kind"] == "leakage"
     assert result.problems["missing_classes"] == [{"split": "test", "classes": ["square"]}]
+
+
+def test_a_link_back_into_the_data_set_is_named_and_counted_once(shapes_folder, tmp_path, cli):
+    root = _tree(shapes_folder, tmp_path)
+    (root / "train" / "square" / "loop").symlink_to(root / "train", target_is_directory=True)
+    r = cli("data", "check", str(root), "--json")
+    assert r.returncode == 3, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["files"] == 24 and doc["counts"]["train"] == {c: 6 for c in ("circle", "square", "triangle")}
+    assert doc["problems"]["links_into_dataset"] == [
+        {"file": str(root / "train" / "square" / "loop"), "target": str((root / "train").resolve())}
+    ]
+    assert not doc["problems"]["exact_duplicates"]
+    r = cli("data", "check", str(root))
+    assert f"{root / 'train' / 'square' / 'loop'} -> {(root / 'train').resolve()}" in r.stdout

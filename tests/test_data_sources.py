@@ -148,3 +148,32 @@ def test_shapes_source_writes_once_and_reads_as_folder(tmp_path, monkeypatch):
     mtime = os.stat(s.train[0][0]).st_mtime_ns
     again = open_source(spec, tmp_path)
     assert again.train == s.train and os.stat(s.train[0][0]).st_mtime_ns == mtime
+
+
+def test_a_link_back_into_the_data_set_counts_each_image_once_in_its_own_class(tmp_path):
+    """square/loop -> the data set's root used to list every circle a second
+    time as a "square" (3 x 4 images instead of 2 x 4); a link leading outside
+    is still followed, and two links to one outside place count it once."""
+    root = make_tree(tmp_path / "d", {"circle": 4, "square": 4})
+    make_tree(tmp_path / "outside", {"more": 2})
+    (root / "square" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "circle" / "up").symlink_to(root / "square", target_is_directory=True)
+    (root / "circle" / "alias.png").symlink_to(root / "square" / "0.png")
+    (root / "circle" / "extra").symlink_to(tmp_path / "outside" / "more", target_is_directory=True)
+    (root / "square" / "extra").symlink_to(tmp_path / "outside" / "more", target_is_directory=True)
+    s = open_source(folder(root, val_split=0), tmp_path)
+    listed = [(os.path.relpath(p, root), s.classes[y]) for p, y in s.train]
+    real = sorted(os.path.realpath(p) for p, _ in s.train)
+    assert len(real) == len(set(real)) == 10, listed  # 4 + 4 + the 2 outside, once
+    for path, label in listed:
+        if not path.startswith(os.path.join(label, "extra")):  # inside: the class of the real path
+            assert (root / path).resolve().parent.name == label, (path, label)
+    assert sum(1 for _, label in listed if label == "circle") == 6  # 4 + the outside 2 (found first)
+
+
+def test_a_link_from_train_into_val_does_not_leak(tmp_path):
+    make_tree(tmp_path / "d" / "train", {"a": 3, "b": 3})
+    make_tree(tmp_path / "d" / "val", {"a": 1, "b": 1})
+    (tmp_path / "d" / "train" / "a" / "v").symlink_to(tmp_path / "d" / "val" / "a")
+    s = open_source(folder(tmp_path / "d"), tmp_path)
+    assert (len(s.train), len(s.val)) == (6, 2)

@@ -70,9 +70,11 @@ def dist(tmp_path_factory):
     - `whole`: an uninterrupted 2-process run of as many epochs;
     - `reference`: the same recipe in one process.
     The resumed and whole launchers run in-process (their workers are real
-    processes): the launcher's own process is the point only for Ctrl-C."""
+    processes): the launcher's own process is the point only for Ctrl-C.
+    The backbone is frozen for epoch 1 (`unfreeze_at: 1`): every run crosses
+    the switch, and every resume lands past it."""
     tmp = tmp_path_factory.mktemp("dist")
-    recipe = _recipe_dict(tmp / "runs", epochs=60)
+    recipe = _recipe_dict(tmp / "runs", epochs=60, unfreeze_at=1)
     recipe_file = tmp / "tiny.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     stopped = tmp / "stopped"
@@ -212,6 +214,21 @@ def test_two_ranks_follow_one_rank_and_only_rank_0_writes(dist):
 
 
 @pytest.mark.slow
+def test_two_ranks_follow_one_rank_across_unfreeze_at_and_a_resume_past_it(dist):
+    """The DDP wrapper is rebuilt when the backbone unfreezes (and a resume past
+    the switch builds it with everything trainable): otherwise the unfrozen
+    weights step on each rank's own gradients (seen: off by 5e-3 after one epoch)."""
+    whole, stopped, ref = dist["whole"], dist["stopped"], dist["reference"].run_dir
+    assert "frozen (backbone)" in dist["whole_result"].stderr
+    assert dist["saved"]["epoch"] >= 1  # the Ctrl-C'd run was resumed past the switch
+    one = _weights(ref)
+    for run in (whole, stopped):  # across the switch; resumed past it (and restarted)
+        two = _weights(run)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_sharded_validation_equals_one_process_on_the_same_weights(dist):
     """The 2-rank run's last validation numbers, recomputed in one process on its weights."""
     from imgcls.data import prepare_data
@@ -337,3 +354,21 @@ def test_validation_rows_split_without_overlap():
 def test_nproc_zero_is_a_usage_error(cli):
     result = cli("train", "x.yaml", "--nproc", "0")
     assert result.returncode == 2
+
+
+def test_more_cpu_processes_than_cores_are_warned_about(tmp_path, monkeypatch, cli):
+    from imgcls import distributed
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe_dict(tmp_path / "runs", device="cpu")))
+    started = []
+    monkeypatch.setattr(distributed, "launch", lambda args, nproc, **kw: started.append(nproc) or 0)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 2)
+    warned = cli("train", str(recipe), "--nproc", "4")
+    fits = cli("train", str(recipe), "--nproc", "2")
+    assert (warned.returncode, fits.returncode, started) == (0, 0, [4, 2]), warned.stderr + fits.stderr
+    assert warned.stderr.splitlines() == [
+        "warning: --nproc 4 is more than the 2 CPU cores this machine gives the run; "
+        "the processes will take turns (use --nproc 2 or fewer)"
+    ]
+    assert fits.stderr == ""

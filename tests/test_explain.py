@@ -250,8 +250,8 @@ def test_torchvision_cnn_default_layer_and_transformer_refused():
 
     resnet = torchvision.models.resnet18(num_classes=3).eval()
     assert default_layer(resnet, (3, 64, 64)) == "layer4"
-    cam, probs = class_maps(resnet, torch.randn(2, 3, 64, 64), "layer4", torch.tensor([0, 2]))
-    assert cam.shape == (2, 64, 64) and probs.shape == (2, 3)
+    cam, scores = class_maps(resnet, torch.randn(2, 3, 64, 64), "layer4", torch.tensor([0, 2]))
+    assert cam.shape == (2, 64, 64) and scores.shape == (2, 3)
     assert float(cam.max()) <= 1.0 and float(cam.min()) >= 0.0
 
     with torch.device("meta"):  # shapes only: no 86M random weights to draw
@@ -278,3 +278,17 @@ def test_error_gallery_rows_per_confused_pair(tiny_checkpoint, shapes_folder, tm
         assert h > 100 and w > h  # 2 rows of up to 3 pictures
     assert write_error_gallery(tmp_path / "none.png", ckpt, [], pairs) is None
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing parent", "a file"])
+def test_unusable_out_is_refused_before_the_work(tiny_checkpoint, shapes_folder, tmp_path, cli, case):
+    """--out as train --out: a missing parent folder or a file is one line, exit 2,
+    and nothing is drawn (no folder is created)."""
+    (tmp_path / "file").write_text("x")
+    out = {"missing parent": tmp_path / "no" / "such" / "out", "a file": tmp_path / "file"}[case]
+    good = str(shapes_folder / "circle" / "circle_0000.png")
+    r = cli("explain", good, "--model", str(tiny_checkpoint), "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    assert str(out) in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "no").exists() and (tmp_path / "file").read_text() == "x"

@@ -219,3 +219,39 @@ def test_summarize_shows_frozen_parameters_as_non_trainable(tmp_path):
 def test_a_single_freeze_pattern_is_a_list_of_one():
     spec = recipe_from_dict({"model": {"arch": "resnet18", "freeze": "layer1*"}}).model
     assert spec.freeze == ["layer1*"]
+
+
+def test_timm_weights_come_from_the_local_cache_and_the_environment_is_left_alone(tmp_path, monkeypatch):
+    """No process-wide HF_HUB_OFFLINE toggle (threads would see it): the cached file is handed to timm."""
+    import os
+
+    timm = pytest.importorskip("timm")
+    import huggingface_hub
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    name, repo = "test_resnet", tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"  # its default tag
+    torch.manual_seed(5)
+    planted = timm.create_model(name, pretrained=False).state_dict()
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    save_file(planted, str(repo / "snapshots" / "abc" / "model.safetensors"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    seen = []
+    real = timm.create_model
+
+    def create(*args, **kwargs):
+        seen.append(os.environ.get("HF_HUB_OFFLINE"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create)
+    model = build_model(ModelSpec(arch=f"timm/{name}", pretrained=True), (3, 32, 32), 4)
+    assert seen == [None]
+    assert torch.equal(model.state_dict()["conv1.0.weight"], planted["conv1.0.weight"])

@@ -34,7 +34,7 @@ def test_weighted_loss_counts_a_rare_class_mistake_more():
     weighted = loss_fn(class_weights("auto", ["big", "small"], [200, 10]), 0.0, torch.device("cpu"))(
         logits, target
     )
-    # cross_entropy with weights averages by the weights: the rare class's loss dominates
+    # each image's loss times its class's weight: the rare class's loss dominates
     assert float(weighted) > float(plain)
 
 

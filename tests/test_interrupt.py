@@ -95,3 +95,99 @@ def test_a_ctrl_c_that_c_code_swallows_still_stops_the_run(cli, tmp_path, monkey
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted"
     assert not (tmp_path / "run").exists()
+
+
+def _swallowing(real):
+    """``real``, after a Ctrl-C that lands in it and is dropped (as C code drops one)."""
+
+    def swallow(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here, and its exception is dropped
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kwargs)
+
+    return swallow
+
+
+def _interrupted(result) -> None:
+    assert result.returncode == 130, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted", result.stderr
+
+
+def test_evaluate_stops_on_a_swallowed_ctrl_c_before_writing(cli, tmp_path, monkeypatch, tiny_checkpoint, shapes_folder):
+    from imgcls import evaluate
+
+    monkeypatch.setattr(evaluate, "model_input", _swallowing(evaluate.model_input))
+    out = tmp_path / "eval"
+    result = cli("evaluate", str(tiny_checkpoint), str(shapes_folder), "--out", str(out), "--json")
+    _interrupted(result)
+    assert result.stdout == "" and not out.exists()
+
+
+def test_predict_stops_between_batches_on_a_swallowed_ctrl_c(cli, monkeypatch, tiny_checkpoint, shapes_folder):
+    from imgcls.predictor import Predictor
+
+    monkeypatch.setattr(Predictor, "batch_logits", _swallowing(Predictor.batch_logits))
+    result = cli("predict", str(shapes_folder), "--model", str(tiny_checkpoint), "--json", "--batch-size", "4")
+    _interrupted(result)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4  # the batch it was pressed in; no batch after it
+    assert all("label" in json.loads(line) for line in lines)
+
+
+def test_export_stops_on_a_swallowed_ctrl_c_and_writes_nothing(cli, tmp_path, monkeypatch, tiny_checkpoint):
+    from imgcls.export import writers
+
+    monkeypatch.setattr(writers, "write_torchscript", _swallowing(writers.write_torchscript))
+    out = tmp_path / "deploy" / "m.pt"
+    out.parent.mkdir()
+    result = cli("export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out))
+    _interrupted(result)
+    assert result.stdout == "" and list(out.parent.iterdir()) == []
+
+
+def test_tune_stops_on_a_swallowed_ctrl_c_before_its_study_folder(cli, tmp_path, monkeypatch):
+    from imgcls import tune
+
+    monkeypatch.setattr(tune, "load_space", _swallowing(tune.load_space))
+    (tmp_path / "tiny.yaml").write_text(json.dumps(TINY_RECIPE))
+    (tmp_path / "tiny.space.yaml").write_text("train.optimizer.lr: {loguniform: [1e-4, 1e-1]}\n")
+    result = cli("tune", "tiny.yaml", "--trials", "1", cwd=tmp_path)
+    _interrupted(result)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_as_train_exits_prints_no_traceback(tmp_path):
+    """A Ctrl-C right after the result is printed landed in an atexit callback
+    (2 of 3 tries): "Exception ignored in atexit callback ... KeyboardInterrupt".
+    Made certain here: the last atexit callback sends it and waits."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY_RECIPE))
+    script = """
+import atexit, os, signal, sys, time
+
+def ctrl_c_while_exiting():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)  # its handler runs here
+
+atexit.register(ctrl_c_while_exiting)  # registered first: runs last
+sys.argv = ["imgcls", *sys.argv[1:]]
+from imgcls.cli import main
+main()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, "train", str(recipe), "--out", "run", "-q"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # Ctrl-C as a terminal sends it, even when this test runs with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "run folder: run"
+    for said in ("Traceback", "Exception ignored", "KeyboardInterrupt", "interrupted"):
+        assert said not in done.stderr, done.stderr

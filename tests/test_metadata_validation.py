@@ -114,6 +114,39 @@ def test_classes_must_match_the_head(tiny_checkpoint, tmp_path):
     )
 
 
+@pytest.mark.parametrize("names", [4, 2])
+def test_wrong_class_count_without_a_dense_head_names_classes(tmp_path, names):
+    """A stack whose last conv is as wide as its classes gets no dense head; a
+    class list of another length then names the classes key and both counts,
+    not a head the file never had."""
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.models.build import build_model
+    from imgcls.recipe import recipe_from_dict, recipe_to_dict
+
+    recipe = recipe_from_dict(
+        {
+            "name": "headless",
+            "data": {"source": "shapes", "image_size": 8},
+            "model": {"layers": [{"conv": {"filters": 3, "kernel": 3}}, "global_avg_pool"]},
+        }
+    )
+    model = build_model(recipe.model, recipe.input_shape(), 3)
+    assert not any(k.startswith("head.") for k in model.state_dict())
+    bad = tmp_path / "b.safetensors"
+    pre = {"image_size": [8, 8], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "resize": "stretch"}
+    classes = [f"c{i}" for i in range(names)]
+    meta = {
+        "recipe": recipe_to_dict(recipe),
+        "classes": classes,
+        "input_shape": [3, 8, 8],
+        "preprocessing": pre,
+    }
+    save_checkpoint(bad, model, meta)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    assert str(info.value) == f"{bad}: classes: {names} names, but the model in the file has 3 outputs"
+
+
 def test_missing_and_unexpected_tensors_are_named(tiny_checkpoint, tmp_path):
     tensors = load_file(str(tiny_checkpoint))
     tensors["extra.weight"] = tensors.pop("head.bias")

@@ -99,6 +99,35 @@ def test_empty_label_between_separators_is_an_error(tmp_path):
         read_csv(path, 0.2, 0)
 
 
+def test_multilabel_rows_without_a_label_are_negatives(tmp_path, monkeypatch):
+    """An empty labels cell used to fail the run ("empty file name or label"):
+    in multi-label data it is an image with no positive label."""
+    from imgcls.data.prepare import prepare_data
+    from imgcls.recipe import DataSpec
+
+    rows = ["a.png,dog;cat", "b.png,", "c.png,cat", "d.png,dog", "e.png,,val", "f.png,cat;dog,val"]
+    path = _csv(tmp_path, rows)
+    source = read_csv(path, 0.2, 0)
+    assert source.task == "multilabel"  # detected from the other rows
+    assert [hot for _, hot in source.train] == [(1, 1), (0, 0), (1, 0), (0, 1)]
+    assert [hot for _, hot in source.val] == [(0, 0), (1, 1)]
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
+    logs: list[str] = []
+    prepare_data(DataSpec(source="csv", path=str(path), image_size=4), log=logs.append)
+    (summary,) = [line for line in logs if line.startswith("data: ")]
+    assert ", 2 with no label (a negative for every class)" in summary, summary
+
+    single = _csv(tmp_path, ["a.png,dog", "b.png,", "c.png,cat"])
+    assert [hot for _, hot in read_csv(single, 0, 0, "multilabel").train] == [(0, 1), (0, 0), (1, 0)]
+    with pytest.raises(DataError, match=r"labels.csv:3: empty label; .*set data.task: multilabel"):
+        read_csv(single, 0, 0)
+    with pytest.raises(DataError, match=r"labels.csv:3: empty label; .*data.task is single"):
+        read_csv(single, 0, 0, "single")
+    no_name = _csv(tmp_path, ["a.png,dog;cat", ",cat", "c.png,cat"])
+    with pytest.raises(DataError, match=r"labels.csv:3: empty file name$"):
+        read_csv(no_name, 0, 0)
+
+
 def test_metadata_rules_for_task_and_thresholds():
     meta = {"classes": ["a", "b"], "task": "multilabel", "thresholds": [0.3, 0.7]}
     check_task(meta, "m")
@@ -269,3 +298,48 @@ def test_train_closing_line_shows_val_f1_for_multilabel(tmp_path):
     single = _train_summary(TrainResult(tmp_path, [single_row], 1, single_row, False))
     assert "val_f1" not in single
     assert _train_closing(single).splitlines()[0] == "best epoch 1: val_acc 0.4000, val_loss 0.2500"
+
+
+def test_explain_matches_predict_on_a_multilabel_model(tiny_checkpoint, shapes_folder, cli, tmp_path):
+    """explain used a softmax on every model: on a multi-label one its
+    probability and predicted class differed from predict's sigmoid per class."""
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = tmp_path / "ml.safetensors"
+    # circle always on, square never, triangle as the sigmoid says
+    save_checkpoint(model, ckpt.model, {**ckpt.meta, "task": "multilabel", "thresholds": [0.0, 1.0, 0.5]})
+    images = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[::6]]
+    p = cli("predict", *images, "--model", str(model), "--json")
+    assert p.returncode == 0, p.stderr
+    predicted = {r["file"]: r["labels"] for r in map(json.loads, p.stdout.splitlines())}
+    e = cli("explain", *images, "--model", str(model), "--out", str(tmp_path / "x"), "--json")
+    assert e.returncode == 0, e.stderr
+    explained = json.loads(e.stdout)["images"]
+    assert [x["file"] for x in explained] == images
+    for x in explained:
+        labels = predicted[x["file"]]
+        assert labels and labels[0]["label"] == "circle"
+        assert x["labels"] == labels
+        assert x["predicted"] == ";".join(r["label"] for r in labels)
+        assert x["probability"] == pytest.approx(labels[0]["p"], abs=1e-6)
+        # each predicted label explained, at the probability predict gives it
+        assert [(t["class"], t["probability"]) for t in x["targets"]] == [
+            (r["label"], pytest.approx(r["p"], abs=1e-6)) for r in labels
+        ]
+
+
+def test_evaluate_reads_rows_without_a_label_as_negatives(
+    tiny_multilabel_checkpoint, tiny_checkpoint, shapes_folder, cli, tmp_path
+):
+    rows = [f"{shapes_folder}/circle/circle_0000.png,circle", f"{shapes_folder}/square/square_0000.png,"]
+    labels = tmp_path / "l.csv"
+    labels.write_text("file,labels\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "e"
+    r = cli("evaluate", str(tiny_multilabel_checkpoint), str(labels), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["samples"] == 2
+    assert [row["support"] for row in report["per_class"]] == [1, 0, 0]
+    single = cli("evaluate", str(tiny_checkpoint), str(labels), "--out", str(out))
+    assert single.returncode == 2 and "rows with no label" in single.stderr, single.stderr

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
 ]  # fmt: skip
+EPOCH_ENDS: list[float] = []  # the run fixture's wall time at each epoch's end, from train's start
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)"
 )
@@ -32,7 +34,15 @@ def run(tmp_path_factory):
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe["train"]["epochs"] = 2
     out = tmp_path_factory.mktemp("report") / "run"
-    train(recipe_from_dict(recipe), out=out, log=lambda m: None)
+    ends: list[float] = []  # perf_counter at each epoch's end, after its files are written
+    started = time.perf_counter()
+    train(
+        recipe_from_dict(recipe),
+        out=out,
+        log=lambda m: None,
+        on_epoch_end=lambda _: ends.append(time.perf_counter()),
+    )
+    EPOCH_ENDS[:] = [t - started for t in ends]
     written_by_train = (out / "report.html").read_text()
     evaluation = evaluate(out, log=lambda m: None)
     return out, written_by_train, evaluation
@@ -142,3 +152,97 @@ def test_report_skips_missing_sections(tiny_checkpoint, tmp_path):
     )
     html = build_report(run)
     assert "Explanations" in html and "star.gradcam.star.png" in html and "data:image/png;base64," in html
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("metrics.csv", b"abc\n", "metrics.csv:1: no 'epoch' column"),
+        (
+            "metrics.csv",
+            b"epoch,val_acc,seconds\n1,0.5,1\n2,abc,1\n",
+            "metrics.csv:3: val_acc: 'abc' is not a number",
+        ),
+        ("metrics.csv", b"epoch,val_acc,seconds\n1,\xff,1\n", "metrics.csv:2: not UTF-8 text"),
+        ("recipe.yaml", b"name: tiny\ntrain: [1, 2\n", "recipe.yaml:3: not valid YAML"),
+        ("summary.json", b"[1, 2, 3]", "summary.json:1: not a JSON object (a list)"),
+        ("summary.json", b'{"rows": [1]}', "summary.json: not what imgcls writes there"),
+    ],
+)
+def test_a_corrupt_run_file_is_one_line_naming_it(tmp_path, cli, name, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: tiny\ntrain: {device: cpu}\n")
+    (run / "metrics.csv").write_text("epoch,val_acc,seconds\n1,0.5,1.5\n")
+    (run / name).write_bytes(content)
+    r = cli("report", str(run))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    assert str(run / name) in r.stderr and message in r.stderr
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_timings_are_the_runs_wall_time(run, cli):
+    """metrics.csv's elapsed is the run's wall time at each epoch (data preparation,
+    validation, checkpoints in it), not only the training steps' (a tiny run's
+    steps take a few ms: `runs` said 0 and the report 0.0 s for an 8 s run)."""
+    import csv
+
+    out, _, _ = run
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    elapsed = [float(r["elapsed"]) for r in rows]
+    steps = [float(r["seconds"]) for r in rows]
+    for e, wall in zip(elapsed, EPOCH_ENDS, strict=True):
+        assert 0.5 * wall <= e <= wall  # before the epoch's checkpoints; most of the time to there
+    assert elapsed[1] - elapsed[0] >= steps[1] and elapsed[0] > steps[0]
+    r = cli("runs", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["seconds"] == round(elapsed[-1], 1) > 0
+    html = (out / "report.html").read_text()
+    assert f"training time {elapsed[-1]:.1f} s over 2 epochs" in html
+
+
+def test_final_metrics_show_balanced_accuracy(tmp_path):
+    from imgcls.report import build_report
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: tiny\n")
+    (run / "metrics.csv").write_text("epoch,val_acc,seconds,elapsed\n1,0.5,0.004,3.2\n")
+    doc = {"data": "val", "accuracy": 0.9, "balanced_accuracy": 0.6125, "loss": 0.3, "samples": 40}
+    (run / "eval" / "metrics.json").write_text(json.dumps(doc))
+    html = build_report(run)
+    metrics = re.search(r'<table id="metrics".*?</table>', html, re.S).group(0)
+    assert re.search(r"<td[^>]*>balanced accuracy</td><td[^>]*>0\.6125</td>", metrics), metrics
+    assert "training time 3.2 s over 1 epochs, of which 0.004 s in training steps" in html
+
+
+def test_confusion_title_and_gallery_captions_are_not_clipped(tiny_checkpoint, shapes_folder, tmp_path):
+    """The report's pictures keep all their text: a long title (the data's path)
+    and a class name wider than a gallery tile wrap instead of running off the
+    edge, so every edge of the PNG is background."""
+    import numpy as np
+    from PIL import Image
+
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.evaluate import save_confusion_png
+    from imgcls.explain import write_error_gallery
+
+    def edges(png: Path) -> int:  # the darkest pixel of a 3-pixel band along the edges
+        a = np.asarray(Image.open(png).convert("L"))
+        return int(min(a[:, :3].min(), a[:, -3:].min(), a[:3].min(), a[-3:].min()))
+
+    long = "a_class_name_much_wider_than_its_tile"
+    title = "best.safetensors on the run's val split (/home/someone/.cache/imgcls/shapes/2bdf12372ad30c7c)"
+    save_confusion_png(tmp_path / "c.png", [[2, 1, 0], [0, 3, 0], [1, 0, 2]], ["circle", long, "triangle"], title)
+    assert edges(tmp_path / "c.png") > 200
+    wrong = [
+        {"file": str(shapes_folder / "circle" / "circle_0000.png"), "true": "circle", "predicted": long,
+         "confidence": 0.61}
+    ]  # fmt: skip
+    png = write_error_gallery(tmp_path / "e.png", load_checkpoint(tiny_checkpoint), wrong, [
+        {"true": "circle", "predicted": long}
+    ])  # fmt: skip
+    assert edges(png) > 200

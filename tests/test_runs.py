@@ -85,3 +85,39 @@ def test_cli_csv_and_errors(root, cli, tmp_path):
     assert [line.split(",")[0] for line in lines[1:]] == ["tiny/1", "tiny/2"]
     result = cli("runs", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "nowhere: no such folder" in result.stderr
+
+
+CORRUPT = {
+    "metrics.csv holding abc": ("metrics.csv", b"abc\n", "metrics.csv:1: no 'epoch' column"),
+    "a value that is not a number": (
+        "metrics.csv",
+        HEADER.encode() + b"1,0.01,1.1,0.4,1.2,0.4,1.0,200\nabc,0.01,1.1,0.4,1.2,0.4,1.0,200\n",
+        "metrics.csv:3: epoch: 'abc' is not a number",
+    ),
+    "non-UTF-8 metrics.csv": ("metrics.csv", HEADER.encode() + b"1,\xff\xfe,1\n", "metrics.csv:2: not UTF-8"),
+    "run.json holding a list": ("run.json", b"[1,2,3]", "run.json:1: not a JSON object (a list)"),
+    "summary.json cut short": ("summary.json", b'{\n"total_params": ', "summary.json:2: not valid JSON"),
+    "recipe.yaml that is not YAML": ("recipe.yaml", b"name: [tiny\n", "recipe.yaml:2: not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_corrupt_run_file_is_named_and_the_other_runs_are_shown(root, cli, case):
+    """One line names the file and its line; the table keeps every run and marks
+    the bad one (the columns from that file empty); exit 3, a partial failure."""
+    name, content, message = CORRUPT[case]
+    (root / "tiny" / "2" / name).write_bytes(content)
+    r = cli("runs", str(root), "--json")
+    assert r.returncode == 3, r.stderr
+    rows = {row["run"]: row for row in json.loads(r.stdout)}
+    assert list(rows) == ["tiny/1", "tiny/2"]
+    assert rows["tiny/1"]["problems"] == [] and rows["tiny/1"]["seconds"] == 4.0
+    assert [p.startswith(str(root / "tiny" / "2" / name)) for p in rows["tiny/2"]["problems"]] == [True]
+    assert message in rows["tiny/2"]["problems"][0]
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 2 and message in errors[0], r.stderr
+    assert "1 of 2 runs has files that cannot be read" in errors[1]
+    assert "Traceback" not in r.stderr
+    if case == "run.json holding a list":  # the table for people marks it too
+        table = cli("runs", str(root))
+        assert table.returncode == 3 and "1 unreadable file" in table.stdout and "tiny/1" in table.stdout

@@ -155,6 +155,70 @@ def test_an_interrupt_before_the_first_step_leaves_no_run_folder(tmp_path, monke
     assert not (tmp_path / "runs" / "tiny" / "1").exists()
 
 
+def test_a_failure_after_the_folder_is_made_and_before_training_leaves_nothing(tmp_path, monkeypatch):
+    """The start's last steps (the restart record, the broadcast, run.json, the
+    progress bar) used to run outside the cleanup: a failure or Ctrl-C there
+    left runs/tiny/1 behind with recipe.yaml and the summary in it."""
+    from imgcls import distributed
+    from imgcls.training import outputs as checkpoint
+
+    real_write = checkpoint.write_text_atomic
+
+    def unwritable_run_json(path, text):
+        if Path(path).name == "run.json":
+            raise OSError(28, "No space left on device")
+        real_write(path, text)
+
+    def broken(self, value):
+        raise RuntimeError("Connection closed by peer")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    raw = tiny()
+    raw["train"]["out"] = str(tmp_path / "runs")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # a restart record is written too
+    for target, name, fake, error in (
+        (checkpoint, "write_text_atomic", unwritable_run_json, OSError),
+        (distributed.Group, "broadcast", broken, RuntimeError),
+        (train_module._Progress, "__init__", ctrl_c, KeyboardInterrupt),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, fake)
+            with pytest.raises(error):
+                train(recipe_from_dict(raw), log=quiet)
+        assert not [p for p in (tmp_path / "runs").rglob("*") if p.name != "tiny"], name
+
+
+def test_a_ctrl_c_after_the_last_checkpoint_skips_the_report_and_exits_0(tmp_path, monkeypatch, cli):
+    """The run is done once its last checkpoint is written: a Ctrl-C in the
+    plots or the report used to turn it into exit 130."""
+    import yaml
+
+    import imgcls.report
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny()))
+    monkeypatch.setattr(imgcls.report, "write_report", ctrl_c)
+    result = cli("train", str(recipe), "--out", str(tmp_path / "run"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["run_dir"] == str(tmp_path / "run")
+    skipped = [line for line in result.stderr.splitlines() if "Ctrl-C" in line]
+    assert skipped == [
+        "Ctrl-C: the run had finished and is saved; its curves and report were skipped "
+        f"(imgcls report {tmp_path / 'run'} writes the report)"
+    ]
+    assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "resume.pt").is_file()
+    assert not (tmp_path / "run" / "report.html").exists()
+    monkeypatch.setattr(train_module, "_plot", ctrl_c)  # in the curves: the same, through the library
+    said = []
+    result = train(recipe_from_dict(tiny()), out=tmp_path / "plot", log=said.append)
+    assert result.best_epoch == 1 and sum("Ctrl-C: the run had finished" in line for line in said) == 1
+
+
 @pytest.mark.parametrize("case", ["a file", "inside a file", "missing parent"])
 def test_bad_out_is_a_usage_error_before_any_work(tmp_path, case):
     (tmp_path / "file").write_text("x")

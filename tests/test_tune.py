@@ -12,6 +12,7 @@ from conftest import TINY_RECIPE
 
 from imgcls.errors import RecipeError
 from imgcls.recipe import recipe_from_dict, recipe_to_dict
+from imgcls.training.outputs import TIMINGS
 from imgcls.tune import load_space
 
 
@@ -135,3 +136,88 @@ def test_search_prunes_continues_and_best_yaml_retrains_to_its_value(tmp_path, m
     assert best.train.optimizer.lr == pytest.approx(result.best.params["train.optimizer.lr"])
     again = train(best, out=tmp_path / "retrain", log=lambda m: None)
     assert again.best["val_acc"] == result.best.value
+
+
+def _tiny_study(tmp_path: Path, monkeypatch, **train) -> Path:
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["train"].update(deterministic=True, threads=1, **train)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    (tmp_path / "tiny.space.yaml").write_text("train.optimizer.lr: {loguniform: [1e-4, 3e-1]}\n")
+    monkeypatch.chdir(tmp_path)
+    return recipe
+
+
+def _weight_rows(rows) -> list[dict]:
+    """metrics rows without the timings (which differ between any two runs)"""
+    return [{k: float(v) for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_each_trial_as_a_standalone_train_and_finishes_exactly_n(tmp_path, monkeypatch):
+    """Trials in worker processes share no state: each equals its recipe.yaml trained alone."""
+    from imgcls.recipe import load_recipe
+    from imgcls.training import train
+    from imgcls.tune import tune
+
+    recipe = _tiny_study(tmp_path, monkeypatch)
+    lines: list[str] = []
+    result = tune(recipe, trials=3, jobs=2, pruner="none", log=lines.append)
+    assert sorted(t.number for t in result.trials) == [0, 1, 2], lines
+    assert all(t.state == "complete" for t in result.trials)
+    for t in result.trials:
+        alone = train(
+            load_recipe(Path(t.run_dir) / "recipe.yaml"),
+            out=tmp_path / f"alone{t.number}",
+            log=lambda m: None,
+        )
+        with open(Path(t.run_dir) / "metrics.csv") as f:
+            assert _weight_rows(csv.DictReader(f)) == _weight_rows(alone.history), t.number
+        assert t.value == alone.best["val_acc"]
+    assert [m for m in lines if m.startswith("trial 2: val_acc")]  # the workers' lines reach the log
+
+
+def test_the_value_is_the_metric_of_the_epoch_whose_checkpoint_is_kept(tmp_path, monkeypatch):
+    from imgcls.checkpoint import read_meta
+    from imgcls.tune import tune
+
+    # best.safetensors follows val_acc (the default monitor); the value is --metric train_loss at that epoch
+    recipe = _tiny_study(tmp_path, monkeypatch, epochs=4)
+    result = tune(recipe, trials=1, metric="train_loss", pruner="none", log=lambda m: None)
+    (trial,) = result.trials
+    kept = read_meta(Path(trial.run_dir) / "best.safetensors")
+    assert trial.value == kept["metrics"]["train_loss"]
+    with open(Path(trial.run_dir) / "metrics.csv") as f:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(f)]
+    assert kept["epoch"] < 4 and min(losses) < trial.value  # the case where the two differ
+
+
+def test_the_same_command_tries_the_same_values_and_seed_changes_them(tmp_path, monkeypatch, cli):
+    from imgcls.tune import tune
+
+    recipe = _tiny_study(tmp_path, monkeypatch)
+    quiet = lambda m: None  # noqa: E731
+    a = tune(recipe, trials=1, study="a", log=quiet).trials[0].params  # seed: the recipe's train.seed
+    b = tune(recipe, trials=1, study="b", log=quiet).trials[0].params
+    assert a == b
+    r = cli("tune", str(recipe), "--trials", "1", "--study", "c", "--seed", "7", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["trials"][0]["params"] != a
+
+
+@pytest.mark.parametrize("study", ["../escape_study", "a/b", ".hidden", "/tmp/abs"])
+def test_a_study_name_that_leaves_the_runs_folder_is_refused(tmp_path, monkeypatch, cli, study):
+    recipe = _tiny_study(tmp_path, monkeypatch)
+    r = cli("tune", str(recipe), "--trials", "1", "--study", study)
+    assert r.returncode == 2 and "--study" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.space.yaml", "tiny.yaml"]
+
+
+def test_a_failed_tune_leaves_no_study_folder(tmp_path, monkeypatch, cli):
+    recipe = _tiny_study(tmp_path, monkeypatch)
+    r = cli("tune", str(recipe), "--trials", "1", "--storage", "bogus://x")
+    assert r.returncode == 2 and "--storage bogus://x" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.space.yaml", "tiny.yaml"]

@@ -39,20 +39,21 @@ _state = {"debug": False}
 def stderr():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    # emoji=False: a name like ':cat:' is data (markup is escaped or off where names are printed)
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def stdout():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def wide_stdout():
     """A wide table stays whole when piped (rich would squeeze it to 80 columns)."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250, emoji=False)
 
 
 def log_to_stderr(quiet: bool = False) -> Callable[[str], None]:
@@ -67,10 +68,12 @@ def debugging() -> bool:
 
 
 def _error(message: str) -> None:
-    """One line on stderr, whatever the terminal width."""
+    """One line on stderr, whatever the terminal width (and whatever names it quotes)."""
     from rich.markup import escape
 
-    stderr().print(f"[red]error:[/red] {escape(message)}")
+    from imgcls.text import one_line
+
+    stderr().print(f"[red]error:[/red] {escape(one_line(message))}")
 
 
 def command(fn):
@@ -104,6 +107,8 @@ def command(fn):
             hint = "" if _state["debug"] else " (run with --debug for the traceback)"
             _error(f"{type(exc).__name__}: {exc}{hint}")
             raise typer.Exit(EXIT_FAILURE) from None
+        finally:
+            interrupts.finish()  # said and done: a Ctrl-C as the process exits prints no traceback
 
     return wrapper
 

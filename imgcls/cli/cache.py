@@ -17,6 +17,10 @@ def cache_list(
 ) -> None:
     """List cached decoded splits, most recently used first.
 
+    The table shows each key's first 12 characters (any unique prefix names
+    an entry for `imgcls cache clear`; --json has the whole key) and wraps
+    long sources rather than cutting them.
+
     Examples:
 
         imgcls cache list
@@ -25,10 +29,11 @@ def cache_list(
     """
 
     from imgcls.data.cache import cache_max, default_cache_dir, human_bytes, list_entries
+    from imgcls.text import json_safe
 
     entries = list_entries()
     if as_json:
-        print(json.dumps(entries, indent=2))
+        print(json.dumps(json_safe(entries), indent=2))
         return
     stdout().print(cache_table(entries, human_bytes))
     total = sum(e["bytes"] for e in entries)
@@ -58,7 +63,9 @@ def cache_clear(
 
     if bool(keys) == all_:
         raise UsageError("name entry keys to remove, or pass --all (not both)")
-    removed, freed = clear_entries(keys or ())
+    removed, freed, kept = clear_entries(keys or ())
+    in_use = f"; kept {kept} in use by a running process" if kept else ""
     stderr().print(
-        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}", markup=False
+        f"removed {removed} cache entries, freed {human_bytes(freed)} in {default_cache_dir()}{in_use}",
+        markup=False,
     )

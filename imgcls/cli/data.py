@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from imgcls.cli.app import command, log_to_stderr, stderr
+from imgcls.cli.app import command, stderr
 
 
 @command
@@ -33,7 +33,7 @@ def data_shapes(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder; choose another")
     path = write_shapes(out, ShapesSpec(per_class=per_class, image_size=size, seed=seed))
-    stderr().print(f"wrote {path}")
+    stderr().print(f"wrote {path}", markup=False)
 
 
 @command
@@ -64,21 +64,28 @@ def data_check(
 
         imgcls data check ~/pets --model runs/pets/1
     """
+    from imgcls import interrupts
     from imgcls.data.check import check_dataset, summary_lines
     from imgcls.errors import EXIT_PARTIAL
+    from imgcls.text import json_safe, one_line
 
     ckpt = None
     if model is not None:
         from imgcls.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(model)
-    result = check_dataset(path, model=ckpt, log=log_to_stderr())
+    result = check_dataset(
+        path, model=ckpt, log=lambda message: stderr().print(one_line(message), markup=False)
+    )
+    interrupts.check()  # a Ctrl-C that compiled code swallowed: no findings written or printed
     if ckpt is not None and ckpt.run_dir is not None:
         from imgcls.io import write_text_atomic
 
-        write_text_atomic(ckpt.run_dir / "data-check.json", json.dumps(result.to_dict(), indent=1) + "\n")
+        write_text_atomic(
+            ckpt.run_dir / "data-check.json", json.dumps(json_safe(result.to_dict()), indent=1) + "\n"
+        )
     if as_json:
-        print(json.dumps(result.to_dict()), flush=True)
+        print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         print("\n".join(summary_lines(result)), flush=True)
     if not result.clean:

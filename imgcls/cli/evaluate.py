@@ -27,7 +27,7 @@ def evaluate(
     ] = 5,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 128,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for confusion.png and metrics.json (default <run>/eval/).")
+        Path | None, typer.Option(help="Folder for confusion.png and metrics.json (default `<run>/eval/`).")
     ] = None,
     misclassified: Annotated[
         Path | None,
@@ -49,7 +49,7 @@ def evaluate(
         typer.Option(
             "--tune-thresholds",
             help="Multi-label: pick each class's F1-optimal threshold on the run's validation split, "
-            "write them into <checkpoint>-tuned.safetensors and evaluate with them.",
+            "write them into `<checkpoint>-tuned.safetensors` and evaluate with them.",
         ),
     ] = False,
 ) -> None:
@@ -71,6 +71,7 @@ def evaluate(
         imgcls evaluate runs/quickstart/1 labels.csv --json
     """
     from imgcls.evaluate import report_renderables
+    from imgcls.text import json_safe
 
     result = evaluate_steps(
         target,
@@ -85,7 +86,7 @@ def evaluate(
         tune_thresholds=tune_thresholds,
     )
     if as_json:
-        print(json.dumps(result.to_dict()), flush=True)
+        print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         console = stdout()
         for renderable in report_renderables(result):

@@ -32,7 +32,7 @@ def explain(
         list[str] | None,
         typer.Option(help="Class to explain (name or index; repeatable). Default: the predicted class."),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default <run>/explain/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default `<run>/explain/`).")] = None,
     filters: Annotated[
         bool, typer.Option("--filters", help="Also draw the first-layer filters as a grid.")
     ] = False,
@@ -61,6 +61,7 @@ def explain(
 
     from imgcls.checkpoint import latest_run, load_checkpoint
     from imgcls.explain import explain as run_explain
+    from imgcls.text import json_safe
 
     err = stderr()
     if model is None:
@@ -78,7 +79,7 @@ def explain(
         log=lambda message: err.print(message, markup=False),
     )
     if as_json:
-        print(json.dumps(result.to_dict()), flush=True)
+        print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         print("\n".join(explain_lines(result)))
     result.raise_if_skipped()

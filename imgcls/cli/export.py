@@ -15,7 +15,7 @@ from imgcls.cli.render import export_lines
 @command
 def export(
     target: Annotated[
-        str, typer.Argument(help="A run folder, runs/<name> (its latest run) or a .safetensors checkpoint.")
+        str, typer.Argument(help="A run folder, `runs/<name>` (its latest run) or a .safetensors checkpoint.")
     ],
     fmt: Annotated[
         str | None,
@@ -25,7 +25,7 @@ def export(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="File to write (default: beside the checkpoint, e.g. <run>/model.onnx)."),
+        typer.Option(help="File to write (default: beside the checkpoint, e.g. `<run>/model.onnx`)."),
     ] = None,
     opset: Annotated[
         int | None, typer.Option(min=7, help="ONNX opset version (default: the exporter's).")

@@ -20,6 +20,14 @@ def predict(
             help="Image files, folders (recursive), patterns like 'photos/*.jpg', or - for names on stdin."
         ),
     ],
+    null: Annotated[
+        bool,
+        typer.Option(
+            "--null",
+            "-0",
+            help="With -: names on stdin end with a NUL byte, not a newline (`find -print0`, `xargs -0`).",
+        ),
+    ] = False,
     model: Annotated[
         str | None,
         typer.Option(
@@ -71,6 +79,8 @@ def predict(
         find . -name '*.jpg' | imgcls predict - --csv --top-k 1
 
         imgcls predict cat.jpg --arch resnet18 --pretrained
+
+        find . -name '*.jpg' -print0 | imgcls predict - --null --json
     """
 
     import csv
@@ -78,9 +88,12 @@ def predict(
     from imgcls.errors import PartialFailure, UsageError
     from imgcls.predict import Failure
     from imgcls.predict import predict as run_predict
+    from imgcls.text import json_safe, one_line, shown
 
     if as_json and as_csv:
         raise UsageError("choose one of --json and --csv")
+    if null and "-" not in paths:
+        raise UsageError("--null is for names read from stdin: give - as a PATH")
     err = stderr()
     predictor, records = run_predict(
         paths,
@@ -92,6 +105,7 @@ def predict(
         threshold=threshold,
         log=lambda message: err.print(message, markup=False),
         tta=tta,
+        null=null,
     )
     task, k = predictor.task, max(1, min(top_k, len(predictor.classes)))
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
@@ -104,9 +118,9 @@ def predict(
         is_failure = isinstance(record, Failure)
         if isinstance(record, Failure):
             failed += 1
-            err.print(f"error: {record.file}: {record.error}", markup=False)
+            err.print(f"error: {shown(record.file)}: {one_line(record.error)}", markup=False)
         if as_json:
-            print(json.dumps(record.to_dict()), flush=True)
+            print(json.dumps(json_safe(record.to_dict())), flush=True)
         elif writer is not None:
             writer.writerow(prediction_csv_row(record, task, k, is_failure))
             sys.stdout.flush()

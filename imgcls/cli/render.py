@@ -9,6 +9,8 @@ import datetime
 from collections.abc import Iterable
 from typing import Any
 
+from imgcls.text import cell, plain, shown
+
 # --------------------------------------------------------------------------- train
 
 
@@ -52,26 +54,27 @@ def prediction_csv_row(record, task: str, k: int, failed: bool) -> list[str]:
     """One CSV row, ``error`` last: a prediction's cells, or a failure's file and error."""
     width = len(prediction_header(task, k))
     if failed:
-        return [record.file, *[""] * (width - 1), record.error]
+        return [plain(record.file), *[""] * (width - 1), plain(record.error)]
     if task == "multilabel":
-        return [record.file, record.label, ";".join(f"{p:.6f}" for _, p in record.labels), ""]
-    extra = [v for label, p in record.top_k[1:] for v in (label, f"{p:.6f}")]
+        return [plain(record.file), plain(record.label), ";".join(f"{p:.6f}" for _, p in record.labels), ""]
+    extra = [v for label, p in record.top_k[1:] for v in (plain(label), f"{p:.6f}")]
     extra += [""] * (2 * (k - 1) - len(extra))
-    return [record.file, record.label, f"{record.confidence:.6f}", str(record.unsure).lower(), *extra, ""]
+    file, label = plain(record.file), plain(record.label)
+    return [file, label, f"{record.confidence:.6f}", str(record.unsure).lower(), *extra, ""]
 
 
 def predictions_table(rows: list, task: str, k: int):
     """The table people read: one row per predicted file."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     table.add_column("file", overflow="fold")
     if task == "multilabel":
         table.add_column("labels (probability)")
         for r in rows:
-            table.add_row(
-                r.file, ", ".join(f"{label} {p:.3f}" for label, p in r.labels) or "[dim](none)[/dim]"
-            )
+            labels = ", ".join(f"{shown(label)} {p:.3f}" for label, p in r.labels)
+            table.add_row(cell(r.file), Text(labels) if labels else Text("(none)", style="dim"))
         return table
     table.add_column("label")
     table.add_column("p", justify="right")
@@ -79,9 +82,9 @@ def predictions_table(rows: list, task: str, k: int):
         table.add_column(f"next {k - 1}")
     table.add_column("")
     for r in rows:
-        cells = [r.file, r.label, f"{r.confidence:.3f}"]
+        cells = [cell(r.file), cell(r.label), f"{r.confidence:.3f}"]
         if k > 1:
-            cells.append(", ".join(f"{label} {p:.3f}" for label, p in r.top_k[1:]))
+            cells.append(Text(", ".join(f"{shown(label)} {p:.3f}" for label, p in r.top_k[1:])))
         cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
         table.add_row(*cells)
     return table
@@ -93,13 +96,24 @@ def predictions_table(rows: list, task: str, k: int):
 def cache_table(entries: list[dict], human_bytes):
     from rich.table import Table
 
+    # at 80 columns every entry stays whole: a short key, the source folded over lines, the date wrapped
     table = Table()
     table.add_column("key", no_wrap=True)
-    for name in ("source", "split", "images", "size", "last used"):
-        table.add_column(name)
+    table.add_column("source", overflow="fold", ratio=1)
+    table.add_column("split", overflow="fold")
+    for name in ("images", "size"):
+        table.add_column(name, no_wrap=True, justify="right")
+    table.add_column("last used", min_width=10)
     for e in entries:
         used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
-        table.add_row(e["key"], e["source"], e["split"], str(e["images"]), human_bytes(e["bytes"]), used)
+        table.add_row(
+            e["key"][:12],
+            cell(e["source"]),
+            cell(e["split"]),
+            str(e["images"]),
+            human_bytes(e["bytes"]),
+            used,
+        )
     return table
 
 
@@ -131,7 +145,7 @@ def explain_lines(result) -> list[str]:
         for t in e.targets:
             peak = t["peak"]
             lines.append(
-                f"{e.file}: predicted {e.predicted} ({e.probability:.3f}); {t['class']}: "
+                f"{e.file}: predicted {e.predicted or '(no label)'} ({e.probability:.3f}); {t['class']}: "
                 f"peak at x={peak['x']} y={peak['y']}, {t['area_above_half_max']:.1%} of the frame "
                 f"above half max -> {t['overlay']}"
             )
@@ -151,11 +165,14 @@ def short(value: Any) -> str:
 
 def trials_table(result):
     from rich.table import Table
+    from rich.text import Text
 
+    # the study name, the space's keys and choices are the user's: data, not markup
     keys = sorted({k for t in result.trials for k in t.params})
-    table = Table(title=f"study {result.study}: {result.metric} ({result.direction})")
+    title = f"study {shown(result.study)}: {result.metric} ({result.direction})"
+    table = Table(title=Text(title, style="table.title"))
     for col in ("trial", "state", result.metric, "epochs", "seconds", *keys):
-        table.add_column(col, justify="left" if col == "state" else "right")
+        table.add_column(cell(col), justify="left" if col == "state" else "right")
     for t in result.trials:
         table.add_row(
             str(t.number),
@@ -163,7 +180,7 @@ def trials_table(result):
             "-" if t.value is None else f"{t.value:.4f}",
             str(t.epochs),
             "-" if t.seconds is None else f"{t.seconds:.1f}",
-            *("-" if t.params.get(k) is None else short(t.params[k]) for k in keys),
+            *("-" if t.params.get(k) is None else cell(short(t.params[k])) for k in keys),
         )
     return table
 
@@ -172,27 +189,32 @@ def tune_lines(result) -> list[str]:
     lines = []
     if result.best is not None:
         lines.append(
-            f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}, run {result.best.run_dir}"
+            f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}, "
+            f"run {shown(result.best.run_dir)}"
         )
     for label, path in (("best recipe", result.best_yaml), ("importance", result.importance_png)):
         if path is not None:
-            lines.append(f"{label}: {path}")
+            lines.append(f"{label}: {shown(path)}")
     return lines
 
 
 # --------------------------------------------------------------------------- runs
 
 
-def runs_table(rows: list[dict], columns: list[str], fmt):
+def runs_table(rows: list[dict], columns: list[str], fmt, problems: bool = False):
+    """One row per run; with ``problems``, a last column counting each run's unreadable files."""
     from rich.table import Table
 
     table = Table()
-    for col in columns:
-        table.add_column(
-            col, justify="left" if col in ("run", "date", "arch", "device", "precision") else "right"
-        )
+    for col in [*columns, "problems"] if problems else columns:
+        left = col in ("run", "date", "arch", "device", "precision", "problems")
+        table.add_column(col, justify="left" if left else "right")
     for r in rows:
-        table.add_row(*(fmt(c, r[c]) for c in columns))
+        cells = [fmt(c, r[c]) for c in columns]
+        if problems:
+            n = len(r["problems"])
+            cells.append(f"{n} unreadable file{'s' if n > 1 else ''}" if n else "")
+        table.add_row(*(cell(c) for c in cells))
     return table
 
 
@@ -211,16 +233,16 @@ def diff_renderables(result: dict, a: str, b: str, fmt) -> list:
     out: list = []
     table = Table(title="recipe")
     for col in ("key", a, b):
-        table.add_column(col, overflow="fold")
+        table.add_column(cell(col), overflow="fold")
     for r in result["recipe"]:
         table.add_row(
-            r["key"], "-" if r["a"] is None else str(r["a"]), "-" if r["b"] is None else str(r["b"])
+            cell(r["key"]), "-" if r["a"] is None else cell(r["a"]), "-" if r["b"] is None else cell(r["b"])
         )
     out.append(table if result["recipe"] else "recipes: identical")
     table = Table(title="metrics")
     for col in ("metric", a, b):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+        table.add_column(cell(col), justify="left" if col == "metric" else "right")
     for r in result["metrics"]:
-        table.add_row(r["metric"], fmt(r["metric"], r["a"]), fmt(r["metric"], r["b"]))
+        table.add_row(cell(r["metric"]), fmt(r["metric"], r["a"]), fmt(r["metric"], r["b"]))
     out.append(table)
     return out

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from imgcls.cli.app import command, stderr, stdout, wide_stdout
+from imgcls.cli.app import _error, command, stderr, stdout, wide_stdout
 from imgcls.cli.render import diff_renderables, diff_rows, runs_table
 
 
@@ -41,7 +41,7 @@ def runs(
 
     import csv
 
-    from imgcls.errors import UsageError
+    from imgcls.errors import PartialFailure, UsageError
     from imgcls.runs import COLUMNS, diff_runs, fmt, list_runs
 
     if as_json and as_csv:
@@ -60,13 +60,22 @@ def runs(
                 out.print(renderable)
         return
     rows = list_runs(root, sort)
+    bad = [r for r in rows if r["problems"]]
+    for r in bad:
+        for line in r["problems"]:
+            _error(line)
     if as_json:
         print(json.dumps(rows))
     elif as_csv:
-        table = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        table = csv.DictWriter(sys.stdout, [*COLUMNS, "problems"], lineterminator="\n")
         table.writeheader()
-        table.writerows(rows)
+        table.writerows({**r, "problems": " | ".join(r["problems"])} for r in rows)
     elif not rows:
         stderr().print(f"no runs under {root}", markup=False)
     else:
-        wide_stdout().print(runs_table(rows, COLUMNS, fmt))
+        wide_stdout().print(runs_table(rows, COLUMNS, fmt, problems=bool(bad)))
+    if bad:
+        raise PartialFailure(
+            f"{len(bad)} of {len(rows)} runs {'has' if len(bad) == 1 else 'have'} files that cannot be "
+            "read (listed above; the columns from those files are empty); the other runs are complete"
+        )

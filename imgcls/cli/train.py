@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from imgcls.cli.app import command, debugging, log_to_stderr
+from imgcls.cli.app import command, debugging, log_to_stderr, stderr
 from imgcls.cli.render import train_closing, train_summary
 
 
@@ -25,7 +25,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder to create (default runs/<name>/<n>); must be new or empty."),
+        typer.Option(help="Run folder to create (default `runs/<name>/<n>`); must be new or empty."),
     ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a stopped run folder exactly where it stopped.")
@@ -71,9 +71,11 @@ def train(
     recipe_path, overrides = _recipe_source(recipe, resume, out, list(set_ or []), epochs, device)
     parsed = load_recipe(recipe_path, overrides)
     if nproc is not None:
-        from imgcls.distributed import check_launch, launch
+        from imgcls.distributed import check_launch, launch, oversubscribed
 
         check_launch(nproc, parsed)
+        if warning := oversubscribed(nproc, parsed):
+            stderr().print(warning, markup=False)
         worker = ["--debug"] if debugging() else []
         worker += ["train", str(recipe_path), *(f"--set={o}" for o in overrides)]
         worker += [f"--out={out}"] if out is not None else []

@@ -32,13 +32,13 @@ def tune(
         ),
     ] = None,
     study: Annotated[
-        str | None, typer.Option(help="Study name and folder (default: <recipe name>-tune).")
+        str | None, typer.Option(help="Study name and folder (default: `<recipe name>-tune`).")
     ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=0.0, help="Start no new trial after this many seconds.")
     ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, in threads of this process.")
+        int, typer.Option("--jobs", "-j", min=1, help="Trials at once, each in its own worker process.")
     ] = 1,
     metric: Annotated[
         str, typer.Option(help="The objective: val_acc (maximised), val_loss, train_acc or train_loss.")
@@ -47,6 +47,10 @@ def tune(
     startup_trials: Annotated[
         int, typer.Option(min=0, help="Median pruner: trials that run in full before any is pruned.")
     ] = 2,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Sampler seed: the same command tries the same values (default: train.seed)."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a recipe value for every trial: key.path=value."),
@@ -85,6 +89,7 @@ def tune(
         metric=metric,
         pruner=pruner,
         startup_trials=startup_trials,
+        seed=seed,
         log=log_to_stderr(),
     )
     if as_json:
@@ -93,7 +98,7 @@ def tune(
         out = wide_stdout()
         out.print(trials_table(result))
         for line in tune_lines(result):
-            out.print(line)
+            out.print(line, markup=False)
     if result.interrupted:
         from imgcls.errors import Interrupted
 

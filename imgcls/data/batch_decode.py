@@ -22,6 +22,12 @@ Processes use the ``spawn`` context (no fork after torch started its
 threads) and import only PIL and numpy; they ignore SIGINT, so Ctrl-C reaches
 the parent alone, which terminates the pool and re-raises. ``IMGCLS_DECODE``
 (``serial``, ``threads``, ``processes``) overrides the measurement.
+
+The pool is a :class:`DecodePool` its caller owns: nothing here is
+process-global. As with any spawn or forkserver worker, each imports the
+parent's ``__main__`` module as Python's multiprocessing does (a script that
+calls imgcls needs the usual ``if __name__ == "__main__":`` guard); where that
+module cannot be imported again (a script read from stdin), threads are used.
 """
 
 from __future__ import annotations
@@ -30,12 +36,10 @@ import multiprocessing
 import os
 import sys
 import time
-import types
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -68,6 +72,11 @@ def decode_mode() -> str:
     return mode
 
 
+def _usable_mode(mode: str) -> str:
+    """``mode``, but threads where no worker process could start (see the module doc)."""
+    return "threads" if mode in ("auto", "processes") and not main_importable() else mode
+
+
 def decode_into(
     out,
     paths: Sequence[str | os.PathLike],
@@ -81,6 +90,7 @@ def decode_into(
     *,
     file: tuple[str, int] | None = None,
     sums: np.ndarray | None = None,
+    pool: DecodePool | None = None,
 ) -> list[tuple[int, str]]:
     """Decode ``paths[i]`` into ``out[i]`` (a uint8 numpy array or tensor of
     shape (N, C, H, W)); return the ``(index, reason)`` of files that failed.
@@ -89,12 +99,18 @@ def decode_into(
     built): worker processes then write their rows there themselves.
     ``sums``: a (2, C) int64 array that receives the per-channel sum and sum
     of squares of the decoded rows (failed rows must be zero in ``out``).
+    ``pool``: worker processes to use and keep (see :class:`DecodePool`);
+    without one, any workers started end with this call.
     """
+    if pool is None:
+        with DecodePool() as own:
+            args = (out, paths, channels, size, resize, workers, progress, log, mode)
+            return decode_into(*args, file=file, sums=sums, pool=own)
     arr = out.numpy() if hasattr(out, "numpy") else out  # a tensor shares its memory
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
     workers = workers or decode_workers()
-    mode = mode or decode_mode()
+    mode = _usable_mode(mode or decode_mode())
     failures: list[tuple[int, str]] = []
     total = np.zeros((2, channels), dtype=np.int64)
 
@@ -124,7 +140,7 @@ def decode_into(
         done += step
     rate1 = max(done - WARMUP, 1) / max(time.perf_counter() - start, 1e-9)
     left = n - done
-    pool_ready = bool(_POOL) and _POOL[0] == workers  # kept from the previous split: no start cost
+    pool_ready = pool.ready(workers)  # kept from the previous split: no start cost
     short = left < rate1 * SERIAL_BELOW_S and not pool_ready
     if left and (mode == "serial" or workers == 1 or (mode == "auto" and short)):
         serial(done, n)
@@ -156,7 +172,7 @@ def decode_into(
     elif left:
         t0 = time.perf_counter()
         _processes(
-            arr, paths, done, n, chunk, workers, channels, size, resize, failures, total, progress, file
+            arr, paths, done, n, chunk, workers, channels, size, resize, failures, total, progress, file, pool
         )
         rate_p = left / max(time.perf_counter() - t0, 1e-9)
         log(
@@ -193,13 +209,14 @@ def _threads(arr, paths, a, b, chunk, workers, channels, size, resize, failures,
 
 
 def _processes(
-    arr, paths, a, b, chunk, workers, channels, size, resize, failures, total, progress, file
+    arr, paths, a, b, chunk, workers, channels, size, resize, failures, total, progress, file, owner
 ) -> None:
     """A pool of ``workers`` spawn processes over chunks, and this process
     takes chunks too while the pool starts and whenever the pool has enough
     queued (on a 2-core machine the parent would otherwise sit idle, and
     spawning takes a few hundred ms). With ``file``, workers write their rows
-    into it (one pwrite per chunk) instead of sending them back."""
+    into it (one pwrite per chunk) instead of sending them back. ``owner``:
+    the :class:`DecodePool` the workers come from (and stay in)."""
     row_shape = arr.shape[1:]
     row_bytes = int(np.prod(row_shape))
     todo = deque(range(a, b, chunk))
@@ -209,7 +226,7 @@ def _processes(
         target = None if file is None else (file[0], file[1] + lo * row_bytes)
         return lo, paths[lo:hi], channels, tuple(size), resize, target
 
-    pool, warm = _pool(workers)
+    pool, warm = owner.get(workers)
     pending: set = set()
     queued = 2 * workers  # chunks in flight per pool: enough to never starve it
 
@@ -227,7 +244,7 @@ def _processes(
 
     try:
         while todo or pending:
-            with _main_module_hidden(), interrupts.postponed():  # workers start during submit
+            with interrupts.postponed():  # workers start during submit
                 while todo and len(pending) < queued:
                     pending.add(pool.submit(decode_chunk, task(todo.popleft())))
             if todo and not warm:  # the pool is starting: take a chunk here
@@ -244,7 +261,7 @@ def _processes(
             warm = warm or bool(finished)
             collect(finished)
     except BrokenProcessPool:
-        _close_pool()
+        owner.close()
         raise DataError(
             "a decode worker process died (a crash inside an image decoder?); "
             "rerun with IMGCLS_DECODE=threads to find the file"
@@ -254,30 +271,61 @@ def _processes(
         # (SIGINT ignored) to end after the chunk in hand (~CHUNK_S): one
         # still starting would otherwise print a traceback after we are gone.
         # Then the caller removes what was half-written.
-        _close_pool(wait=True)
+        owner.close(wait=True)
         raise
-    if not _KEEP[0]:
-        _close_pool()
 
 
-# The process pool, kept between the splits of one prepare_data (spawning
-# costs a few hundred ms) while keep_pool() is active: (workers, pool).
-_POOL: list = []
-_KEEP = [False]
+def main_importable() -> bool:
+    """Whether a spawned process can import this one's ``__main__`` again
+    (it cannot when that is a script read from stdin)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or path is None:
+        return True
+    original: str | None = getattr(multiprocessing.process, "ORIGINAL_DIR", None)  # set at its import
+    if not os.path.isabs(path) and original is not None:
+        path = os.path.join(original, path)
+    return os.path.isfile(path)
 
 
-def _pool(workers: int) -> tuple[ProcessPoolExecutor, bool]:
-    """(pool, warm): the kept pool when there is one of this size, else a new one."""
-    if _POOL and _POOL[0] == workers:
-        return _POOL[1], True
-    _close_pool()
-    _prestart()
-    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
-    # crash inside a decoder) breaks the pool with an error instead of being
-    # silently replaced while its chunk is waited for forever.
-    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=interrupts.ignore)
-    _POOL[:] = [workers, pool]
-    return pool, False
+class DecodePool:
+    """Decode worker processes kept across :func:`decode_into` calls (the
+    splits of one dataset: spawning costs a few hundred ms). The caller owns
+    it and ends it: ``with DecodePool() as pool: decode_into(..., pool=pool)``.
+    Nothing about it is global, so threads each with their own pool do not
+    meet."""
+
+    def __init__(self) -> None:
+        self._workers = 0
+        self._pool: ProcessPoolExecutor | None = None
+
+    def ready(self, workers: int) -> bool:
+        """Whether a started pool of ``workers`` is at hand (no start cost)."""
+        return self._pool is not None and self._workers == workers
+
+    def get(self, workers: int) -> tuple[ProcessPoolExecutor, bool]:
+        """(pool, warm): the kept pool when it has this size, else a new one."""
+        if self._pool is not None and self.ready(workers):
+            return self._pool, True
+        self.close()
+        _prestart()
+        # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
+        # crash inside a decoder) breaks the pool with an error instead of being
+        # silently replaced while its chunk is waited for forever.
+        self._pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=interrupts.ignore)
+        self._workers = workers
+        return self._pool, False
+
+    def close(self, wait: bool = False) -> None:
+        pool, self._pool, self._workers = self._pool, None, 0
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _prestart() -> None:
@@ -298,7 +346,7 @@ def _prestart() -> None:
         return
     from multiprocessing import forkserver
 
-    with _main_module_hidden(), interrupts.postponed():
+    with interrupts.postponed():
         forkserver.ensure_running()
 
 
@@ -308,46 +356,11 @@ def _context() -> multiprocessing.context.BaseContext:
     instead of ~300 ms of interpreter start and numpy/PIL imports per worker,
     which on 2 cores is CPU taken from decoding). Workers are never forked
     from this process, whose torch or progress threads may hold locks.
-    Elsewhere ``spawn``."""
+    Elsewhere ``spawn``. As with any multiprocessing start method but fork,
+    a worker imports the parent's ``__main__`` (a script calling imgcls needs
+    the usual ``if __name__ == "__main__":`` guard)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["imgcls.data.decode_server", "imgcls.data.decode"])
         return ctx
     return multiprocessing.get_context("spawn")
-
-
-def _close_pool(wait: bool = False) -> None:
-    if _POOL:
-        pool = _POOL[1]
-        _POOL.clear()
-        pool.shutdown(wait=wait, cancel_futures=True)
-
-
-@contextmanager
-def keep_pool() -> Iterator[None]:
-    """Keep decode worker processes alive across decode_into calls (the
-    splits of one dataset); they end when the block does."""
-    _KEEP[0] = True
-    try:
-        yield
-    finally:
-        _KEEP[0] = False
-        _close_pool()
-
-
-@contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """Start spawn workers without re-running the user's ``__main__``.
-
-    ``spawn`` re-imports the parent's main script in every worker, so a script
-    calling imgcls without an ``if __name__ == "__main__"`` guard would run
-    again (and try to start workers of its own). The workers need nothing from
-    ``__main__`` (they import imgcls.data.decode, PIL and numpy), so while
-    they start, ``__main__`` is a bare module with no file to re-run.
-    """
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main

@@ -27,9 +27,17 @@ looks complete, and two processes building the same entry both end with one.
 When a split changes (files added, removed or edited), the new entry copies
 the rows of unchanged files (same path, size and mtime) from the previous
 entries of the same source and geometry, decodes only the rest, and then
-replaces the previous entry of that split. After each write, entries are
-evicted least recently used first until the cache fits ``IMGCLS_CACHE_MAX``
-(default :data:`DEFAULT_CACHE_MAX`).
+replaces the previous entry of that split. Once all of a run's splits are
+built (:func:`evict`), entries are evicted least recently used first until the
+cache fits ``IMGCLS_CACHE_MAX`` (default :data:`DEFAULT_CACHE_MAX`).
+
+An entry in use is never evicted nor replaced: a process using one holds a
+shared lock on ``.locks/<key>`` (filelock's reader/writer lock, SQLite) from
+before it is built or mapped until the process lets the split go or ends
+(the lock dies with the process, even killed); evicting takes the exclusive
+lock without waiting, and an entry whose lock is held stays. So a cap smaller
+than one run's data keeps that run's entries, says so once, and the next run
+maps them.
 
 Files that fail to decode are skipped, reported through ``log`` and returned
 in ``DecodedSplit.bad``; :func:`check_bad` enforces ``max_bad_fraction``.
@@ -40,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -53,20 +60,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgcls.data.batch_decode import decode_into
+from imgcls.data.batch_decode import DecodePool, decode_into
+from imgcls.data.cache_folder import (  # noqa: F401  (the folder's API, also reached through here)
+    META,
+    cache_max,
+    clear_entries,
+    default_cache_dir,
+    drop_superseded,
+    evict,
+    hold_entry,
+    human_bytes,
+    list_entries,
+    list_folder,
+    parse_size,
+    release,
+)
 from imgcls.data.decode import channel_sums
 from imgcls.data.progress import Progress
-from imgcls.data.shapes import cache_root
-from imgcls.errors import DataError, UsageError
+from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
 AUTO_RAM_LIMIT = 2 * 1024**3  # kept for callers; ``auto`` now persists (see above)
 CACHE_VERSION = 3  # bump when decode/resize output changes (3: per-file cache entries)
-DEFAULT_CACHE_MAX = "20G"
-STALE_TEMP_S = 3600.0  # a temporary entry older than this is a crashed writer's
 Log = Callable[[str], None]
 MAX_LOGGED_BAD = 10
-META = "meta.json"
 
 
 @dataclass
@@ -82,27 +99,12 @@ class DecodedSplit:
     # the cache file x is memory-mapped from (rows from offset 0), or None when x
     # is in RAM: a split larger than memory is streamed from it (imgcls.data.batches)
     file: Path | None = None
+    # the shared lock that keeps ``file``'s cache entry from being evicted or
+    # replaced while this process uses it (see the module doc); None in RAM
+    hold: object | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
-
-
-def default_cache_dir() -> Path:
-    """``$IMGCLS_CACHE/decoded`` (see :func:`imgcls.data.shapes.cache_root`)."""
-    return cache_root() / "decoded"
-
-
-def parse_size(text: str) -> int:
-    """``"20G"``, ``"500M"``, ``"1.5T"``, ``"123"`` (bytes) -> bytes (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"IMGCLS_CACHE_MAX={text!r}: expected a size like 20G, 500M or 1.5T")
-    return int(float(m[1]) * 1024 ** " KMGT".index((m[2] or " ").upper()))
-
-
-def cache_max() -> int:
-    """The cache's size cap in bytes: ``$IMGCLS_CACHE_MAX``, else 20 GiB."""
-    return parse_size(os.environ.get("IMGCLS_CACHE_MAX") or DEFAULT_CACHE_MAX)
 
 
 def file_stats(paths: Sequence[str], known: dict[str, tuple[int, int]] | None = None) -> np.ndarray:
@@ -156,6 +158,9 @@ def load_split(
     source: str | os.PathLike | None = None,
     split: str = "",
     progress: Progress | None = None,
+    pool: DecodePool | None = None,
+    notes: set[str] | None = None,
+    evicting: bool = True,
 ) -> DecodedSplit:
     """Decode ``items`` = [(file, label), ...] into a :class:`DecodedSplit`,
     through the persistent cache (``cache_dir``, default :func:`default_cache_dir`)
@@ -164,7 +169,17 @@ def load_split(
     ``stats``: (size, mtime_ns) per path from the listing; ``source`` and
     ``split`` name the entry (shown by ``imgcls cache list``; a new entry
     replaces the previous one of the same source, split and geometry).
+    ``pool``: decode workers kept across the splits of one dataset; ``notes``:
+    notes already said (a note is said once per set); ``evicting=False``
+    leaves eviction to the caller (:func:`evict`, once all splits are built).
     """
+    notes = set() if notes is None else notes
+
+    def note(message: str) -> None:
+        if message not in notes:
+            notes.add(message)
+            log(message)
+
     paths = [p for p, _ in items]
     names = [p if isinstance(p, str) else os.fspath(p) for p in paths]
     # a class index per row, or a multi-hot row (multi-label source): float targets for BCE
@@ -179,35 +194,41 @@ def load_split(
     if policy != "none" and len(paths):
         cap = cache_max()
         if policy == "auto" and int(np.prod(shape)) > cap:
-            log(f"note: {len(paths)} decoded images would exceed IMGCLS_CACHE_MAX; decoding into RAM")
+            note(
+                f"note: a decoded split would exceed IMGCLS_CACHE_MAX ({human_bytes(cap)}); decoding into RAM"
+            )
             policy = "none"
         elif policy == "auto" and not _writable(cache):
-            log(f"note: cannot write the cache folder {cache}; decoding into RAM")
+            note(f"note: cannot write the cache folder {cache}; decoding into RAM")
             policy = "none"
-    file = None  # set when x is mapped from the cache
+    file = hold = None  # set when x is mapped from the cache
     if policy == "none" or not len(paths):
         x = torch.zeros(shape, dtype=torch.uint8)  # zero: failed rows add nothing to sums
         sums = np.zeros((2, spec.channels), dtype=np.int64)
         with progress.task(what, total=len(paths)) as task:
             failures = decode_into(
-                x, names, spec.channels, spec.size, spec.resize, progress=task, log=log, sums=sums
+                x, names, spec.channels, spec.size, spec.resize, progress=task, log=log, sums=sums, pool=pool
             )
         ok, bad = _split_failures(paths, failures)
         if bad:
             x = x[ok]
     else:
-        x, ok, bad, sums, file = _cached(
-            names, paths, spec, cache, shape, log, stats, source, split, progress, what
+        x, ok, bad, sums, file, hold = _cached(
+            names, paths, spec, cache, shape, log, stats, source, split, progress, what, pool
         )
         if policy == "ram":
             x, file = x.clone(), None
+            release(hold)
+            hold = None
+        if evicting:
+            evict(cache, log)
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
     if len(ok) == len(paths):
-        return DecodedSplit(x, labels, paths, bad, sums, file)
-    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums, file)
+        return DecodedSplit(x, labels, paths, bad, sums, file, hold)
+    return DecodedSplit(x, labels[ok], [paths[i] for i in ok.tolist()], bad, sums, file, hold)
 
 
 def _ok_rows(failures, n: int) -> np.ndarray:
@@ -228,33 +249,49 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, progress, what):
-    """The persistent-cache path of :func:`load_split`: map, or build then map."""
+def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, progress, what, pool):
+    """The persistent-cache path of :func:`load_split`: map, or build then
+    map; the entry is held (shared lock) from before either, so no other
+    process evicts it between its build and its use."""
     # The listing's stats are keyed by the names it produced (absolute for a
     # folder source, see sources.read_folder), so no per-file rewrite here.
     abs_names = _absolute(names)
     stats = file_stats(abs_names, known)
     key = cache_key(abs_names, spec, stats)
     entry = cache / key
-    hit = _open_entry(entry, shape)
-    if hit is not None:
-        x, meta = hit
-        ok, bad = _split_failures(paths, meta["bad"])
-        log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
-        return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(
             f"{cache}: cannot create the decoded-image cache folder: {exc.strerror or exc}"
         ) from None
+    hold = hold_entry(cache, key)
+    try:
+        found = _map_or_build(
+            entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool
+        )
+    except BaseException:
+        release(hold)
+        raise
+    return (*found, hold)
+
+
+def _map_or_build(entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool):
+    cache, key = entry.parent, entry.name
+    hit = _open_entry(entry, shape)
+    if hit is not None:
+        x, meta = hit
+        ok, bad = _split_failures(paths, meta["bad"])
+        log(f"mapped {len(ok)} decoded images from {entry / 'rows.u8'}")
+        return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
     source_name = os.path.abspath(source) if source is not None else os.path.commonpath(abs_names)
-    meta = _build_entry(cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what)
+    meta = _build_entry(
+        cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what, pool
+    )
     opened = _open_entry(entry, shape)
     if opened is None:
         raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
     x, meta = opened
-    _evict(cache, keep=key, log=log)
     ok, bad = _split_failures(paths, meta["bad"])
     return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
 
@@ -285,7 +322,7 @@ def _open_entry(entry: Path, shape) -> tuple[torch.Tensor, dict] | None:
     return torch.from_numpy(np.memmap(rows, dtype=np.uint8, mode="c", shape=(n_ok, *shape[1:]))), meta
 
 
-def _build_entry(cache, key, names, stats, spec, shape, source, split, log, progress, what) -> dict:
+def _build_entry(cache, key, names, stats, spec, shape, source, split, log, progress, what, pool) -> dict:
     tmp = cache / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -313,6 +350,7 @@ def _build_entry(cache, key, names, stats, spec, shape, source, split, log, prog
                     # file is fresh, so failed rows stay zero)
                     file=(os.fspath(tmp / "rows.u8"), 0) if whole else None,
                     sums=sums,
+                    pool=pool,
                 )
             if not whole:
                 mm[need] = sub
@@ -352,7 +390,7 @@ def _build_entry(cache, key, names, stats, spec, shape, source, split, log, prog
         except OSError:
             pass  # another process built the same entry first: theirs is as good
         else:
-            _drop_superseded(cache, key, meta)
+            drop_superseded(cache, key, meta)
         decoded = n - reused - len(known_bad)
         log(f"cached {len(ok)} decoded images in {cache / key} ({decoded} decoded, {reused} reused)")
         return meta
@@ -365,7 +403,7 @@ def _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad) -> 
     for unchanged files; clear them in ``todo``. Returns how many were reused."""
     geometry = _geometry(spec)
     reused = 0
-    for entry, meta in sorted(_entries(cache), key=lambda em: -em[0].stat().st_mtime):
+    for entry, meta in sorted(list_folder(cache), key=lambda em: -em[0].stat().st_mtime):
         if meta.get("geometry") != geometry or meta.get("source") != source or meta.get("key") == key:
             continue
         try:
@@ -403,121 +441,6 @@ def _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad) -> 
         if not todo.any():
             break
     return reused
-
-
-def _entries(cache: Path) -> list[tuple[Path, dict]]:
-    out: list[tuple[Path, dict]] = []
-    try:
-        folders = list(os.scandir(cache))
-    except OSError:
-        return out
-    for e in folders:
-        if e.name.startswith(".") or not e.is_dir():
-            continue
-        try:
-            out.append((Path(e.path), json.loads(Path(e.path, META).read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _drop_superseded(cache: Path, key: str, meta: dict) -> None:
-    """The entry of the same source, split and geometry that this one replaces."""
-    for entry, other in _entries(cache):
-        same = all(other.get(k) == meta[k] for k in ("source", "split", "geometry"))
-        if same and other.get("key") != key:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _evict(cache: Path, keep: str, log: Log) -> None:
-    """Least recently used entries first, until the cache fits its cap."""
-    cap = cache_max()
-    entries = list_entries(cache)
-    total = sum(e["bytes"] for e in entries)
-    for e in sorted(entries, key=lambda e: e["last_used"]):
-        if total <= cap:
-            break
-        if e["key"] == keep:
-            continue
-        shutil.rmtree(cache / e["key"], ignore_errors=True)
-        total -= e["bytes"]
-        log(
-            f"cache: evicted {e['key']} ({e['source']} {e['split']}, {human_bytes(e['bytes'])}) to stay under IMGCLS_CACHE_MAX"
-        )
-    if total > cap:
-        log(
-            f"warning: the decoded cache ({human_bytes(total)}) exceeds IMGCLS_CACHE_MAX ({human_bytes(cap)})"
-        )
-    _remove_stale_temps(cache)
-
-
-def _remove_stale_temps(cache: Path) -> None:
-    now = time.time()
-    for p in cache.glob(".tmp-*"):
-        try:
-            if now - p.stat().st_mtime > STALE_TEMP_S:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def list_entries(cache_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Every complete cache entry: key, source, split, images, bytes (on disk),
-    last_used (epoch seconds), most recently used first."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = []
-    for entry, meta in _entries(cache):
-        try:
-            size = sum(f.stat().st_size for f in entry.iterdir())
-            used = entry.stat().st_mtime
-        except OSError:
-            continue
-        out.append(
-            {
-                "key": entry.name,
-                "source": meta.get("source", ""),
-                "split": meta.get("split", ""),
-                "images": meta.get("images", 0),
-                "bytes": size,
-                "last_used": used,
-            }
-        )
-    return sorted(out, key=lambda e: -e["last_used"])
-
-
-def clear_entries(keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
-    """Remove the named entries (a unique key prefix is enough), or all when
-    ``keys`` is empty; returns (entries removed, bytes freed). An unknown key
-    is a :class:`UsageError` and nothing is removed."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entries = list_entries(cache)
-    if keys:
-        chosen = []
-        for k in keys:
-            match = [e for e in entries if e["key"].startswith(k)]
-            if len(match) != 1:
-                why = "no cache entry" if not match else f"{len(match)} cache entries"
-                raise UsageError(f"{k}: {why} with that key (see `imgcls cache list`)")
-            chosen.append(match[0])
-    else:
-        chosen = entries
-    freed = 0
-    for e in chosen:
-        shutil.rmtree(cache / e["key"], ignore_errors=True)
-        freed += e["bytes"]
-    if not keys:
-        for p in cache.glob(".tmp-*"):  # a crashed writer's leftovers
-            shutil.rmtree(p, ignore_errors=True)
-    return len(chosen), freed
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (for logs and `imgcls cache list`)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def check_bad(bad: Sequence[tuple[Path, str]], total: int, max_fraction: float) -> None:

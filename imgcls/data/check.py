@@ -45,13 +45,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from imgcls.data.decode import FORMATS, DecodeError, decode_image
+from imgcls.data.decode import FORMATS, DecodeError, decode_image, max_file_bytes, open_image_file
 from imgcls.data.shapes import cache_root
-from imgcls.data.sources import SPLITS, images_under, read_labelled_rows
+from imgcls.data.sources import SPLITS, Links, read_labelled_rows, walk_images
 from imgcls.errors import DataError
+from imgcls.text import one_line, shown
 
 IMBALANCE = 3.0
 NEAR_DISTANCE = 8  # of 100 bits
@@ -102,18 +104,23 @@ class CheckResult:
 # --------------------------------------------------------------------------- listing
 
 
-def list_items(path: Path) -> list[Item]:
-    """Every image of a folder tree (flat, or train/val/test) or a CSV, with its label and split."""
+def list_items(path: Path, links: Links | None = None) -> list[Item]:
+    """Every image of a folder tree (flat, or train/val/test) or a CSV, with its label and split.
+
+    Each real file once, under the class and split of its real path, as training
+    lists them; symbolic links leading back into the tree go to ``links``."""
     if path.is_file() and path.suffix.lower() == ".csv":
-        return [Item(r.path, r.label, r.split or "train") for r in read_labelled_rows(path, must_exist=False)]
+        rows = read_labelled_rows(path, must_exist=False)
+        return [Item(r.path, r.label or "(no label)", r.split or "train") for r in rows]
     if not path.is_dir():
         raise DataError(f"{path}: no such folder or CSV file")
     splits = [s for s in (*SPLITS, "valid", "validation") if (path / s).is_dir()]
     roots = [(path / s, "val" if s in ("valid", "validation") else s) for s in splits] or [(path, "all")]
     items: list[Item] = []
+    walk: dict[str, Any] = dict(within=os.path.realpath(path), seen=set(), links=links)
     for root, split in roots:
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            items.extend(Item(f, d.name, split) for f in images_under(d))
+            items.extend(Item(Path(f), d.name, split) for f in walk_images(d, **walk))
     if not items:
         raise DataError(f"{path}: no images in class folders (expected PATH/<class>/<image>)")
     return items
@@ -140,14 +147,25 @@ def file_facts(path: Path) -> dict:
     """Hashes, size and mode of one file, or its decode error."""
     from PIL import Image
 
+    digest = hashlib.sha256()
     try:
-        data = path.read_bytes()
+        # the decoder's guard: a regular file within the size cap, never a FIFO or a device
+        with open_image_file(path) as fh:
+            cap, seen = max_file_bytes(), 0
+            while block := fh.read(1 << 20):
+                digest.update(block)
+                seen += len(block)
+                if cap is not None and seen > cap:  # it grew after it was checked
+                    return {"error": f"refused, grew past {cap} bytes while being read"}
+    except DecodeError as exc:
+        return {"error": exc.reason}
     except OSError as exc:
         return {"error": f"cannot read: {exc.strerror or exc}"}
-    facts: dict = {"sha256": hashlib.sha256(data).hexdigest()}
+    facts: dict = {"sha256": digest.hexdigest()}
     try:
         image = decode_image(path, 3)  # the one decode path: its reasons, its format allowlist
-        with Image.open(path, formats=FORMATS) as im:  # the header again: the file's own mode
+        # the header again, for the file's own mode
+        with open_image_file(path) as fh, Image.open(fh, formats=FORMATS) as im:
             facts["mode"] = im.mode
     except DecodeError as exc:
         return {**facts, "error": exc.reason}
@@ -242,7 +260,8 @@ def check_dataset(
 
     start = time.perf_counter()
     root = Path(path).expanduser()
-    items = list_items(root)
+    links: Links = []
+    items = list_items(root, links)
     log(f"checking {len(items)} files under {root}")
     facts = gather_facts(items, root, threads)
 
@@ -304,6 +323,8 @@ def check_dataset(
     p["near_duplicates"] = [_describe([good[n][0] for n in g]) for g in groups.values() if len(g) > 1]
 
     p["outliers"] = _outliers(good)
+    # a link back into the data set: training counts its target once, where it really is
+    p["links_into_dataset"] = [{"file": link, "target": target} for link, target in links]
     if model is not None:
         p["label_errors"] = label_errors(model, good, log)
     result.seconds = time.perf_counter() - start
@@ -390,10 +411,12 @@ def label_errors(ckpt, good: list[tuple[Item, dict]], log: Log) -> list[dict]:
 
 
 def summary_lines(result: CheckResult) -> list[str]:
-    """The report for people: counts, then each kind of problem with up to 10 examples."""
-    lines = [f"{result.root}: {result.files} files in {result.seconds:.1f} s"]
+    """The report for people: counts, then each kind of problem with up to 10 examples.
+    One finding is one line: names are shown by :func:`imgcls.text.shown` (a name
+    with a newline, a control character or a byte that is not UTF-8 is quoted, escaped)."""
+    lines = [f"{shown(result.root)}: {result.files} files in {result.seconds:.1f} s"]
     for split, by_class in result.counts.items():
-        lines.append(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in by_class.items()))
+        lines.append(f"  {shown(split)}: " + ", ".join(f"{shown(c)} {n}" for c, n in by_class.items()))
     names = {
         "imbalance": "imbalanced splits",
         "missing_classes": "classes missing from a split",
@@ -401,6 +424,7 @@ def summary_lines(result: CheckResult) -> list[str]:
         "exact_duplicates": "exact duplicate groups",
         "near_duplicates": f"near-duplicate groups (phash distance <= {NEAR_DISTANCE})",
         "outliers": "size / aspect / mode outliers",
+        "links_into_dataset": "symbolic links back into the data set (not followed: each image counts once)",
         "label_errors": "likely label errors",
     }
     for key, found in result.problems.items():
@@ -419,13 +443,20 @@ def summary_lines(result: CheckResult) -> list[str]:
 
 def _entry_line(key: str, e: dict) -> str:
     if key == "imbalance":
-        return f"{e['split']}: {e['largest']} has {e['ratio']}x the images of {e['smallest']}"
+        return f"{e['split']}: {shown(e['largest'])} has {e['ratio']}x the images of {shown(e['smallest'])}"
     if key == "missing_classes":
-        return f"{e['split']}: no {', '.join(e['classes'])}"
+        return f"{e['split']}: no {', '.join(shown(c) for c in e['classes'])}"
     if key == "unreadable":
-        return f"{e['file']}: {e['error']}"
+        return f"{shown(e['file'])}: {one_line(e['error'])}"
     if key in ("exact_duplicates", "near_duplicates"):
-        return f"{e['kind']}: " + ", ".join(f"{f['file']} ({f['split']}/{f['label']})" for f in e["files"])
+        return f"{e['kind']}: " + ", ".join(
+            f"{shown(f['file'])} ({f['split']}/{shown(f['label'])})" for f in e["files"]
+        )
+    if key == "links_into_dataset":
+        return f"{shown(e['file'])} -> {shown(e['target'])}"
     if key == "outliers":
-        return f"{e['file']}: {'; '.join(e['reasons'])}"
-    return f"{e['file']}: labelled {e['label']} (p={e['p_label']}), model says {e['suggested']} (p={e['p_suggested']})"
+        return f"{shown(e['file'])}: {'; '.join(e['reasons'])}"
+    return (
+        f"{shown(e['file'])}: labelled {shown(e['label'])} (p={e['p_label']}), "
+        f"model says {shown(e['suggested'])} (p={e['p_suggested']})"
+    )

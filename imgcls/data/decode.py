@@ -3,6 +3,11 @@
 Train, evaluate and predict all call :func:`decode_image` / :func:`load_image`,
 so a photo is seen identically everywhere. The rules:
 
+- only regular files are images (:func:`open_image_file`): a FIFO, a device
+  such as ``/dev/zero`` or a socket, even behind a symlink, is refused before
+  a byte is read, and no open can block; a file larger than any image within
+  the decompression-bomb limit can hold (:func:`max_file_bytes`) is refused
+  unread;
 - only the formats in :data:`FORMATS` are opened (Pillow's sniffing of dozens
   of exotic formats is a needless attack surface);
 - Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is kept, and
@@ -18,10 +23,11 @@ so a photo is seen identically everywhere. The rules:
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -75,7 +81,7 @@ def decode_image(path: str | os.PathLike, channels: int, min_side: int | None = 
         # Above MAX_IMAGE_PIXELS Pillow warns (an error here: see the filter
         # at the top) and above twice that raises; _check_pixels covers
         # images Pillow sizes only after opening.
-        with Image.open(path, formats=FORMATS) as im:
+        with open_image_file(path) as fh, Image.open(fh, formats=FORMATS) as im:
             _check_pixels(path, im.size)
             if min_side and im.format == "JPEG":
                 im.draft(im.mode, (min_side, min_side))
@@ -101,6 +107,67 @@ def decode_image(path: str | os.PathLike, channels: int, min_side: int | None = 
         # Pillow reports truncation and corrupt data as OSError / SyntaxError.
         raise DecodeError(path, f"cannot decode: {exc}") from None
     return _to_channels(image, channels, path)
+
+
+# The widest pixel a supported format stores uncompressed: 16-bit RGBA.
+_MAX_BYTES_PER_PIXEL = 8
+# Room for what a file may hold besides pixels (EXIF, ICC profiles, XMP).
+_MAX_EXTRA_BYTES = 64 << 20
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def max_file_bytes() -> int | None:
+    """The most bytes an image file may have: every pixel within Pillow's
+    decompression-bomb limit stored uncompressed at the widest pixel, plus room
+    for metadata (None when the limit is off)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit * _MAX_BYTES_PER_PIXEL + _MAX_EXTRA_BYTES if limit else None
+
+
+def open_image_file(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file of at most
+    :func:`max_file_bytes`, else raise :class:`DecodeError` saying what it is.
+
+    Only regular files are images. The path is stat'ed (following links)
+    before it is opened, and opened with ``O_NONBLOCK``, so a FIFO swapped in
+    between cannot block either; the open file is checked again (``fstat``), so
+    what is read is what was checked.
+    """
+    try:
+        _check_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise DecodeError(path, "no such file") from None
+    except OSError as exc:
+        raise DecodeError(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        _check_regular(path, os.fstat(fd))
+        return os.fdopen(fd, "rb")  # O_NONBLOCK means nothing for a regular file's reads
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: str | os.PathLike, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "an unknown kind of file")
+        if kind == "a folder":
+            raise DecodeError(path, "is a folder, not an image")
+        link = f", via a link to {os.path.realpath(path)}" if os.path.islink(path) else ""
+        raise DecodeError(path, f"not a regular file but {kind}{link}; only regular files are read as images")
+    cap = max_file_bytes()
+    if cap is not None and st.st_size > cap:
+        raise DecodeError(
+            path,
+            f"refused, {st.st_size} bytes is more than an image within Pillow's decompression-bomb "
+            f"limit of {Image.MAX_IMAGE_PIXELS} pixels can hold ({cap} bytes)",
+        )
 
 
 def _check_pixels(path: str | os.PathLike, size: tuple[int, int]) -> None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgcls.data.batch_decode import keep_pool
-from imgcls.data.cache import DecodedSplit, check_bad, default_cache_dir, load_split
+from imgcls.data.batch_decode import DecodePool
+from imgcls.data.cache import DecodedSplit, check_bad, default_cache_dir, evict, load_split
 from imgcls.data.loader import compute_mean_std, mean_std_from_sums
 from imgcls.data.progress import Progress
 from imgcls.data.sources import Source, open_source
@@ -50,15 +50,25 @@ def prepare_data(
     start = time.perf_counter()
     progress = progress or Progress.auto(log)
     with progress.task("listing") as task:
-        source = open_source(spec, Path(base_dir), task)
+        source = open_source(spec, Path(base_dir), task, log)
     listed = time.perf_counter() - start
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    where: dict[str, Any] = dict(stats=source.stats, source=source.root, progress=progress)
-    with keep_pool():  # one pool of decode workers for every split
+    with DecodePool() as pool:  # one pool of decode workers for every split
+        # notes said once per run; eviction once every split is built (and held)
+        where: dict[str, Any] = dict(stats=source.stats, source=source.root, progress=progress, pool=pool)
+        where.update(notes=set(), evicting=False)
         train = load_split(source.train, spec, cache, log, split="train", **where)
         val = load_split(source.val, spec, cache, log, split="val", **where)
         test = load_split(source.test, spec, cache, log, split="test", **where) if source.test else None
+    if spec.cache != "none":
+        evict(cache, log)
     source.stats = {}  # only the cache key needed them: ~250 bytes a file, for the whole run
+    # multi-label rows with an empty label cell: a negative for every class
+    unlabelled = (
+        sum(1 for split in (source.train, source.val, source.test) for _, y in split if not any(y))
+        if source.task == "multilabel"
+        else 0
+    )
     bad = train.bad + val.bad + (test.bad if test else [])
     check_bad(bad, len(source), spec.max_bad_fraction)
     if len(train) == 0:
@@ -78,6 +88,7 @@ def prepare_data(
         + (f", {len(test)} test" if test else "")
         + f" images at {spec.channels}x{h}x{w}"
         + (f", {len(bad)} unreadable skipped" if bad else "")
+        + (f", {unlabelled} with no label (a negative for every class)" if unlabelled else "")
         + f" ({time.perf_counter() - start:.1f} s, listing {listed:.1f} s)"
     )
     return PreparedData(source.classes, train, val, test, mean, std, bad, source)

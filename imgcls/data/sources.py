@@ -13,7 +13,9 @@ Three sources, one result (:class:`Source`):
   ``|`` (``dog;cat``; quote nothing, a comma would start a new column). When
   any training row has more than one label (or ``data.task: multilabel``),
   the source's task is ``multilabel`` and each item's label is a multi-hot
-  tuple (one 0/1 per class) instead of a class index.
+  tuple (one 0/1 per class) instead of a class index. In multi-label data a
+  row may leave the label cell empty: an image with no positive label (a
+  negative for every class). An empty file name is always an error.
 - ``shapes``: the built-in synthetic set, written once, then read as a folder.
 
 The automatic split is stratified and seeded (``val_split``, ``split_seed``):
@@ -25,7 +27,10 @@ Ignored: hidden files and folders (name starting with ".") and files whose
 extension is not an image extension. A class folder with no images is an
 error, not a warning: a class with no examples cannot be learned, and
 silently dropping it would change the class indices a model is trained on.
-The dataset folder is only read, never written.
+The dataset folder is only read, never written. Each real file is listed
+once, under the class (and split) of its real path: a symbolic link leading
+back into the data set is not followed (``imgcls data check`` names it); one
+leading outside is.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
@@ -43,7 +49,7 @@ import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
 from imgcls.data.progress import Task
-from imgcls.data.shapes import shapes_dir, write_shapes
+from imgcls.data.shapes import cache_root, shapes_dir, spec_key, write_shapes
 from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
@@ -72,15 +78,17 @@ class Source:
         return len(self.train) + len(self.val) + len(self.test)
 
 
-def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None) -> Source:
+def open_source(
+    spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None, log=lambda message: None
+) -> Source:
     """List the images of ``spec`` (relative paths are relative to ``base_dir``);
-    ``progress`` counts the files found."""
+    ``progress`` counts the files found; ``log`` takes warnings."""
     base_dir = Path(base_dir)
     if spec.source == "shapes":
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
-            out = write_shapes(shapes_dir(spec.shapes), spec.shapes)
+            out = _builtin_shapes(spec.shapes, log)
         return read_folder(out, spec.val_split, spec.split_seed, progress)
     assert spec.path is not None  # DataSpec checks this
     path = resolve(spec.path, base_dir)
@@ -89,6 +97,29 @@ def open_source(spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Tas
     if spec.source == "csv":
         return read_csv(path, spec.val_split, spec.split_seed, spec.task)
     raise DataError(f"unknown data source '{spec.source}'")
+
+
+def _builtin_shapes(spec, log) -> Path:
+    """The built-in set at :func:`shapes_dir`; where the cache folder cannot be
+    written (``IMGCLS_CACHE`` a file or a read-only folder), under the system's
+    temporary folder instead, said in one warning line (as folder data then
+    decodes into RAM)."""
+    try:
+        return write_shapes(shapes_dir(spec), spec)
+    except OSError as exc:
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        fallback = Path(tempfile.gettempdir()) / f"imgcls-{uid}" / "shapes" / spec_key(spec)
+        log(
+            f"warning: cannot write the cache folder {cache_root()} ({exc.strerror or exc}); "
+            f"the built-in shapes data goes to {fallback.parent}"
+        )
+        try:
+            return write_shapes(fallback, spec)
+        except OSError as again:
+            raise DataError(
+                f"cannot write the built-in shapes data to {cache_root()} nor {fallback.parent} "
+                f"({again.strerror or again}); set IMGCLS_CACHE to a writable folder"
+            ) from None
 
 
 def resolve(path: str | os.PathLike, base_dir: Path) -> Path:
@@ -108,17 +139,19 @@ def read_folder(root: Path, val_split: float, split_seed: int, progress: Task | 
         raise DataError(f"{root}: no such folder (check data.path)")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (data.source 'folder' wants a folder)")
+    # each real file once, under the class (and split) of its real path
+    walk: dict[str, Any] = dict(within=os.path.realpath(root), seen=set())
     train_dir = root / "train"
     if train_dir.is_dir():
-        classes, train = scan_class_folders(train_dir, stats, progress)
+        classes, train = scan_class_folders(train_dir, stats, progress, **walk)
         val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
         if val_dir is not None:
-            val = _scan_split(val_dir, classes, stats)
+            val = _scan_split(val_dir, classes, stats, **walk)
         else:
             train, val = stratified_split(train, classes, val_split, split_seed)
-        test = _scan_split(root / "test", classes, stats) if (root / "test").is_dir() else []
+        test = _scan_split(root / "test", classes, stats, **walk) if (root / "test").is_dir() else []
         return Source(classes, train, val, test, root, stats)
-    classes, items = scan_class_folders(root, stats, progress)
+    classes, items = scan_class_folders(root, stats, progress, **walk)
     train, val = stratified_split(items, classes, val_split, split_seed)
     return Source(classes, train, val, [], root, stats)
 
@@ -132,6 +165,12 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 Stats = dict[str, tuple[int, int]]  # path -> (size, mtime_ns), gathered while listing
+Links = list[tuple[str, str]]  # (symbolic link, its real target) leading back into a data set
+
+
+def _inside(real: str, root: str) -> bool:
+    """Is the real path ``real`` the real path ``root`` or below it?"""
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def images_under(folder: Path) -> list[Path]:
@@ -140,7 +179,13 @@ def images_under(folder: Path) -> list[Path]:
 
 
 def walk_images(
-    folder: str | os.PathLike, stats: Stats | None = None, progress: Task | None = None
+    folder: str | os.PathLike,
+    stats: Stats | None = None,
+    progress: Task | None = None,
+    *,
+    within: str | None = None,
+    seen: set[str] | None = None,
+    links: Links | None = None,
 ) -> list[str]:
     """:func:`images_under` as plain strings, by ``os.scandir``: no per-file
     ``Path``, and each file's (size, mtime_ns) stored in ``stats`` on the way
@@ -148,13 +193,26 @@ def walk_images(
 
     Order: a folder's files (sorted by name), then its sub-folders (sorted),
     depth first; a symlink loop is walked once.
+
+    ``within`` (the real path of the data set) makes each real file count once,
+    in its own place: a symbolic link whose target lies inside the data set is
+    not followed (the target is listed where it really is, under its own
+    class) and goes to ``links`` as (link, target); a link leading outside is
+    followed. ``seen`` (real paths already walked) is shared by the walks of
+    one data set, so a place two links lead to is listed once.
     """
     found: list[str] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     exts = tuple(IMAGE_EXTENSIONS)
-    todo = [os.fspath(folder)]
+    start = os.fspath(folder)
+    # (folder, reached through a link): only there is a real path worked out per entry
+    todo = [(start, within is not None and os.path.islink(start))]
+    if within is not None and todo[0][1] and _inside(os.path.realpath(start), within):
+        if links is not None:
+            links.append((start, os.path.realpath(start)))
+        return found
     while todo:
-        top = todo.pop()
+        top, linked = todo.pop()
         real = os.path.realpath(top)
         if real in seen:
             continue
@@ -173,10 +231,22 @@ def walk_images(
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
-            if is_dir:
-                subdirs.append(e.path)
+            if not is_dir and not name.lower().endswith(exts):  # = splitext(name)[1] in exts
                 continue
-            if not name.lower().endswith(exts):  # = splitext(name)[1] in exts (all start with ".")
+            via_link = False
+            if within is not None and (linked or e.is_symlink()):
+                target = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, name)
+                if _inside(target, within):  # back into the data set: counted where it really is
+                    if links is not None:
+                        links.append((e.path, target))
+                    continue
+                if not is_dir:
+                    if target in seen:  # a file two links lead to
+                        continue
+                    seen.add(target)
+                via_link = True
+            if is_dir:
+                subdirs.append((e.path, via_link))
                 continue
             found.append(e.path)
             if stats is not None:
@@ -197,12 +267,19 @@ def scan_class_folders(
     progress: Task | None = None,
     *,
     for_training: bool = True,
+    within: str | None = None,
+    seen: set[str] | None = None,
 ) -> tuple[list[str], Items]:
     """``folder/<class>/...``: the class names (sorted) and every (image, class index).
 
     ``stats``, when given, receives each file's (size, mtime_ns). Training needs
     at least 2 classes, each with images; ``for_training=False`` (evaluation on
-    a subset of a model's classes) accepts one class and skips empty folders."""
+    a subset of a model's classes) accepts one class and skips empty folders.
+    Each real file is listed once, under the class of its real path: links back
+    into the data set (``within``, by default ``folder``) are not followed
+    (:func:`walk_images`)."""
+    within = within or os.path.realpath(folder)
+    seen = set() if seen is None else seen
     class_dirs = _visible_dirs(folder)
     if not class_dirs:
         raise DataError(f"{folder}: no class folders found (expected one sub-folder of images per class)")
@@ -214,7 +291,7 @@ def scan_class_folders(
     items: Items = []
     found = progress.done if progress is not None else 0
     for index, d in enumerate(class_dirs):
-        files = walk_images(d, stats)
+        files = walk_images(d, stats, within=within, seen=seen)
         found += len(files)
         if progress is not None:
             progress.advance(found - progress.done)
@@ -227,7 +304,9 @@ def scan_class_folders(
     return classes, items
 
 
-def _scan_split(folder: Path, classes: list[str], stats: Stats | None = None) -> Items:
+def _scan_split(
+    folder: Path, classes: list[str], stats: Stats | None = None, *, within: str, seen: set[str]
+) -> Items:
     """A val/ or test/ tree: its class folders must match train/'s."""
     names = [d.name for d in _visible_dirs(folder)]
     if names != classes:
@@ -244,7 +323,7 @@ def _scan_split(folder: Path, classes: list[str], stats: Stats | None = None) ->
         )
     items: Items = []
     for index, name in enumerate(classes):
-        files = walk_images(folder / name, stats)
+        files = walk_images(folder / name, stats, within=within, seen=seen)
         items.extend(zip(files, [index] * len(files), strict=True))
     return items
 
@@ -304,7 +383,10 @@ class LabelledRow:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The row's labels: ``dog;cat`` or ``dog|cat`` is two (order kept, repeats dropped)."""
+        """The row's labels: ``dog;cat`` or ``dog|cat`` is two (order kept, repeats dropped);
+        an empty cell is none (multi-label data: a negative for every class)."""
+        if not self.label:
+            return ()
         return tuple(dict.fromkeys(part.strip() for part in LABEL_SEPARATORS.split(self.label)))
 
 
@@ -341,9 +423,9 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
                     )
                 name, label = cells[0], cells[1]
                 split = cells[2].lower() if len(cells) == 3 else ""
-                if not name or not label:
-                    raise DataError(f"{where}: empty file name or label")
-                if any(not part.strip() for part in LABEL_SEPARATORS.split(label)):
+                if not name:
+                    raise DataError(f"{where}: empty file name")
+                if label and any(not part.strip() for part in LABEL_SEPARATORS.split(label)):
                     raise DataError(
                         f"{where}: empty label in '{label}' (several labels are separated by ';' or '|')"
                     )
@@ -382,6 +464,15 @@ def read_csv(csv_path: Path, val_split: float, split_seed: int, task: str = "aut
             "single; set data.task: multilabel (or auto)"
         )
     multilabel = task == "multilabel" or several is not None
+    unlabelled = next((r for r in rows if not r.labels), None)
+    if unlabelled is not None and not multilabel:
+        hint = (
+            "data.task is single" if task == "single" else "no row holds several labels, so it is single-label"
+        )
+        raise DataError(
+            f"{csv_path}:{unlabelled.line}: empty label; an image without labels (a negative for every "
+            f"class) belongs in multi-label data, but {hint}; set data.task: multilabel, or label the row"
+        )
     train_labels = sorted({name for r in rows if r.split in ("", "train") for name in r.labels})
     if len(train_labels) < 2:
         raise DataError(f"{csv_path}: need at least 2 classes with training rows, found {len(train_labels)}")

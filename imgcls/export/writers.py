@@ -97,16 +97,18 @@ def _check_format(fmt: str | None, out: Path | None, opset: int | None, batch_si
 
 
 def _check_out(out: Path | None, fmt: str, ckpt, force: bool) -> Path:
-    """The file to write: never the checkpoint, a folder, or (without --force) an existing file."""
+    """The file to write: never the checkpoint, a folder, a file in a missing
+    or read-only folder, or (without --force) an existing file."""
     out = out if out is not None else default_out(ckpt.path, fmt, ckpt.run_dir is not None)
     if out.suffix.lower() not in SUFFIXES[fmt]:
         raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
     if out.resolve() == ckpt.path.resolve():
         raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a folder; give a file name")
-    if out.exists() and not force:
+    if out.exists() and not out.is_dir() and not force:
         raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    from imgcls.checkpoint import check_out_file
+
+    check_out_file(out)  # a folder, a missing or read-only parent: refused before the export
     return out
 
 
@@ -156,8 +158,10 @@ def export_model(
     if float((ref - ref.mean(0)).abs().max()) < 1e-6:
         log("note: the model's outputs do not depend on the input (untrained?), so the check proves little")
 
+    from imgcls import interrupts
     from imgcls.io import atomic_path
 
+    interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
     with atomic_path(out) as tmp:
         if fmt == "onnx":
             result.exporter, result.opset = write_onnx(
@@ -190,6 +194,7 @@ def export_model(
             )
         if exported.meta != meta:
             raise ImgclsError(f"the {fmt} export lost its metadata on reload; nothing was written")
+        interrupts.check()  # one swallowed while exporting: the file is not put in place
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 

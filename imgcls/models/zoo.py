@@ -198,12 +198,20 @@ def build_timm(name: str, input_shape: tuple[int, int, int], num_classes: int, p
         raise UsageError(f"timm has no model '{name}' (`imgcls models 'timm/*'` lists them)")
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=input_shape[0])
-    # timm's own weights from the local Hugging Face / torch hub cache only:
-    # offline mode makes a missing file an error instead of a download or a hang
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # timm's own weights from the local Hugging Face / torch hub cache only (a
+    # missing file is an error, not a download or a hang): the file is found
+    # here and handed to timm, with no process-wide offline switch to flip
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=input_shape[0])
+        cached = _timm_cached_weights(timm, name)
+        if cached is None:
+            raise FileNotFoundError(name)
+        return timm.create_model(
+            name,
+            pretrained=True,
+            num_classes=num_classes,
+            in_chans=input_shape[0],
+            pretrained_cfg_overlay={"file": cached, "source": ""},
+        )
     except Exception as exc:
         from torch.hub import get_dir
 
@@ -212,11 +220,34 @@ def build_timm(name: str, input_shape: tuple[int, int, int], num_classes: int, p
             f"cannot get timm's weights for '{name}' ({type(exc).__name__}); looked in the Hugging Face cache "
             f"({hf_home}/hub) and {Path(get_dir()) / 'checkpoints'}: run once with network to fill it"
         ) from None
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+
+
+def _timm_cached_weights(timm, name: str) -> str | None:
+    """The weights file timm would download for ``name``, when already in the
+    Hugging Face cache or torch hub's checkpoints folder; else None."""
+    from urllib.parse import urlparse
+
+    from torch.hub import get_dir
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.file and Path(cfg.file).is_file():
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in files:
+            hit = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(hit, str):
+                return hit
+    if cfg.url:
+        path = Path(get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if path.is_file():
+            return str(path)
+    return None
 
 
 def pretrained_stats(name: str, channels: int) -> tuple[list[float], list[float]] | None:

@@ -25,6 +25,7 @@ from imgcls.recipe.overrides import (
 )
 from imgcls.recipe.schema import (
     LAYER_KINDS,
+    NAME_PATTERN,
     Activation,
     ActivationLayer,
     AugmentSpec,
@@ -72,6 +73,7 @@ from imgcls.recipe.syntax import (
 )
 
 __all__ = [
+    "NAME_PATTERN",
     "Activation",
     "ActivationLayer",
     "AugmentSpec",

@@ -32,6 +32,8 @@ class Strict(BaseModel):
 Int = Annotated[int, Field(strict=True)]
 Float = Annotated[float, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
+# a recipe's name (and a tune study's): it names a folder under train.out
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softmax", "none"]
@@ -456,7 +458,7 @@ class TrainSpec(Strict):
 
 
 class Recipe(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "recipe"
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = "recipe"
     description: str = ""
     data: DataSpec = DataSpec()
     model: ModelSpec

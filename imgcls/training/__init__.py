@@ -5,8 +5,9 @@ steps); the steps it calls live beside it: :mod:`~imgcls.training.setup`
 (device, data, model, optimizer, run folder), :mod:`~imgcls.training.validation`
 (validation, the loss), :mod:`~imgcls.training.schedule` (optimizer, learning
 rate, EMA), :mod:`~imgcls.training.state` (resume state, best/last),
-:mod:`~imgcls.training.outputs` (metrics.csv, curves, run.json) and
-:mod:`~imgcls.training.progress` (the bar).
+:mod:`~imgcls.training.outputs` (metrics.csv, curves, run.json),
+:mod:`~imgcls.training.progress` (the bar) and :mod:`~imgcls.training.ddp`
+(DistributedDataParallel, torch.compile).
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ from imgcls.forward import main_logits, model_input
 from imgcls.models import finetune
 from imgcls.recipe import Recipe
 from imgcls.tracking import open_tracker
+from imgcls.training.ddp import compiled, distribute
+from imgcls.training.outputs import elapsed, write_metrics, write_run_info
 from imgcls.training.outputs import plot_curves as _plot
-from imgcls.training.outputs import write_metrics, write_run_info
 from imgcls.training.progress import Progress as _Progress
 from imgcls.training.progress import epoch_line
 from imgcls.training.schedule import lr_at
@@ -137,8 +138,7 @@ def train(
 def _train(
     recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
 ) -> TrainResult:
-    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
-    spec = run.spec
+    started = time.perf_counter()
     interrupted = {"flag": False}
 
     def on_sigint(presses: int) -> None:
@@ -147,12 +147,15 @@ def _train(
         interrupted["flag"] = True
         log("stopping after this step (Ctrl-C again to abort without saving)")
 
-    bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
-    stopped_early = False
-    tracker = None  # train.log_to: opened at the first finished epoch, so a failed start leaves none
+    bar = tracker = None  # train.log_to: opened at the first finished epoch, so a failed start leaves none
+    stopped_early = succeeded = False
     steps_left = stop_after_steps
-    with interrupts.handled(on_sigint):
-        try:
+    run = prepare(recipe, base_dir=base_dir, out=out, resume=resume, log=log, group=group)
+    try:  # nothing between prepare and here: a run that fails before its first checkpoint leaves nothing
+        run.started = started - elapsed(run.state.history)  # wall time counts on across a resume
+        spec = run.spec
+        bar = _Progress(progress, spec.epochs, run.steps_per_epoch)
+        with interrupts.handled(on_sigint):
             interrupts.check()  # one swallowed before the handler above took over
             while run.state.epoch < spec.epochs:
                 finished, steps_left = train_one_epoch(run, bar, interrupted, steps_left)
@@ -173,17 +176,21 @@ def _train(
                     log(f"early stop: {run.monitor} has not improved for {run.state.bad_epochs} epochs")
                     stopped_early = True
                     break
-        except BaseException:
-            if not run.saved:  # a run that never started leaves nothing behind
-                ck.remove_unstarted_run(run.run_dir, run.created, run.written)
-            raise
-        finally:
+        succeeded = True  # the last checkpoint is written: the run has succeeded
+    except BaseException:
+        if not run.saved:  # a run that never started leaves nothing behind
+            ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            if group.main:
+                distributed.forget_run_dir(recipe)
+        raise
+    finally:
+        if bar is not None:
             bar.close()
-            if tracker is not None:
-                best_file = run.run_dir / ck.BEST if run.state.best_epoch else None
-                tracker.finish(best_file, completed=run.state.epoch >= spec.epochs or stopped_early)
-            if run.state.history and run.saved and group.main:
-                _plot(run.run_dir, run.state.history)
+        if tracker is not None:
+            best_file = run.run_dir / ck.BEST if run.state.best_epoch else None
+            tracker.finish(best_file, completed=run.state.epoch >= run.spec.epochs or stopped_early)
+        if run.state.history and run.saved and group.main and not succeeded:
+            _plot(run.run_dir, run.state.history)
     return _finish(run, stopped_early)
 
 
@@ -200,17 +207,26 @@ def finish_epoch(run: Run, bar: _Progress, progress: bool) -> dict:
 
 
 def _finish(run: Run, stopped_early: bool) -> TrainResult:
-    """The run's result; rank 0 also writes its report.html (a failure there
-    is a warning, not a failed run)."""
+    """The run's result; rank 0 also draws its curves and writes its report.html
+    (a failure there is a warning, not a failed run; a Ctrl-C skips them: the
+    run is done and saved)."""
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
     if run.group.main:
         try:
-            from imgcls.report import write_report
+            if state.history:
+                _plot(run.run_dir, state.history)
+            try:
+                from imgcls.report import write_report
 
-            write_report(run.run_dir)
-        except Exception as exc:
-            run.log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+                write_report(run.run_dir)
+            except Exception as exc:
+                run.log(f"warning: could not write {run.run_dir / 'report.html'}: {exc}")
+        except KeyboardInterrupt:
+            run.log(
+                f"Ctrl-C: the run had finished and is saved; its curves and report were skipped "
+                f"(imgcls report {run.run_dir} writes the report)"
+            )
     return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
 
 
@@ -223,9 +239,7 @@ def train_one_epoch(
     spec, state, model, optimizer, device = run.spec, run.state, run.model, run.optimizer, run.device
     epoch, steps = state.epoch, run.steps_per_epoch
     total_steps = steps * spec.epochs
-    finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))  # train.unfreeze_at
-    model.train()
-    finetune.hold_frozen_norms(model)  # frozen batch norms keep their statistics
+    _begin_epoch(run, epoch)
     perm = _epoch_order(run, epoch)
     # the sums of a resumed epoch are global: rank 0 carries them, the others add theirs
     sums = EpochSums(state.sums if run.group.main else State().sums, device)
@@ -272,19 +286,32 @@ def train_one_epoch(
         # every rank stops at the same step (one host-side flag exchange per step)
         if group.any(interrupted["flag"]) or steps_left == 0:
             check_finite(step)  # never save weights after a non-finite step
-            state.sums = {
-                **_global_sums(group, sums),
-                "seconds": state.sums["seconds"] + time.perf_counter() - started,
-            }
+            _keep_sums(run, sums, started)
             save_last(run)
             return False, steps_left
     check_finite(steps - 1)
-    state.sums = {
-        **_global_sums(group, sums),
-        "seconds": state.sums["seconds"] + time.perf_counter() - started,
-    }
+    _keep_sums(run, sums, started)
     run.lr = lr
     return True, steps_left
+
+
+def _begin_epoch(run: Run, epoch: int) -> None:
+    """What trains this epoch (train.unfreeze_at), DDP over exactly that, train mode."""
+    model = run.model
+    finetune.set_frozen(model, finetune.frozen_at(model, run.recipe, epoch))
+    if distribute(run):  # what trains changed: DDP must average it all
+        run.forward = compiled(run)
+    model.train()
+    finetune.hold_frozen_norms(model)  # frozen batch norms keep their statistics
+
+
+def _keep_sums(run: Run, sums: EpochSums, started: float) -> None:
+    """The epoch's sums so far, over all ranks, into the state (what a resume carries)."""
+    state = run.state
+    state.sums = {
+        **_global_sums(run.group, sums),
+        "seconds": state.sums["seconds"] + time.perf_counter() - started,
+    }
 
 
 def _forward_backward(

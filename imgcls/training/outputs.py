@@ -14,7 +14,10 @@ from torch import nn
 
 from imgcls.io import atomic_path, write_text_atomic
 
-TIMINGS = ("seconds", "img_per_s")  # in metrics.csv, never in a weight file (bit-identical runs)
+# in metrics.csv, never in a weight file (bit-identical runs). seconds: the epoch's training
+# steps (img_per_s's time); elapsed: wall time since the run started (data preparation,
+# validation and checkpoints included; a resumed run goes on from its last epoch's)
+TIMINGS = ("seconds", "img_per_s", "elapsed")
 
 
 def write_summary(run_dir: Path, model: nn.Module, input_shape) -> None:
@@ -25,7 +28,16 @@ def write_summary(run_dir: Path, model: nn.Module, input_shape) -> None:
     write_text_atomic(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))
 
 
-COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "img_per_s"]
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "img_per_s", "elapsed"]
+
+
+def elapsed(history: list[dict]) -> float:
+    """The wall time a run had taken by its last finished epoch (older runs
+    have no ``elapsed``: the sum of their epochs' step times)."""
+    if not history:
+        return 0.0
+    last = history[-1].get("elapsed")
+    return float(last) if last is not None else float(sum(h.get("seconds") or 0 for h in history))
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:

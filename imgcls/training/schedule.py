@@ -68,18 +68,26 @@ def regularized_weights(model: nn.Module, l1: float, l2: float) -> list[tuple[to
 
 
 class EMA:
-    """Exponential moving average of the weights (buffers copied)."""
+    """Exponential moving average of the weights (buffers copied), warmed up:
+    update ``n`` (0-based) averages with ``min(decay, (1 + n) / (10 + n))``
+    (TensorFlow's ExponentialMovingAverage with num_updates), so a run of a few
+    hundred steps at 0.999 does not stay at its random initialisation."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.updates: int | None = 0  # in resume.pt; None: a run saved before the warm-up (fixed decay)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.decay
+        if self.updates is not None:
+            decay = min(decay, (1 + self.updates) / (10 + self.updates))
+            self.updates += 1
         for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=False):
             if e.dtype.is_floating_point:
-                e.lerp_(m, 1 - self.decay)
+                e.lerp_(m, 1 - decay)
             else:
                 e.copy_(m)

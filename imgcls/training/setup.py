@@ -5,7 +5,6 @@ them in order and returns the :class:`~imgcls.training.state.Run`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from imgcls.models import finetune
 from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 from imgcls.tracking import check_trackers
+from imgcls.training.ddp import compiled, distribute
 from imgcls.training.outputs import write_run_info, write_summary
 from imgcls.training.schedule import EMA, make_optimizer, regularized_weights
 from imgcls.training.state import Log, Run, State, load_resume_state, resumable_meta
@@ -66,6 +66,8 @@ def prepare(
     device, channels_last = _runtime(recipe, group)
     if out is not None and resume is None and group.main:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
+    if resume is not None and group.main:  # before any rank reads the pair
+        ck.repair_pair(resume, log)
     data, saved_meta = _data(recipe, base_dir, resume, group, log)
     classes, input_shape = data.classes, recipe.input_shape()
     model = _model(recipe, base_dir, resume, device, channels_last, len(classes), group, log)
@@ -119,12 +121,22 @@ def prepare(
         group=group,
         accumulation=spec.gradient_accumulation,
     )
-    run.ddp = _ddp(model, device) if group.active else None
-    run.batches, run.forward = _batch_source(run), _compiled(run)
+    finetune.set_frozen(model, finetune.frozen_at(model, recipe, state.epoch))  # a resume past unfreeze_at
+    distribute(run)
+    run.batches, run.forward = _batch_source(run), compiled(run)
     interrupts.check()  # a Ctrl-C swallowed while the data was prepared stops us here
     # only now, with data and model ready, does the run get a folder (rank 0 makes it)
     _run_folder(run, out, resume, resolved, input_shape)
-    _describe(run, choice)
+    try:  # from here a failure (a broken group, an unwritable run.json, Ctrl-C) removes what the start wrote
+        if group.main and out is None and resume is None:  # a given folder needs no record
+            distributed.record_run_dir(recipe, run.run_dir)
+        run.run_dir = group.broadcast(run.run_dir)
+        _describe(run, choice)
+    except BaseException:
+        if group.main and not run.saved:
+            ck.remove_unstarted_run(run.run_dir, run.created, run.written)
+            distributed.forget_run_dir(recipe)
+        raise
     return run
 
 
@@ -258,7 +270,7 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _run_folder(run: Run, out: Path | None, resume: Path | None, resolved: Recipe, input_shape) -> None:
-    """Rank 0 makes (or, resuming, updates) the run folder; every rank learns where it is."""
+    """Rank 0 makes (or, resuming, updates) the run folder."""
     recipe, group, log = run.recipe, run.group, run.log
     if resume is not None and group.main:
         # the resumed recipe may extend epochs etc.: the folder describes what runs now
@@ -273,13 +285,10 @@ def _run_folder(run: Run, out: Path | None, resume: Path | None, resolved: Recip
             run.written += ["recipe.yaml", "summary.txt", "summary.json"]
             write_text_atomic(run.run_dir / "recipe.yaml", dump_yaml(resolved))
             write_summary(run.run_dir, run.model, input_shape)
+            log(f"run folder: {run.run_dir}")
         except BaseException:
             ck.remove_unstarted_run(run.run_dir, run.created, run.written)
             raise
-        log(f"run folder: {run.run_dir}")
-    if group.main and out is None and resume is None:  # a given folder needs no record
-        distributed.record_run_dir(recipe, run.run_dir)
-    run.run_dir = group.broadcast(run.run_dir)
 
 
 def _describe(run: Run, choice) -> None:
@@ -363,17 +372,6 @@ def _batch_source(run: Run):
     )
     run.log(describe(source))
     return source
-
-
-def _compiled(run: Run) -> Callable:
-    """``torch.compile(model)`` with ``train.compile`` (compiled lazily, at the
-    first step, whose time is then reported apart: :func:`imgcls.training.loop._compile_done`).
-    The weights stay those of ``run.model``: checkpoints are unchanged."""
-    net = run.ddp or run.model
-    if not run.spec.compile:
-        return net
-    run.compile_pending = True
-    return torch.compile(net)
 
 
 def _task(recipe: Recipe, data, log: Log) -> str:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class State:
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
+    generation: int = 0  # saves of last.safetensors + resume.pt so far: the pair's number, in both
     history: list[dict] = field(default_factory=list)
     sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
 
@@ -74,6 +76,7 @@ class Run:
     written: list[str] = field(default_factory=list)  # files a failed start removes
     saved: bool = False  # a checkpoint was written: the run has started
     info: dict = field(default_factory=dict)  # run.json: device, precision, channels_last, torch
+    started: float = 0.0  # time.perf_counter() when the run would have started had it never stopped
     batches: Any = None  # the source of training batches (imgcls.data.batches.open_batches)
     forward: Any = None  # model (or its DDP wrapper), or torch.compile of it with train.compile
     compile_pending: bool = False  # the first step compiles: timed apart from throughput
@@ -82,6 +85,7 @@ class Run:
     loss: Any = None  # (logits, target) -> loss: make_loss
     group: distributed.Group = distributed.SINGLE  # ranks: rank 0 alone writes files
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of model (several processes)
+    ddp_trains: tuple = ()  # requires_grad of each parameter when ddp was built (ddp.distribute)
     accumulation: int = 1  # micro-batches per optimizer step (train.gradient_accumulation)
 
     @property
@@ -118,6 +122,8 @@ def resumable_meta(recipe: Recipe, resume: Path | None) -> dict | None:
 def load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
     from safetensors.torch import load_file
 
+    saved = ck.load_resume(resume / ck.RESUME)
+    ck.check_pair(resume, saved["state"].get("generation"))  # the weights of the same save
     try:
         load_weights(model, load_file(str(resume / ck.LAST)))
     except RuntimeError as exc:
@@ -125,7 +131,6 @@ def load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
             f"{resume}: the run's weights do not fit this recipe's model (input size or classes changed?): "
             f"{str(exc).splitlines()[0]}"
         ) from None
-    saved = ck.load_resume(resume / ck.RESUME)
     optimizer.load_state_dict(saved["optimizer"])
     if (ema is not None) != bool(saved.get("ema")):
         raise CheckpointError(
@@ -133,6 +138,7 @@ def load_resume_state(resume: Path, model, optimizer, ema, scaler) -> State:
         )
     if ema is not None:
         ema.model.load_state_dict(saved["ema"])
+        ema.updates = saved.get("ema_updates")  # absent: saved before the warm-up, which it keeps without
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     return State(**saved["state"])
@@ -142,6 +148,7 @@ def record_epoch(run: Run, row: dict) -> None:
     """The epoch is done: its row joins the history, the best checkpoint is
     replaced when the monitored value improved, and the last pair is written."""
     spec, state = run.spec, run.state
+    row["elapsed"] = round(time.perf_counter() - run.started, 3)  # validated, not yet saved
     state.history.append(row)
     state.epoch, state.step = state.epoch + 1, 0
     state.sums = State().sums
@@ -160,17 +167,18 @@ def record_epoch(run: Run, row: dict) -> None:
 
 def save_last(run: Run) -> None:
     state = run.state
+    state.generation += 1
     if not run.group.main:
         run.saved = True
         return
-    ck.save_checkpoint(
-        run.run_dir / ck.LAST, run.model, {**run.meta, "epoch": state.epoch, "step": state.step}
-    )
-    ck.save_resume(
-        run.run_dir / ck.RESUME,
+    ck.save_pair(
+        run.run_dir,
+        run.model,
+        {**run.meta, "epoch": state.epoch, "step": state.step, "generation": state.generation},
         {
             "optimizer": run.optimizer.state_dict(),
             "ema": run.ema.model.state_dict() if run.ema else {},
+            "ema_updates": run.ema.updates if run.ema else None,
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
             "state": state.__dict__,
         },

@@ -1,0 +1,666 @@
+"""The interaction matrix: every pair of these settings, on a tiny model.
+
+The table below is the matrix itself: the tests read it (``PAIRS``), so a
+pair cannot be added, dropped or changed here without the tests following,
+and a test fails when a pair is missing or an "equals" names a test that does
+not exist.
+
+Settings (name: how a run switches it on)
+    ddp:            imgcls train --nproc 2 (real processes)
+    freeze:         model.freeze: backbone, train.unfreeze_at: 1
+    multilabel:     data.source: csv, rows with several labels
+    class_weights:  train.class_weights: {circle: 3.0}
+    balanced:       data.sampler: balanced
+    ema:            train.ema: 0.9
+    accumulation:   train.gradient_accumulation: 2
+    stream:         batches streamed from the disk cache (the memory limit made small)
+    bf16:           train.precision: bf16
+    tta:            imgcls predict --tta
+    resume:         stopped after 3 steps, then continued (train --resume)
+    tune:           imgcls tune --jobs 2, the settings in the trials' recipe
+    export:         imgcls export --format torchscript, then predict --model model.pt
+
+References (one setting against its plain counterpart: targeted tests)
+    ddp = 1 process:            test_distributed.py::test_two_ranks_follow_one_rank_and_only_rank_0_writes
+    stream = in RAM:            test_batches.py::test_streamed_training_gives_the_ram_runs_weights
+    resume = uninterrupted:     test_train.py::test_resumed_run_ends_with_the_same_weights
+    accumulation = big batch:   test_distributed.py::test_gradient_accumulation_gives_the_larger_batch_weights
+    export = checkpoint:        test_export_predict.py::test_predict_on_export_matches_checkpoint
+    tta = mean with the mirror: test_tta.py::test_tta_is_the_mean_of_plain_and_flipped_logits
+
+Pairs. Outcomes: "works" (runs to the end, neither setting ignored); "equals
+X: FILE::TEST" (also equal to a reference, in that targeted test); "refused:
+TEXT" (exit 2 before training, one line naming both settings, TEXT in it);
+"n/a: WHY" (the two cannot be asked for together). "defect N" marks a known
+defect, item N of issue 17: its case is xfail(strict) until the fix lands.
+    ddp × freeze:                equals 1 process: test_distributed.py::test_two_ranks_follow_one_rank_across_unfreeze_at_and_a_resume_past_it
+    ddp × multilabel:            works
+    ddp × class_weights:         equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler (fixed here)
+    ddp × balanced:              equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
+    ddp × ema:                   works
+    ddp × accumulation:          works
+    ddp × stream:                n/a: the stream cannot be forced in worker processes (no switch; memory decides)
+    ddp × bf16:                  works
+    ddp × tta:                   works
+    ddp × resume:                equals 1 process: test_distributed.py::test_resume_across_world_sizes
+    ddp × tune:                  n/a: tune has no --nproc (each trial is one process)
+    ddp × export:                works
+    freeze × multilabel:         works
+    freeze × class_weights:      works
+    freeze × balanced:           works
+    freeze × ema:                works
+    freeze × accumulation:       works
+    freeze × stream:             works
+    freeze × bf16:               works
+    freeze × tta:                works
+    freeze × resume:             equals uninterrupted: test_finetune.py::test_resume_across_the_unfreeze_switch_is_exact
+    freeze × tune:               works
+    freeze × export:             works
+    multilabel × class_weights:  refused: are for single-label data
+    multilabel × balanced:       refused: are for single-label data
+    multilabel × ema:            works
+    multilabel × accumulation:   works
+    multilabel × stream:         works
+    multilabel × bf16:           works
+    multilabel × tta:            works
+    multilabel × resume:         works
+    multilabel × tune:           works
+    multilabel × export:         equals checkpoint: test_multilabel.py::test_tune_predict_and_export_keep_multilabel_semantics
+    class_weights × balanced:    works
+    class_weights × ema:         works
+    class_weights × accumulation: equals big batch: test_interactions.py::test_class_weights_with_accumulation_equal_the_big_batch (fixed here)
+    class_weights × stream:      works
+    class_weights × bf16:        works
+    class_weights × tta:         works
+    class_weights × resume:      works
+    class_weights × tune:        works
+    class_weights × export:      works
+    balanced × ema:              works
+    balanced × accumulation:     works
+    balanced × stream:           works
+    balanced × bf16:             works
+    balanced × tta:              works
+    balanced × resume:           works
+    balanced × tune:             works
+    balanced × export:           works
+    ema × accumulation:          works
+    ema × stream:                works
+    ema × bf16:                  works
+    ema × tta:                   works
+    ema × resume:                equals uninterrupted: test_train.py::test_resumed_run_ends_with_the_same_weights
+    ema × tune:                  works
+    ema × export:                works
+    accumulation × stream:       works
+    accumulation × bf16:         works
+    accumulation × tta:          works
+    accumulation × resume:       works
+    accumulation × tune:         works
+    accumulation × export:       works
+    stream × bf16:               works
+    stream × tta:                works
+    stream × resume:             works
+    stream × tune:               n/a: the stream cannot be forced in trial processes (no switch; memory decides)
+    stream × export:             works
+    bf16 × tta:                  works
+    bf16 × resume:               works
+    bf16 × tune:                 works
+    bf16 × export:               works
+    tta × resume:                works
+    tta × tune:                  works
+    tta × export:                works
+    resume × tune:               n/a: a trial is not resumed; a stopped study is continued by rerunning it (test_tune.py::test_search_prunes_continues_and_best_yaml_retrains_to_its_value)
+    resume × export:             works
+    tune × export:               works
+
+Known defects met here (issue 17 items; each case xfail(strict) until its fix lands)
+    none (item 3, tune --jobs 2 finishing 2 trials for --trials 1, was fixed: test_interactions.py::test_tune_jobs_finishes_exactly_the_trials_asked)
+
+How the pairs run: the in-process settings (all but ddp and tune) are combined
+by a covering array (allpairspy, pairwise: every value of every two settings
+meets in some row) into about ten tiny runs, each checking every setting it
+has on; a failing row is shrunk to the smallest subset of its settings that
+still fails, named in the message. ddp and tune need real processes: a few
+slow runs carry many settings each (``DDP_RUNS``, ``TUNE_RUNS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import functools
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_RECIPE, invoke_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TESTS = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------- the table, parsed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # works | equals | refused | n/a
+    text: str  # the rest of the line
+    defect: int | None  # issue 17 item of a known defect
+
+    @property
+    def runs(self) -> bool:
+        return self.kind in ("works", "equals")
+
+    @property
+    def references(self) -> list[tuple[str, str]]:
+        return re.findall(r"(test_\w+\.py)::(\w+)", self.text)
+
+
+def _section(doc: str, title: str) -> list[str]:
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    out = []
+    for line in lines[start + 1 :]:  # the indented lines after the title's paragraph
+        if line.startswith("    "):
+            out.append(line.strip())
+        elif out:
+            break
+    return out
+
+
+def _settings(doc: str) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in _section(doc, "Settings"))
+
+
+def _pairs(doc: str) -> dict[frozenset, Outcome]:
+    pairs: dict[frozenset, Outcome] = {}
+    for line in _section(doc, "Pairs"):
+        m = re.fullmatch(r"(\w+) × (\w+):\s+(works|equals|refused|n/a)\b:?\s*(.*)", line)
+        assert m, f"cannot read the table line {line!r}"
+        a, b, kind, text = m.groups()
+        key = frozenset((a, b))
+        assert key not in pairs, f"{a} × {b} is in the table twice"
+        defect = re.search(r"\bdefect (\d+)", text)
+        pairs[key] = Outcome(kind, text, int(defect[1]) if defect else None)
+    return pairs
+
+
+SETTINGS = list(_settings(__doc__))
+PAIRS = _pairs(__doc__)
+PROCESS_SETTINGS = {"ddp", "tune"}  # need real processes: the slow runs below
+IN_PROCESS = [s for s in SETTINGS if s not in PROCESS_SETTINGS]
+
+
+def outcome(a: str, b: str) -> Outcome:
+    return PAIRS[frozenset((a, b))]
+
+
+def _compatible(on: set[str]) -> bool:
+    """No refused, impossible or known-defect pair among ``on``."""
+    return all(
+        outcome(a, b).runs and outcome(a, b).defect is None for a, b in itertools.combinations(sorted(on), 2)
+    )
+
+
+@functools.cache
+def covering_rows() -> list[frozenset]:
+    """Pairwise covering array over the in-process settings (each on or off)."""
+    from allpairspy import AllPairs
+
+    def allowed(row: list[bool]) -> bool:
+        return _compatible({s for s, v in zip(IN_PROCESS, row, strict=False) if v})
+
+    rows = AllPairs([[True, False]] * len(IN_PROCESS), filter_func=allowed)
+    on = [frozenset(s for s, v in zip(IN_PROCESS, row, strict=True) if v) for row in rows]
+    on = [row for row in on if row]
+    # a filtered AllPairs can leave a pair out: rows for those, greedily as full as allowed
+    wanted = [p for p, r in PAIRS.items() if r.runs and r.defect is None and p <= set(IN_PROCESS)]
+    uncovered = [p for p in wanted if not any(p <= row for row in on)]
+    while uncovered:
+        row = set(uncovered[0])
+        for setting in IN_PROCESS:
+            if setting not in row and _compatible(row | {setting}):
+                row.add(setting)
+        on.append(frozenset(row))
+        uncovered = [p for p in uncovered if not p <= row]
+    return on
+
+
+# the settings combined in each real-process run (tune: in the trials' recipe)
+DDP_RUNS = [
+    frozenset({"ddp", "multilabel", "freeze", "ema", "accumulation", "bf16", "resume", "tta", "export"}),
+    frozenset({"ddp", "class_weights", "balanced"}),
+]
+TUNE_RUNS = [
+    frozenset({"tune", "multilabel", "freeze", "ema", "accumulation", "bf16", "tta", "export"}),
+    frozenset({"tune", "class_weights", "balanced"}),
+]
+
+
+# --------------------------------------------------------------------------- the table is whole
+
+
+def test_the_table_names_every_pair_once_and_its_references_exist():
+    assert len(SETTINGS) == len(set(SETTINGS)) == 13
+    assert set(PAIRS) == {frozenset(p) for p in itertools.combinations(SETTINGS, 2)}
+    for pair, result in PAIRS.items():
+        if result.kind == "equals":
+            assert result.references, f"{' × '.join(sorted(pair))}: 'equals' names no test"
+        for file, name in result.references:
+            source = (TESTS / file).read_text()
+            assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} does not exist"
+    for line in _section(__doc__, "References") + _section(__doc__, "Known defects"):
+        for file, name in re.findall(r"(test_\w+\.py)::(\w+)", line):
+            assert re.search(rf"^def {name}\(", (TESTS / file).read_text(), re.M), f"{file}::{name}"
+
+
+def test_every_pair_that_runs_is_covered_by_some_run():
+    runs = covering_rows() + DDP_RUNS + TUNE_RUNS
+    for pair, result in PAIRS.items():
+        if result.runs:
+            assert any(pair <= run for run in runs), f"{' × '.join(sorted(pair))} is in no run"
+    for run in DDP_RUNS + TUNE_RUNS:  # a process run holds no pair that cannot run together
+        for a, b in itertools.combinations(sorted(run), 2):
+            assert outcome(a, b).runs, f"{a} × {b} in a process run, but the table says {outcome(a, b).kind}"
+    assert len(covering_rows()) <= 12
+
+
+# --------------------------------------------------------------------------- data, recipes
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The multi-label CSV (24 images, 4 classes) and images for predict."""
+    from test_multilabel import write_multilabel
+
+    root = tmp_path_factory.mktemp("multilabel")
+    labels = write_multilabel(root, 24)
+    return {"multilabel_csv": labels, "multilabel_images": sorted((root / "img").glob("*.png"))[:3]}
+
+
+def recipe_dict(on: set[str], data: dict, out: Path) -> dict:
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["train"] = {"epochs": 2, "batch_size": 4, "deterministic": True, "out": str(out)}
+    if "multilabel" in on:
+        raw["name"] = "ml"
+        raw["data"] = {"source": "csv", "path": str(data["multilabel_csv"]), "image_size": 16}
+    if "freeze" in on:
+        raw["model"]["freeze"] = "backbone"
+        raw["train"]["unfreeze_at"] = 1
+    if "class_weights" in on:
+        raw["train"]["class_weights"] = {"circle": 3.0}
+    if "balanced" in on:
+        raw["data"]["sampler"] = "balanced"
+    if "ema" in on:
+        raw["train"]["ema"] = 0.9
+    if "accumulation" in on:
+        raw["train"]["gradient_accumulation"] = 2
+    if "stream" in on:
+        raw["data"]["cache"] = "disk"
+    if "bf16" in on:
+        raw["train"]["precision"] = "bf16"
+    return raw
+
+
+@contextlib.contextmanager
+def streamed(on: set[str]):
+    """The memory this process may use made tiny, so the training split is streamed
+    (chunks of 8 rows, a pool of one chunk), as in test_batches."""
+    if "stream" not in on:
+        yield
+        return
+    from imgcls.data import batches
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batches, "CHUNK_ROWS", 8)
+        mp.setattr(batches, "process_memory_limit", lambda: 4000)
+        yield
+
+
+@contextlib.contextmanager
+def spies():
+    """What the loss and the sampler were given: class weights, balanced epochs."""
+    import torch.nn.functional as F
+
+    from imgcls import imbalance
+
+    seen = {"weighted_loss": 0, "balanced_epochs": 0}
+    cross_entropy, balanced_order = F.cross_entropy, imbalance.balanced_order
+
+    def ce(*args, **kwargs):
+        if kwargs.get("weight") is not None:
+            seen["weighted_loss"] += 1
+        return cross_entropy(*args, **kwargs)
+
+    def order(*args, **kwargs):
+        seen["balanced_epochs"] += 1
+        return balanced_order(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "cross_entropy", ce)
+        mp.setattr(imbalance, "balanced_order", order)
+        yield seen
+
+
+# --------------------------------------------------------------------------- checks
+
+
+RUN_FILES = {
+    "best.safetensors",
+    "last.safetensors",
+    "resume.pt",
+    "metrics.csv",
+    "curves.png",
+    "recipe.yaml",
+    "report.html",
+    "run.json",
+    "summary.json",
+    "summary.txt",
+}
+
+
+def check_run(on: set[str], run: Path, log: str, seen: dict | None) -> list[str]:
+    """What the run folder, its state and its log show of each setting: the
+    problems found (an empty list: every setting took effect)."""
+    from safetensors.torch import load_file
+
+    from imgcls.checkpoint import read_meta
+
+    problems = []
+    missing = RUN_FILES - {p.name for p in run.iterdir()}
+    if missing:
+        return [f"run folder lacks {sorted(missing)}"]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    if [r["epoch"] for r in rows] != ["1", "2"]:
+        problems.append(f"metrics.csv epochs {[r['epoch'] for r in rows]}, not 1, 2")
+    info = json.loads((run / "run.json").read_text())
+    saved = torch.load(run / "resume.pt", weights_only=True)
+    last = load_file(str(run / "last.safetensors"))
+    meta = read_meta(run / "best.safetensors")
+
+    def expect(setting: str, ok: bool, what: str) -> None:
+        if ok != (setting in on):
+            problems.append(f"{setting} {'on' if setting in on else 'off'} but {what}")
+
+    expect("ddp", info.get("world_size") == 2, f"run.json world_size {info.get('world_size')}")
+    expect("stream", info["batches"] == "stream", f"run.json batches {info['batches']!r}")
+    expect("bf16", info["precision"] == "bf16", f"run.json precision {info['precision']!r}")
+    expect("accumulation", info.get("gradient_accumulation") == 2, "run.json gradient_accumulation missing")
+    expect("multilabel", meta.get("task") == "multilabel", f"checkpoint task {meta.get('task')!r}")
+    expect("multilabel", "val_f1" in rows[0], "metrics.csv has no val_f1" if "multilabel" in on else "val_f1")
+    ema = saved["ema"]
+    moved = bool(ema) and any(not torch.equal(ema[k], last[k]) for k in last if k in ema)
+    expect("ema", moved, "resume.pt holds no EMA weights apart from the model's")
+    if log:  # the log of a process run is rank 0's stderr; tune trials log nothing
+        expect("freeze", "frozen (backbone)" in log and "until epoch 1" in log, "the log says nothing frozen")
+        expect("resume", "resuming " in log, "the log shows no resume")
+    if seen is not None:  # spied in this process
+        expect("class_weights", seen["weighted_loss"] > 0, "the loss never got class weights")
+        expect("balanced", seen["balanced_epochs"] >= 2, "the balanced sampler drew no epoch")
+    # optimizer steps per parameter (Adam's count): every step of 2 epochs for
+    # the head, the second epoch's only for a frozen-then-unfrozen backbone
+    train_n = int(re.search(r"(\d+) train", log)[1]) if log and re.search(r"(\d+) train", log) else None
+    steps = sorted({int(s["step"]) for s in saved["optimizer"]["state"].values()})
+    per_epoch = None if train_n is None else train_n // (4 * (2 if "accumulation" in on else 1))
+    if per_epoch is not None and steps[-1] != 2 * per_epoch:
+        problems.append(f"the head took {steps[-1]} optimizer steps, not 2 epochs x {per_epoch}")
+    if "freeze" in on and steps[0] * 2 != steps[-1]:
+        problems.append(f"freeze: optimizer steps per parameter {steps}: the backbone was never frozen")
+    if "freeze" not in on and len(steps) != 1:
+        problems.append(f"optimizer steps per parameter differ: {steps}")
+    return problems
+
+
+def _probabilities(stdout: str) -> list[dict[str, float]]:
+    out = []
+    for line in stdout.splitlines():
+        r = json.loads(line)
+        labels = r["labels"] if "labels" in r else r["top_k"]
+        out.append({x["label"]: x["p"] for x in labels})
+    return out
+
+
+def check_outputs(on: set[str], run: Path, images: list[Path]) -> list[str]:
+    """tta and export -> predict on the finished run."""
+    problems = []
+    files = [str(p) for p in images]
+    every = ["--threshold", "0"] if "multilabel" in on else ["--top-k", "4"]  # every class's probability
+
+    def predict(model: Path, *extra: str) -> list[dict[str, float]] | None:
+        r = invoke_cli("predict", *files, "--model", str(model), "--json", *every, *extra)
+        if r.returncode != 0:
+            problems.append(f"predict --model {model.name} {' '.join(extra)}: exit {r.returncode}: {r.stderr[-300:]}")
+            return None
+        return _probabilities(r.stdout)
+
+    plain = predict(run)
+    if "tta" in on:
+        tta = predict(run, "--tta")
+        if plain and tta and tta == plain:
+            problems.append("predict --tta gave the plain probabilities: TTA ignored")
+    if "export" in on:
+        r = invoke_cli("export", str(run), "--format", "torchscript", "-q")
+        if r.returncode != 0:
+            return problems + [f"export: exit {r.returncode}: {r.stderr[-300:]}"]
+        pairs = [(plain, predict(run / "model.pt"))]
+        if "tta" in on:
+            pairs.append((predict(run, "--tta"), predict(run / "model.pt", "--tta")))
+        for want, got in pairs:
+            if want is None or got is None:
+                continue
+            if [set(w) for w in want] != [set(g) for g in got] or any(
+                abs(w[k] - g[k]) > 1e-4 for w, g in zip(want, got, strict=True) for k in w
+            ):
+                problems.append(f"predict on model.pt {got} differs from the checkpoint's {want}")
+    return problems
+
+
+# --------------------------------------------------------------------------- the in-process rows
+
+
+def train_row(on: set[str], data: dict, folder: Path) -> tuple[Path | None, str, dict, list[str]]:
+    """Train with ``on``; (run folder, log, spied, problems)."""
+    from imgcls.errors import ImgclsError, Interrupted
+    from imgcls.recipe import recipe_from_dict
+    from imgcls.training import train
+
+    recipe = recipe_from_dict(recipe_dict(on, data, folder / "runs"))
+    run, lines = folder / "run", []
+    with streamed(on), spies() as seen:
+        try:
+            if "resume" in on:
+                try:
+                    train(recipe, out=run, log=lines.append, stop_after_steps=3)
+                    return None, "", seen, ["stop_after_steps=3 did not stop the run"]
+                except Interrupted:
+                    pass
+                train(recipe, resume=run, log=lines.append)
+            else:
+                train(recipe, out=run, log=lines.append)
+        except ImgclsError as exc:
+            return None, "", seen, [f"train failed (exit {exc.exit_code}): {exc}"]
+        except Exception as exc:  # a crash mid-run: the point of the matrix
+            return None, "", seen, [f"train crashed: {type(exc).__name__}: {exc}"]
+    return run, "\n".join(lines), seen, []
+
+
+def run_row(on: set[str], data: dict, folder: Path) -> list[str]:
+    folder.mkdir(parents=True)
+    run, log, seen, problems = train_row(on, data, folder)
+    if problems:
+        return problems
+    problems = check_run(on, run, log, seen)
+    images = data["multilabel_images"] if "multilabel" in on else data["single_images"]
+    return problems + check_outputs(on, run, images)
+
+
+def shrink(on: set[str], data: dict, folder: Path) -> tuple[set[str], list[str]] | None:
+    """The smallest subset of ``on`` (one setting, else a pair) that fails alone."""
+    for size in (1, 2):
+        for i, subset in enumerate(itertools.combinations(sorted(on), size)):
+            problems = run_row(set(subset), data, folder / f"shrink{size}-{i}")
+            if problems:
+                return set(subset), problems
+    return None
+
+
+def _row_id(row: frozenset) -> str:
+    return "+".join(s for s in IN_PROCESS if s in row)
+
+
+@pytest.fixture(scope="module")
+def images(data, shapes_folder):
+    return {**data, "single_images": sorted(shapes_folder.rglob("*.png"))[::8]}
+
+
+@pytest.mark.parametrize("row", covering_rows(), ids=_row_id)
+def test_combined_run(row, images, tmp_path):
+    problems = run_row(set(row), images, tmp_path / "row")
+    if problems:
+        culprit = shrink(set(row), images, tmp_path)
+        where = (
+            f"smallest failing subset: {' × '.join(sorted(culprit[0]))}: {'; '.join(culprit[1])}"
+            if culprit
+            else "no single setting or pair fails alone: the row's combination of three or more does"
+        )
+        pytest.fail(f"{_row_id(row)}: {'; '.join(problems)}\n{where}")
+
+
+# --------------------------------------------------------------------------- refused pairs
+
+
+REFUSED = sorted(tuple(sorted(p)) for p, r in PAIRS.items() if r.kind == "refused")
+SETTING_NAMES = {  # how a refusal names each setting
+    "multilabel": "multi-label",
+    "class_weights": "train.class_weights",
+    "balanced": "data.sampler: balanced",
+}
+
+
+@pytest.mark.parametrize("pair", REFUSED, ids="+".join)
+def test_refused_pair(pair, images, tmp_path, cli):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(set(pair), images, tmp_path / "runs")))
+    result = cli("train", str(recipe), "--out", str(tmp_path / "run"), "-q")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert outcome(*pair).text in lines[0]
+    for setting in pair:
+        assert SETTING_NAMES[setting] in lines[0], (setting, lines[0])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- targeted equalities
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "last.safetensors"))
+
+
+def _train_quiet(raw: dict, **kwargs):
+    from imgcls.recipe import recipe_from_dict
+    from imgcls.training import train
+
+    return train(recipe_from_dict(raw), log=lambda m: None, **kwargs)
+
+
+def test_class_weights_with_accumulation_equal_the_big_batch(images, tmp_path):
+    """Weighted cross-entropy is a sum over the batch: two micro-batches of 4
+    give the step one batch of 8 gives (a per-batch weighted mean would not)."""
+    raw = recipe_dict({"class_weights"}, images, tmp_path)
+    raw["train"].update(epochs=1, batch_size=8)
+    big = _train_quiet(raw, out=tmp_path / "big")
+    raw["train"].update(batch_size=4, gradient_accumulation=2)
+    accumulated = _train_quiet(raw, out=tmp_path / "acc")
+    a, b = _weights(big.run_dir), _weights(accumulated.run_dir)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _write_recipe(on: set[str], data: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(on, data, folder / "runs")))
+    return path
+
+
+@pytest.mark.slow
+def test_ddp_with_many_settings_resumed_from_one_process(images, tmp_path):
+    """DDP_RUNS[0]: stopped in one process, finished by 2 (the launcher in-process)."""
+    on = set(DDP_RUNS[0])
+    from imgcls.errors import Interrupted
+    from imgcls.recipe import load_recipe
+    from imgcls.training import train
+
+    recipe = _write_recipe(on, images, tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(load_recipe(recipe), out=run, log=lambda m: None, stop_after_steps=1)
+    result = invoke_cli("train", str(recipe), "--resume", str(run), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    problems = check_run(on, run, result.stderr, None) + check_outputs(on, run, images["multilabel_images"])
+    assert not problems, problems
+
+
+@pytest.mark.slow
+def test_ddp_with_class_weights_and_balanced_sampler(images, tmp_path):
+    """DDP_RUNS[1]: 2 ranks equal 1 process with class weights and the balanced sampler."""
+    on = set(DDP_RUNS[1])
+    recipe = _write_recipe(on, images, tmp_path)
+    result = invoke_cli("train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr
+    problems = check_run(on, tmp_path / "two", result.stderr, None)
+    assert not problems, problems
+    with spies() as seen:
+        one = _train_quiet(yaml.safe_load(recipe.read_text()), out=tmp_path / "one")
+    assert not check_run(on - {"ddp"}, one.run_dir, "", seen)
+    a, b = _weights(one.run_dir), _weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tuned(images, tmp_path_factory):
+    """TUNE_RUNS, each `imgcls tune --trials 1 --jobs 2` (2 trials start at once)."""
+    out = []
+    for i, on in enumerate(TUNE_RUNS):
+        folder = tmp_path_factory.mktemp(f"tune{i}")
+        recipe = _write_recipe(set(on), images, folder)
+        (folder / "recipe.space.yaml").write_text("train.optimizer.lr: {loguniform: [1e-3, 1e-2]}\n")
+        result = invoke_cli("tune", str(recipe), "--trials", "1", "--jobs", "2", "--json", cwd=folder)
+        out.append((set(on), folder, result))
+    return out
+
+
+@pytest.mark.slow
+def test_tune_jobs_with_many_settings(tuned, images):
+    for on, folder, result in tuned:
+        assert result.returncode == 0, result.stderr
+        trials = json.loads(result.stdout)["trials"]
+        assert trials, result.stdout
+        for trial in trials:
+            run = folder / trial["run_dir"]
+            problems = check_run(on - {"tune"}, run, "", None)
+            assert not problems, (sorted(on), trial["number"], problems)
+        images_for = images["multilabel_images"] if "multilabel" in on else images["single_images"]
+        problems = check_outputs(on, folder / trials[0]["run_dir"], images_for)
+        assert not problems, (sorted(on), problems)
+
+
+@pytest.mark.slow
+def test_tune_jobs_finishes_exactly_the_trials_asked(tuned):
+    for _, _, result in tuned:
+        assert len(json.loads(result.stdout)["trials"]) == 1
