@@ -46,7 +46,8 @@ from imgcls.data import prepare_data  # noqa: E402
 from imgcls.models.build import build_model  # noqa: E402
 from imgcls.recipe import load_recipe  # noqa: E402
 from imgcls.summary import summarize_model  # noqa: E402
-from imgcls.train import make_optimizer, train  # noqa: E402
+from imgcls.training import train  # noqa: E402
+from imgcls.training.schedule import make_optimizer  # noqa: E402
 
 
 def matmul_flops(n: int = 2048, repeat: int = 10) -> float:

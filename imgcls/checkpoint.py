@@ -12,58 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgcls.errors import CheckpointError
+from imgcls.io import atomic_path
 from imgcls.metadata import CHECKPOINT_FORMAT as FORMAT
 from imgcls.metadata import CHECKPOINT_VERSION as FORMAT_VERSION
 from imgcls.metadata import check_head, parse_checkpoint_meta, unsafe_file_reason
+from imgcls.models.state import check_fit, clean_state_dict, load_weights
 
 BEST, LAST, RESUME = "best.safetensors", "last.safetensors", "resume.pt"
 PREVIOUS = ".last.previous.safetensors"  # the last pair's weights while a new pair is saved
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # created as a plain open() would (0666 less the umask, applied by the
-    # kernel), not mkstemp's 0600, so a run folder is as shareable as any file;
-    # the umask is never read by setting it (process-global, threads race on it)
-    while True:
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def clean_state_dict(state: dict) -> dict:
-    """Strip wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
 
 
 def save_checkpoint(path: Path, model, meta: dict) -> None:
@@ -130,7 +91,7 @@ class Checkpoint:
         return parent if (parent / "recipe.yaml").exists() else None
 
 
-def resolve_checkpoint(target: str | Path) -> Path:
+def resolve_checkpoint(target: str | os.PathLike) -> Path:
     """A .safetensors file, a run folder (its best checkpoint), or runs/<name> (latest run)."""
     path = Path(target).expanduser()
     if path.is_file():
@@ -170,7 +131,7 @@ def build_from_meta(meta: dict, where: str):
     return build_model(spec, tuple(meta["input_shape"]), len(meta["classes"]))
 
 
-def load_checkpoint(target: str | Path) -> Checkpoint:
+def load_checkpoint(target: str | os.PathLike) -> Checkpoint:
     """Read, validate and build the checkpoint ``target`` (file, run folder, runs/<name>).
 
     The metadata and every tensor's shape are checked against the
@@ -204,27 +165,6 @@ def load_checkpoint(target: str | Path) -> Checkpoint:
     model = _model_with_weights(meta, state, where, skeleton)
     model.eval()
     return Checkpoint(path, meta, model)
-
-
-def check_fit(model, shapes: dict[str, tuple[int, ...]], where: str) -> None:
-    """The tensors ``shapes`` describes are exactly ``model``'s, shape for shape;
-    an error names the missing / unexpected keys, or the tensor and both shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_names(unexpected)}")
-        raise CheckpointError(f"{where}: weights do not fit the architecture ({'; '.join(parts)})")
-    for key, shape in expected.items():
-        if tuple(shapes[key]) != shape:
-            raise CheckpointError(
-                f"{where}: weights do not fit the architecture: {key} has shape {list(shapes[key])} "
-                f"in the file, the architecture expects {list(shape)}"
-            )
 
 
 def _check_class_count(meta: dict, shapes: dict[str, tuple[int, ...]], skeleton, where: str) -> None:
@@ -268,11 +208,6 @@ def _head_weight(model) -> str | None:
     return last
 
 
-def _names(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
-
-
 def _model_with_weights(meta: dict, state: dict, where: str, skeleton=None):
     """Build the model without initialising weights we are about to overwrite.
 
@@ -289,26 +224,6 @@ def _model_with_weights(meta: dict, state: dict, where: str, skeleton=None):
     model = build_from_meta(meta, where)
     load_weights(model, state, where=where)
     return model
-
-
-def load_weights(model, state: dict, assign: bool = False, where: str = "the checkpoint") -> None:
-    """``load_state_dict`` with the module versions a plain safetensors dict lacks
-    (torchvision's MNASNet, for one, reads its version from them).
-
-    A state that does not fit raises :class:`CheckpointError` naming ``where``,
-    the tensor and both shapes, or the missing and unexpected keys.
-    """
-    from collections import OrderedDict
-
-    check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, where)
-    state = OrderedDict(state)
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    try:
-        model.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{where}: weights do not fit the architecture ({str(exc).strip().splitlines()[0]})"
-        ) from None
 
 
 # --------------------------------------------------------------------------- run folders

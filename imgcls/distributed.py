@@ -31,6 +31,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ImgclsError, RecipeError, UsageError
 
@@ -60,7 +61,7 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    control: object = None  # a gloo group for host-side flags (the default one when on CPU)
+    control: Any = None  # a gloo group for host-side flags (the default one when on CPU)
 
     @property
     def main(self) -> bool:
@@ -178,7 +179,7 @@ def join(device_name: str) -> Group:
                 store=_attempt_store(world, timeout),
                 rank=rank,
                 world_size=world,
-                **({"device_id": torch.device("cuda", local_rank)} if cuda else {}),
+                **({"device_id": torch.device("cuda", local_rank)} if cuda else {}),  # type: ignore[arg-type]  # torch's stub types **kwargs by the other arguments
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -203,6 +204,32 @@ def _attempt_store(world: int, timeout: datetime.timedelta):
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
     )
     return dist.PrefixStore(f"imgcls/attempt_{_restart_count()}/", store)
+
+
+def this_rank() -> int:
+    """This process's rank in a group torchrun (or ``--nproc``) started; 0 alone."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def rank_failure(rank: int, exc: BaseException) -> BaseException | int:
+    """What a rank does with an error that ends its training.
+
+    Rank 0 reports it (``exc`` itself comes back: raise it). The others say
+    nothing for Ctrl-C and bad input, which rank 0 says once for the group
+    (every rank reads the same recipe): their exit code comes back. Any other
+    failure comes back as an error naming the rank."""
+    if rank == 0:
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    from imgcls.errors import Interrupted
+
+    code = getattr(exc, "exit_code", EXIT_FAILURE)
+    if isinstance(exc, Interrupted) or code == 2:
+        return code
+    error = ImgclsError(f"rank {rank}: {exc}")
+    error.exit_code = code
+    return error
 
 
 def broken_group(group: Group, exc: BaseException) -> ImgclsError | None:
@@ -392,13 +419,13 @@ def restart_target(group: Group, recipe, out: Path | None, resume: Path | None, 
 
 def record_run_dir(recipe, run_dir: Path) -> None:
     """Rank 0 notes the group's run folder, so a restarted group finds it."""
-    from imgcls import checkpoint as ck
+    from imgcls.io import write_text_atomic
 
     record = _record_path(recipe)
     if record is None:
         return
     record.parent.mkdir(parents=True, exist_ok=True)
-    ck.write_text_atomic(record, json.dumps({"run_dir": str(run_dir.absolute())}))
+    write_text_atomic(record, json.dumps({"run_dir": str(run_dir.absolute())}))
 
 
 def forget_run_dir(recipe) -> None:

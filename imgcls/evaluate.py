@@ -22,12 +22,11 @@ sigmoid probability against its threshold, and the report holds per-class
 precision / recall / F1 / AP, micro and macro F1, mAP and the exact-match
 ratio (also under ``accuracy``: scikit-learn's subset accuracy). No confusion
 matrix: with several labels per image there is no single "predicted as".
-``tune_thresholds`` picks each class's F1-optimal threshold on the run's
-validation split and writes a copy of the checkpoint carrying them
-(``<stem>-tuned.safetensors``), which predict and export then use.
+Thresholds tuned on the run's validation split (:mod:`imgcls.thresholds`)
+are passed in as ``tuned``.
 
 ``tta``: the metrics are computed twice, on the plain logits and on the
-logits averaged with the flipped image (:func:`imgcls.infer.tta_logits`);
+logits averaged with the flipped image (:func:`imgcls.forward.tta_logits`);
 the report keeps the plain numbers and adds the TTA ones under ``tta``.
 """
 
@@ -41,30 +40,49 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from imgcls import interrupts
-from imgcls.checkpoint import Checkpoint, atomic_path, load_checkpoint, save_checkpoint, write_text_atomic
+from imgcls.checkpoint import Checkpoint, load_checkpoint
+from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import read_labelled_rows, scan_class_folders
-from imgcls.errors import DataError, PartialFailure, UsageError
-from imgcls.infer import decoded_batches, logits, model_input, tta_logits
+from imgcls.errors import DataError, PartialFailure
+from imgcls.forward import logits, model_input, tta_logits
+from imgcls.io import atomic_path, write_text_atomic
 from imgcls.metadata import task_of, thresholds_of
 from imgcls.metrics import (
     classification_report,
-    f1_optimal_thresholds,
     multilabel_decisions,
     multilabel_report,
 )
 
 Log = Callable[[str], None]
-Items = list[tuple[Path, str | tuple[str, ...]]]  # (file, class name; or label names, multi-label)
+Items = list[tuple[Any, Any]]  # (file, class name; or a tuple of label names, multi-label)
 MAX_LOGGED_BAD = 10
 MATRIX_TABLE_LIMIT = 20  # larger confusion matrices go to the PNG only
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TunedThresholds:
+    """Per-class thresholds picked on the run's validation split (:mod:`imgcls.thresholds`)."""
+
+    values: list[float]
+    path: Path  # the checkpoint copy that carries them
+    split: str  # where they were tuned, in words (as EvalResult.data says it)
+
+
+FILES = ("tuned_checkpoint", "confusion_png", "errors_png", "misclassified_csv", "metrics_json")
+
+
+def _file_order(kind: str) -> int:
+    """The written files in the order the steps write them, whichever step adds one."""
+    return FILES.index(kind) if kind in FILES else len(FILES)
 
 
 @dataclass
@@ -84,7 +102,7 @@ class EvalResult:
             **self.report,
             "skipped": len(self.bad),
             "misclassified": len(self.misclassified),
-            "files": self.files,
+            "files": {k: self.files[k] for k in sorted(self.files, key=_file_order)},
         }
 
     def raise_if_skipped(self) -> None:
@@ -101,7 +119,7 @@ class EvalResult:
 
 
 def evaluate(
-    target: str | os.PathLike,
+    target: str | os.PathLike | Checkpoint,
     data: str | os.PathLike | None = None,
     *,
     top_k: int = 5,
@@ -109,18 +127,18 @@ def evaluate(
     out: Path | None = None,
     misclassified: Path | None = None,
     log: Log = _stderr,
-    explain: bool = False,
     tta: bool = False,
-    tune_thresholds: bool = False,
+    tuned: TunedThresholds | None = None,
 ) -> EvalResult:
-    """Evaluate the checkpoint ``target`` (file or run folder) on ``data``."""
-    ckpt = load_checkpoint(target)
+    """The metrics of the checkpoint ``target`` (file, run folder, or loaded) on ``data``.
+
+    Writes ``metrics.json`` and (single label) ``confusion.png`` into the
+    output folder, and the misclassified CSV when asked. ``tuned``: evaluate
+    a multi-label model at thresholds :func:`imgcls.thresholds.tune_thresholds`
+    picked (the error gallery and the report are later steps: see
+    :mod:`imgcls.cli.evaluate`)."""
+    ckpt = target if isinstance(target, Checkpoint) else load_checkpoint(target)
     multilabel = task_of(ckpt.meta) == "multilabel"
-    if tune_thresholds and not multilabel:
-        raise UsageError(
-            f"{ckpt.path}: --tune-thresholds is for multi-label models (a threshold per class); "
-            "this checkpoint is single-label (softmax: the top class wins)"
-        )
     items, where = labelled_items(ckpt, data)
     several = next((label for _, label in items if isinstance(label, tuple)), None)
     if several is not None and not multilabel:
@@ -131,104 +149,83 @@ def evaluate(
         )
     index = class_index(ckpt.classes, {n for _, label in items for n in _names(label)}, where)
     thresholds = thresholds_of(ckpt.meta) if multilabel else None
-    tuned: Path | None = None
-    if tune_thresholds:
-        val_items, val_where = _run_split(ckpt, "val")
-        log(f"tuning thresholds on {val_where}: {len(val_items)} images")
-        scores, _, targets, _, _ = _run(ckpt, val_items, index, batch_size, multilabel)
-        thresholds = f1_optimal_thresholds(torch.sigmoid(scores), targets)
-        interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
-        tuned = tuned_path(ckpt.path)
-        save_checkpoint(tuned, ckpt.model, {**ckpt.meta, "thresholds": thresholds})
-        shown = ", ".join(f"{c} {t:.3f}" for c, t in zip(ckpt.classes, thresholds, strict=True))
-        log(f"thresholds: {shown}; wrote {tuned} (predict --model {tuned} uses them)")
-        if where == val_where:
+    if tuned is not None:
+        thresholds = tuned.values
+        if where == tuned.split:
             log("note: evaluated on the split the thresholds were tuned on: the numbers are optimistic")
     log(f"evaluating {ckpt.path} on {where}: {len(items)} images" + (" (and with TTA)" if tta else ""))
-    from imgcls.imbalance import count_lines
-
-    counted = {c: 0 for c in ckpt.classes}
-    for _, label in items:
-        for name in _names(label):
-            counted[name] += 1
-    shown = [c for c in ckpt.classes if counted[c]]
-    for line in count_lines("evaluated", shown, [counted[c] for c in shown]):
-        log(line)
-
-    scores, tta_scores, targets, files, bad = _run(ckpt, items, index, batch_size, multilabel, tta)
+    _log_counts(ckpt.classes, items, log)
+    scores, tta_scores, targets, files, bad = score_items(ckpt, items, index, batch_size, multilabel, tta)
     for path, reason in bad[:MAX_LOGGED_BAD]:
         log(f"warning: skipped {path}: {reason}")
     if len(bad) > MAX_LOGGED_BAD:
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
     if not files:
         raise DataError(f"{where}: none of the {len(items)} images could be read")
-
     if multilabel:
         report = multilabel_report(torch.sigmoid(scores), targets, ckpt.classes, thresholds)
         wrong = _multilabel_mistakes(torch.sigmoid(scores), targets, files, ckpt.classes, thresholds)
     else:
         report = classification_report(scores, targets, ckpt.classes, top_k=top_k)
-        probs = torch.softmax(scores, dim=1)
-        conf, pred = probs.max(1)
-        wrong = [
-            {
-                "file": str(files[i]),
-                "true": ckpt.classes[int(targets[i])],
-                "predicted": ckpt.classes[int(pred[i])],
-                "confidence": float(conf[i]),
-            }
-            for i in torch.nonzero(pred != targets).flatten().tolist()
-        ]
+        wrong = _mistakes(scores, targets, files, ckpt.classes)
     if tta_scores is not None:
         report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
     result = EvalResult(ckpt.path, where, report, wrong, bad)
     interrupts.check()  # before the first file of the evaluation is written
     if tuned is not None:
-        result.files["tuned_checkpoint"] = str(tuned)
-
+        result.files["tuned_checkpoint"] = str(tuned.path)
     result.out_dir = out_dir = Path(out) if out is not None else default_out_dir(ckpt)
     if not multilabel:
         png = out_dir / "confusion.png"
         save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
         result.files["confusion_png"] = str(png)
-        # --- insight hook: the error gallery next to the confusion PNG (imgcls.explain)
-        from imgcls.explain import write_error_gallery
-
-        gallery = write_error_gallery(
-            out_dir / "errors.png", ckpt, wrong, report["confused_pairs"], with_heatmaps=explain
-        )
-        if gallery is not None:
-            result.files["errors_png"] = str(gallery)
-        # --- end insight hook
     if misclassified is not None:
         write_misclassified(Path(misclassified), wrong)
         result.files["misclassified_csv"] = str(misclassified)
+    write_metrics_json(result)
+    png_path = result.files.get("confusion_png")
     metrics_json = out_dir / "metrics.json"
+    log(f"wrote {png_path} and {metrics_json.name}" if png_path else f"wrote {metrics_json}")
+    return result
+
+
+def write_metrics_json(result: EvalResult) -> None:
+    """``metrics.json`` in the output folder: what ``--json`` prints (written
+    again by a later step that adds a file, so it lists every file written)."""
+    metrics_json = Path(result.out_dir or ".") / "metrics.json"
     result.files["metrics_json"] = str(metrics_json)
     interrupts.check()
     write_text_atomic(metrics_json, json.dumps(result.to_dict(), indent=2) + "\n")
-    png_path = result.files.get("confusion_png")
-    log(f"wrote {png_path} and {metrics_json.name}" if png_path else f"wrote {metrics_json}")
-    # --- insight hook: refresh the run's report.html (imgcls.report); never fails the evaluation
-    if ckpt.run_dir is not None and out_dir == ckpt.run_dir / "eval":
-        try:
-            from imgcls.report import write_report
 
-            write_report(ckpt.run_dir)
-        except Exception as exc:  # a report is a convenience; the metrics are written
-            log(f"warning: could not refresh {ckpt.run_dir / 'report.html'}: {exc}")
-    # --- end insight hook
-    return result
+
+def _log_counts(classes: list[str], items: Items, log: Log) -> None:
+    from imgcls.imbalance import count_lines
+
+    counted = {c: 0 for c in classes}
+    for _, label in items:
+        for name in _names(label):
+            counted[name] += 1
+    shown = [c for c in classes if counted[c]]
+    for line in count_lines("evaluated", shown, [counted[c] for c in shown]):
+        log(line)
+
+
+def _mistakes(scores: torch.Tensor, targets: torch.Tensor, files, classes: list[str]) -> list[dict]:
+    """Images whose top class is not the true one, with the top class's probability."""
+    conf, pred = torch.softmax(scores, dim=1).max(1)
+    return [
+        {
+            "file": str(files[i]),
+            "true": classes[int(targets[i])],
+            "predicted": classes[int(pred[i])],
+            "confidence": float(conf[i]),
+        }
+        for i in torch.nonzero(pred != targets).flatten().tolist()
+    ]
 
 
 def _names(label: str | tuple[str, ...]) -> tuple[str, ...]:
     return label if isinstance(label, tuple) else (label,)
-
-
-def tuned_path(path: Path) -> Path:
-    """``best.safetensors`` -> ``best-tuned.safetensors`` (tuning a tuned copy replaces it)."""
-    stem = path.stem.removesuffix("-tuned")
-    return path.with_name(f"{stem}-tuned{path.suffix}")
 
 
 def tta_summary(scores: torch.Tensor, targets: torch.Tensor, classes, top_k: int, thresholds) -> dict:
@@ -272,7 +269,7 @@ def default_out_dir(ckpt: Checkpoint) -> Path:
 
 
 @torch.inference_mode()
-def _run(
+def score_items(
     ckpt: Checkpoint,
     items: Items,
     index: dict[str, int],
@@ -285,7 +282,11 @@ def _run(
     Targets: class indices, or multi-hot float rows for a multi-label model."""
     paths = [p for p, _ in items]
     n = len(ckpt.classes)
-    outputs, tta_outputs, targets, files, bad = [], [], [], [], []
+    outputs: list[torch.Tensor] = []
+    tta_outputs: list[torch.Tensor] = []
+    targets: list = []  # class indices, or multi-hot rows
+    files: list[Path] = []
+    bad: list[tuple[Path, str]] = []
     done = 0
     for results in decoded_batches(paths, ckpt.preprocessing, batch_size):
         interrupts.check()  # between batches
@@ -326,7 +327,7 @@ def _run(
 def labelled_items(ckpt: Checkpoint, data: str | os.PathLike | None) -> tuple[Items, str]:
     """(file, class name) pairs to evaluate, and a description of where from."""
     if data is None:
-        return _run_split(ckpt)
+        return run_split(ckpt)
     path = Path(data).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
         return read_labels_csv(path), str(path)
@@ -337,7 +338,7 @@ def labelled_items(ckpt: Checkpoint, data: str | os.PathLike | None) -> tuple[It
     raise DataError(f"{path}: no such folder or CSV file")
 
 
-def _run_split(ckpt: Checkpoint, split: str | None = None) -> tuple[Items, str]:
+def run_split(ckpt: Checkpoint, split: str | None = None) -> tuple[Items, str]:
     """The run's held-out images: its test split when it has one, else val (or ``split``)."""
     from imgcls.data.sources import open_source
 
@@ -507,13 +508,8 @@ def report_renderables(result: EvalResult) -> list:
 
     if r["confused_pairs"]:
         pairs = Table(title="most confused (true → predicted)", title_justify="left")
-        for col, justify in (
-            ("true", "left"),
-            ("predicted", "left"),
-            ("count", "right"),
-            ("share of true", "right"),
-        ):
-            pairs.add_column(col, justify=justify)
+        for col in ("true", "predicted", "count", "share of true"):
+            pairs.add_column(col, justify="left" if col in ("true", "predicted") else "right")
         for p in r["confused_pairs"]:
             pairs.add_row(cell(p["true"]), cell(p["predicted"]), str(p["count"]), f"{p['share']:.1%}")
         out.append(pairs)

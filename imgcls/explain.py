@@ -16,7 +16,7 @@ Grad-CAM only (no Grad-CAM++ or LayerCAM) and pytorch-grad-cam pulls in
 OpenCV; the three methods are a few lines each on the same two tensors.
 
 Images go through the one decode path (:func:`imgcls.data.decode.load_image`)
-and the one model-input path (:func:`imgcls.infer.model_input`); the map is
+and the one model-input path (:func:`imgcls.forward.model_input`); the map is
 computed on the image as the model sees it (resized to its input size) and
 upsampled to it. The target layer defaults to the last module that outputs a
 spatial feature map (the last convolutional block); ``--layer`` takes the names
@@ -38,17 +38,12 @@ import torch
 from torch import nn
 
 from imgcls import interrupts
-from imgcls.checkpoint import Checkpoint, atomic_path, check_out_dir
+from imgcls.checkpoint import Checkpoint, check_out_dir
 from imgcls.data.decode import DecodeError, load_image
 from imgcls.errors import PartialFailure, UsageError
-from imgcls.infer import (
-    checkpoint_predictor,
-    logits,
-    main_logits,
-    model_input,
-    multilabel_labels,
-    predict_scores,
-)
+from imgcls.forward import logits, main_logits, model_input
+from imgcls.io import atomic_path
+from imgcls.predictor import checkpoint_predictor, multilabel_labels, predict_scores
 
 METHODS = ("gradcam", "gradcam++", "layercam")
 Log = Callable[[str], None]
@@ -142,10 +137,10 @@ def class_maps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmaps for class ``targets[i]`` of image ``x[i]``.
 
-    ``x`` is a batch from :func:`imgcls.infer.model_input`. Returns the maps
+    ``x`` is a batch from :func:`imgcls.forward.model_input`. Returns the maps
     (N, H, W) upsampled to the input size and scaled to 0..1 (all zero when
     nothing in the layer speaks for the class), and the class scores (logits,
-    N x K; :func:`imgcls.infer.predict_scores` makes them probabilities).
+    N x K; :func:`imgcls.predictor.predict_scores` makes them probabilities).
     """
     module = find_layer(model, layer)
     captured: dict[str, torch.Tensor] = {}
@@ -411,7 +406,7 @@ def explain(
     Without ``targets``, each image is explained for its predicted class (a
     multi-label model: for each label it predicts, or its likeliest class when
     none); probabilities and predictions are predict's
-    (:func:`imgcls.infer.predict_scores`, :func:`imgcls.infer.multilabel_labels`).
+    (:func:`imgcls.predictor.predict_scores`, :func:`imgcls.predictor.multilabel_labels`).
     Unreadable images are skipped and listed; the caller makes that exit 3
     (:meth:`ExplainResult.raise_if_skipped`), or 2 when none was readable.
     """
@@ -445,24 +440,11 @@ def explain(
             result.bad.append((str(file), exc.reason))
             log(f"warning: skipped {file}: {exc.reason}")
             continue
-        stem = _safe(Path(file).stem)
-        base, n = stem, 1
-        while stem in used:  # two inputs with one name (a/x.png, b/x.png)
-            n += 1
-            stem = f"{base}-{n}"
-        used.add(stem)
+        stem = _unique_stem(_safe(Path(file).stem), used)
         x = model_input(pixels[None], pre["mean"], pre["std"])
         with torch.no_grad():
             probs = predict_scores(predictor, logits(model, x))[0]
-        predicted = [int(probs.argmax())]
-        if predictor.task == "multilabel":
-            (on,) = multilabel_labels(predictor, probs[None])
-            explanation = Explanation(
-                str(file), ";".join(c for c, _ in on), on[0][1] if on else 0.0, labels=on
-            )
-            predicted = [classes.index(c) for c, _ in on] or predicted
-        else:
-            explanation = Explanation(str(file), classes[predicted[0]], float(probs[predicted[0]]))
+        explanation, predicted = _prediction(predictor, str(file), probs)
         for target in wanted or predicted:
             cam, _ = class_maps(model, x, layer, torch.tensor([target]), method)
             png = out_dir / f"{stem}.{_safe(method)}.{_safe(classes[target])}.png"
@@ -490,6 +472,29 @@ def explain(
             f"none of the {len(images)} images could be read ({result.bad[0][0]}: {result.bad[0][1]})"
         )
     return result
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``...: two inputs with one name (a/x.png, b/x.png)."""
+    base, n = stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{base}-{n}"
+    used.add(stem)
+    return stem
+
+
+def _prediction(predictor, file: str, probs: torch.Tensor) -> tuple[Explanation, list[int]]:
+    """What the model predicts for one image, as predict says it, and the
+    classes to explain by default (a multi-label model: each label it predicts,
+    or its likeliest class when none)."""
+    classes = predictor.classes
+    predicted = [int(probs.argmax())]
+    if predictor.task == "multilabel":
+        (on,) = multilabel_labels(predictor, probs[None])
+        explanation = Explanation(file, ";".join(c for c, _ in on), on[0][1] if on else 0.0, labels=on)
+        return explanation, [classes.index(c) for c, _ in on] or predicted
+    return Explanation(file, classes[predicted[0]], float(probs[predicted[0]])), predicted
 
 
 # --------------------------------------------------------------------------- evaluate's error gallery

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from imgcls.errors import CheckpointError
 
@@ -68,7 +69,7 @@ def check_common(meta: dict, where: str) -> None:
     task and per-class thresholds."""
     check_classes(meta.get("classes"), where)
     check_task(meta, where)
-    pre = meta.get("preprocessing")
+    pre: Any = meta.get("preprocessing")
     check_preprocessing(pre, where)
     shape = meta.get("input_shape")
     expected = [pre["channels"], *pre["image_size"]]
@@ -184,7 +185,7 @@ def _parse(raw: str | bytes | None, where: str, kind: str) -> dict:
 def _check_format(meta: dict, where: str, fmt: str, version: int, kind: str) -> None:
     if meta.get("format") != fmt:
         raise CheckpointError(f"{where}: format: {meta.get('format')!r}, not {fmt!r} (not an imgcls {kind})")
-    found = meta.get("version")
+    found: Any = meta.get("version")
     if not (_is_int(found) and found >= 1):
         raise CheckpointError(f"{where}: version: {found!r} is not a version number")
     if found > version:

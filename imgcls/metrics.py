@@ -101,7 +101,7 @@ def confused_pairs(cm: torch.Tensor, classes: Sequence[str], limit: int = 10) ->
     support = cm.sum(1)
     off = cm.clone()
     off.fill_diagonal_(0)
-    pairs = []
+    pairs: list[dict] = []
     for flat in torch.argsort(off.flatten(), descending=True, stable=True).tolist():
         t, p = divmod(flat, cm.shape[1])
         count = int(off[t, p])

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class PrecisionChoice:
 
     def info(self) -> dict:
         """What run.json records."""
-        out = {"how": self.how}
+        out: dict[str, Any] = {"how": self.how}
         if self.img_per_s:
             out["img_per_s"] = {k: round(v, 1) for k, v in self.img_per_s.items()}
             out["seconds"] = round(self.seconds, 2)

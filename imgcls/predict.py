@@ -1,10 +1,10 @@
 """Labels for unlabelled files: expand the inputs, then top-k per file.
 
-The model comes from :func:`imgcls.infer.load_predictor` (an imgcls
+The model comes from :func:`imgcls.predictor.load_predictor` (an imgcls
 checkpoint or run folder, the newest run under ./runs by default; an exported
 ``.onnx`` / ``.pt`` / ``.ts``; or ``--arch NAME --pretrained``, torchvision's
 published ImageNet weights). Files are decoded by
-:func:`imgcls.infer.decoded_batches` one batch ahead of the model; a file that
+:func:`imgcls.data.inputs.decoded_batches` one batch ahead of the model; a file that
 cannot be read becomes a :class:`Failure` record in the stream and the rest go on.
 """
 
@@ -23,9 +23,10 @@ import torch
 
 from imgcls import interrupts
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
+from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
-from imgcls.infer import Predictor, decoded_batches, load_predictor, multilabel_labels, predict_scores
+from imgcls.predictor import Predictor, load_predictor, multilabel_labels, predict_scores
 from imgcls.text import shown
 
 Log = Callable[[str], None]
@@ -164,7 +165,7 @@ def predict_files(
     Multi-label models: ``labels`` holds every class whose sigmoid probability
     is at or above its threshold (the model's tuned thresholds, 0.5 by
     default; ``threshold`` replaces them all). ``tta``: logits averaged with
-    the left-right flipped image (:func:`imgcls.infer.tta_logits`).
+    the left-right flipped image (:func:`imgcls.forward.tta_logits`).
     """
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
@@ -175,7 +176,8 @@ def predict_files(
         names = [str(p) for p in files[done : done + len(results)]]
         done += len(results)
         good = [r for r in results if isinstance(r, torch.Tensor)]
-        probs = top_p = top_i = decided = None
+        probs = top_p = top_i = torch.empty(0)
+        decided: list[list[tuple[str, float]]] = []
         if good:
             probs = predict_scores(predictor, predictor.batch_logits(torch.stack(good), tta=tta))
             top_p, top_i = probs.topk(k, dim=1)

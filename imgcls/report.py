@@ -22,8 +22,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from imgcls.checkpoint import resolve_checkpoint, write_text_atomic
+from imgcls.checkpoint import resolve_checkpoint
 from imgcls.errors import UsageError
+from imgcls.io import write_text_atomic
 from imgcls.runs import RunFileError, read_recipe_file
 
 REPORT = "report.html"
@@ -173,8 +174,7 @@ def environment() -> list[list[str]]:
 
 
 def build_report(run: str | os.PathLike) -> str:
-    """The HTML of the report for run folder ``run``."""
-
+    """The HTML of the report for run folder ``run``: one section after another."""
     run_dir = run_folder(run)
     recipe_text, recipe = read_recipe_file(run_dir / "recipe.yaml") or ("", {})
     train_spec = recipe.get("train", {}) or {}
@@ -182,10 +182,7 @@ def build_report(run: str | os.PathLike) -> str:
         raise RunFileError(f"{run_dir / 'recipe.yaml'}: train: not a mapping")
     history = _read_history(run_dir / "metrics.csv")
     evaluation = _read_json(run_dir / "eval" / "metrics.json")
-    summary = _read_json(run_dir / "summary.json")
-    check = _read_json(run_dir / "data-check.json")
     name = recipe.get("name", run_dir.parent.name)
-
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -196,9 +193,21 @@ def build_report(run: str | os.PathLike) -> str:
         f"<title>{_e(name)}: imgcls run report</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(name)}</h1><p class=muted>run folder {_e(run_dir)}</p>",
     ]
+    parts += _final_metrics(run_dir, evaluation, history)
+    parts += _training(run_dir, history)
+    parts += _evaluation(run_dir, evaluation)
+    parts += _explanations(run_dir)
+    parts += _data_check(run_dir, _read_json(run_dir / "data-check.json"))
+    parts += _model(run_dir, _read_json(run_dir / "summary.json"))
+    parts.append("<h2>Recipe</h2><pre>" + _e(recipe_text) + "</pre>")
+    parts += _environment(train_spec)
+    parts.append(f"<script>{_JS}</script></body></html>\n")
+    return "\n".join(parts)
 
-    # final metrics: the evaluation when there is one, else the best epoch
-    parts.append("<h2>Final metrics</h2>")
+
+def _final_metrics(run_dir: Path, evaluation: dict | None, history: list[dict]) -> list[str]:
+    """The evaluation when there is one, else the best epoch."""
+    parts = ["<h2>Final metrics</h2>"]
     rows: list[list] = []
     if evaluation:
         with _reading(run_dir / "eval" / "metrics.json"):
@@ -225,7 +234,11 @@ def build_report(run: str | os.PathLike) -> str:
                     rows.append([col.replace("val_acc", "accuracy"), _number(best[col])])
     if rows:
         parts.append(_table(["metric", "value"], rows, element_id="metrics", sortable=False))
+    return parts
 
+
+def _training(run_dir: Path, history: list[dict]) -> list[str]:
+    parts = []
     if (run_dir / "curves.png").is_file():
         parts.append("<h2>Training curves</h2>" + _png(run_dir / "curves.png", "training curves", "curves"))
     if history:
@@ -243,7 +256,12 @@ def build_report(run: str | os.PathLike) -> str:
             if elapsed
             else f"<p id=timing>training steps {_seconds(steps)} over {len(history)} epochs</p>"
         )
+    return parts
 
+
+def _evaluation(run_dir: Path, evaluation: dict | None) -> list[str]:
+    """Per class, the confusion matrix and its most confused pairs, the error gallery."""
+    parts = []
     if evaluation:
         with _reading(run_dir / "eval" / "metrics.json"):
             parts.append("<h2>Per class</h2>")
@@ -274,63 +292,59 @@ def build_report(run: str | os.PathLike) -> str:
     gallery = run_dir / "eval" / "errors.png"
     if gallery.is_file():
         parts.append("<h2>Mistakes</h2>" + _png(gallery, "misclassified images", "gallery"))
+    return parts
 
+
+def _explanations(run_dir: Path) -> list[str]:
     overlays = sorted((run_dir / "explain").glob("*.png")) if (run_dir / "explain").is_dir() else []
-    if overlays:
-        parts.append("<h2>Explanations</h2><div class=grid>")
-        for png in overlays[:MAX_OVERLAYS]:
-            parts.append(f"<figure>{_png(png, png.name)}<figcaption>{_e(png.name)}</figcaption></figure>")
-        parts.append("</div>")
-        if len(overlays) > MAX_OVERLAYS:
-            parts.append(
-                f"<p class=muted>{len(overlays) - MAX_OVERLAYS} more in {_e(run_dir / 'explain')}</p>"
-            )
+    if not overlays:
+        return []
+    parts = ["<h2>Explanations</h2><div class=grid>"]
+    for png in overlays[:MAX_OVERLAYS]:
+        parts.append(f"<figure>{_png(png, png.name)}<figcaption>{_e(png.name)}</figcaption></figure>")
+    parts.append("</div>")
+    if len(overlays) > MAX_OVERLAYS:
+        parts.append(f"<p class=muted>{len(overlays) - MAX_OVERLAYS} more in {_e(run_dir / 'explain')}</p>")
+    return parts
 
-    if check:
-        with _reading(run_dir / "data-check.json"):
-            parts.append(
-                f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>"
-            )
-            problem_rows = [
-                [key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()
-            ]
-            parts.append(_table(["finding", "count"], problem_rows, element_id="data-check"))
 
-    if summary:
-        with _reading(run_dir / "summary.json"):
-            parts.append(
-                f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
-                f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>"
-            )
-            parts.append(
-                _table(
-                    ["layer", "type", "output", "params", "MACs"],
-                    [
-                        [
-                            r["name"],
-                            r["type"],
-                            "x".join(map(str, r["output_shape"] or [])),
-                            r["params"],
-                            r["macs"],
-                        ]
-                        for r in summary.get("rows", [])
-                    ],
-                    element_id="summary",
-                )
-            )
+def _data_check(run_dir: Path, check: dict | None) -> list[str]:
+    if not check:
+        return []
+    with _reading(run_dir / "data-check.json"):
+        problem_rows = [[key.replace("_", " "), len(found)] for key, found in check.get("problems", {}).items()]
+        return [
+            f"<h2>Data check</h2><p class=muted>{_e(check.get('root', ''))}: {check.get('files')} files</p>",
+            _table(["finding", "count"], problem_rows, element_id="data-check"),
+        ]
 
-    parts.append("<h2>Recipe</h2><pre>" + _e(recipe_text) + "</pre>")
+
+def _model(run_dir: Path, summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    with _reading(run_dir / "summary.json"):
+        rows = [
+            [r["name"], r["type"], "x".join(map(str, r["output_shape"] or [])), r["params"], r["macs"]]
+            for r in summary.get("rows", [])
+        ]
+        return [
+            f"<h2>Model</h2><p>{_e(summary.get('name', ''))}: {summary.get('total_params', 0):,} parameters, "
+            f"{summary.get('total_macs', 0):,} MACs, input {_e('x'.join(map(str, summary.get('input_shape', []))))}</p>",
+            _table(["layer", "type", "output", "params", "MACs"], rows, element_id="summary"),
+        ]
+
+
+def _environment(train_spec: dict) -> list[str]:
     env = environment() + [
         ["device (recipe)", str(train_spec.get("device", "auto"))],
         ["precision (recipe)", str(train_spec.get("precision", "auto"))],
         ["channels_last (recipe)", str(train_spec.get("channels_last", "auto"))],
         ["threads (recipe)", str(train_spec.get("threads") or "torch default")],
     ]
-    parts.append("<h2>Environment</h2><p class=muted>of the machine that wrote this report</p>")
-    parts.append(_table(["", ""], env, element_id="environment", sortable=False))
-    parts.append(f"<script>{_JS}</script></body></html>\n")
-    return "\n".join(parts)
-
+    return [
+        "<h2>Environment</h2><p class=muted>of the machine that wrote this report</p>",
+        _table(["", ""], env, element_id="environment", sortable=False),
+    ]
 
 def write_report(run: str | os.PathLike) -> Path:
     """Write ``<run>/report.html`` (atomically) and return its path."""

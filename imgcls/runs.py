@@ -152,7 +152,8 @@ def _value(doc: dict, key: str, path: Path, problems: list[str], kind: type | tu
     value = doc.get(key)
     if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
         return value
-    what = {int: "a whole number", str: "text"}.get(kind, "a number")  # type: ignore[call-overload]
+    names: dict[Any, str] = {int: "a whole number", str: "text"}
+    what = names.get(kind, "a number")
     problems.append(f"{path}: {key}: {value!r} is not {what}")
     return None
 
@@ -173,17 +174,6 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
         recipe = (read_recipe_file(path / "recipe.yaml") or ("", {}))[1]
     except RunFileError as exc:
         problems.append(str(exc))
-    model = recipe.get("model") or {}
-    if not isinstance(model, dict):
-        problems.append(f"{path / 'recipe.yaml'}: model: not a mapping")
-        model = {}
-    if model.get("arch"):
-        arch = model["arch"]
-    elif isinstance(model.get("layers"), list):
-        arch = f"layers ({len(model['layers'])})"
-    else:
-        arch = None
-
     history: list[dict] = []
     epochs: int | None = None
     try:
@@ -192,6 +182,55 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
         epochs = len(history)
     except RunFileError as exc:
         problems.append(str(exc))
+    best_row, best_epoch = _best(path, history, problems)
+    summary = _read_json(path / "summary.json", problems)
+    info = _read_json(path / "run.json", problems)
+    evaluation = _read_json(path / "eval" / "metrics.json", problems)
+    # wall time from the start of train (metrics.csv's elapsed); older runs: their epochs' step time
+    seconds = history[-1].get("elapsed") if history else None
+    if seconds is None and history:
+        seconds = sum(h.get("seconds") or 0 for h in history)
+    rates = [h["img_per_s"] for h in history if h.get("img_per_s")]
+    stamp = path / "recipe.yaml"
+    date = (
+        datetime.fromtimestamp(stamp.stat().st_mtime).strftime("%Y-%m-%d %H:%M") if stamp.exists() else None
+    )
+    name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+    row = {
+        "run": name,
+        "date": date,
+        "arch": _arch(path, recipe, problems),
+        "params": _value(summary, "total_params", path / "summary.json", problems, int),
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "val_acc": best_row.get("val_acc"),
+        "val_loss": best_row.get("val_loss"),
+        "test_acc": _value(evaluation, "accuracy", path / "eval" / "metrics.json", problems),
+        "seconds": round(seconds, 1) if seconds is not None else None,
+        "img_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+        "device": _value(info, "device", path / "run.json", problems, str),
+        "precision": _value(info, "precision", path / "run.json", problems, str),
+        "problems": problems,
+    }
+    return RunInfo(path, row, recipe, problems)
+
+
+def _arch(path: Path, recipe: dict, problems: list[str]) -> str | None:
+    """The architecture's name, or how many layers a recipe stack has."""
+    model = recipe.get("model") or {}
+    if not isinstance(model, dict):
+        problems.append(f"{path / 'recipe.yaml'}: model: not a mapping")
+        model = {}
+    if model.get("arch"):
+        return model["arch"]
+    if isinstance(model.get("layers"), list):
+        return f"layers ({len(model['layers'])})"
+    return None
+
+
+def _best(path: Path, history: list[dict], problems: list[str]) -> tuple[dict, int | None]:
+    """The best epoch's metrics and number: the best checkpoint's, else the
+    best validation epoch of metrics.csv."""
     best_row: dict = {}
     best_epoch = None
     if (path / "best.safetensors").exists():
@@ -214,36 +253,7 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
         if with_val:
             best_row = max(with_val, key=lambda h: h["val_acc"])
             best_epoch = int(best_row["epoch"])
-    summary = _read_json(path / "summary.json", problems)
-    info = _read_json(path / "run.json", problems)
-    evaluation = _read_json(path / "eval" / "metrics.json", problems)
-    # wall time from the start of train (metrics.csv's elapsed); older runs: their epochs' step time
-    seconds = history[-1].get("elapsed") if history else None
-    if seconds is None and history:
-        seconds = sum(h.get("seconds") or 0 for h in history)
-    rates = [h["img_per_s"] for h in history if h.get("img_per_s")]
-    stamp = path / "recipe.yaml"
-    date = (
-        datetime.fromtimestamp(stamp.stat().st_mtime).strftime("%Y-%m-%d %H:%M") if stamp.exists() else None
-    )
-    name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
-    row = {
-        "run": name,
-        "date": date,
-        "arch": arch,
-        "params": _value(summary, "total_params", path / "summary.json", problems, int),
-        "epochs": epochs,
-        "best_epoch": best_epoch,
-        "val_acc": best_row.get("val_acc"),
-        "val_loss": best_row.get("val_loss"),
-        "test_acc": _value(evaluation, "accuracy", path / "eval" / "metrics.json", problems),
-        "seconds": round(seconds, 1) if seconds is not None else None,
-        "img_per_s": round(sum(rates) / len(rates), 1) if rates else None,
-        "device": _value(info, "device", path / "run.json", problems, str),
-        "precision": _value(info, "precision", path / "run.json", problems, str),
-        "problems": problems,
-    }
-    return RunInfo(path, row, recipe, problems)
+    return best_row, best_epoch
 
 
 def find_runs(root: Path) -> list[Path]:

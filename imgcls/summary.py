@@ -52,7 +52,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -181,6 +181,7 @@ def summarize_target(
 
     path = Path(target)
     trained = path.is_dir() or path.suffix.lower() == ".safetensors"
+    classes: int | None
     if trained:
         # a trained model: its own recipe, input shape and classes
         from imgcls.checkpoint import read_meta, resolve_checkpoint
@@ -210,7 +211,8 @@ def summarize_target(
     spec = recipe.model.model_copy(update={"pretrained": False, "weights": None})
     try:
         with meta_init():
-            model = build_model(spec, shape, classes)
+            # None only for a head-less layer stack, which has no class count
+            model = build_model(spec, shape, cast(int, classes))
     except ImgclsError:
         raise
     except Exception as exc:  # a torchvision/timm constructor refusing the size
@@ -367,21 +369,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
     named = list(model.named_modules())  # each module once, under its first name
     leaves = {id(m) for _, m in named if next(m.children(), None) is None}
 
-    own_params: dict[int, tuple[int, int]] = {}
-    seen: set[int] = set()
-    total = trainable = param_bytes = 0
-    for _, module in named:
-        n = t = 0
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n += p.numel()
-            t += p.numel() if p.requires_grad else 0
-            param_bytes += p.numel() * p.element_size()
-        own_params[id(module)] = (n, t)
-        total += n
-        trainable += t
+    own_params, total, trainable, param_bytes = _own_params(named)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
 
     counter = _MacCounter()
@@ -424,16 +412,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         for handle in handles:
             handle.remove()
 
-    # subtree totals: walk children before parents, adding each into its parent
-    index = {module_name: i for i, (module_name, _) in enumerate(named)}
-    sub_params = [list(own_params[id(m)]) for _, m in named]
-    sub_macs = [counter.macs.get(id(m), 0) for _, m in named]
-    for i in range(len(named) - 1, 0, -1):
-        parent = index[named[i][0].rpartition(".")[0]]
-        sub_params[parent][0] += sub_params[i][0]
-        sub_params[parent][1] += sub_params[i][1]
-        sub_macs[parent] += sub_macs[i]
-
+    sub_params, sub_macs = _subtree_totals(named, own_params, counter.macs)
     rows = tuple(
         Row(
             name=module_name,
@@ -461,6 +440,41 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         buffer_bytes=buffer_bytes,
         activation_bytes=activation_bytes,
     )
+
+
+def _own_params(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, tuple[int, int]], int, int, int]:
+    """Per module, its own (params, trainable) counting each shared parameter
+    once; and the totals: params, trainable params, parameter bytes."""
+    own_params: dict[int, tuple[int, int]] = {}
+    seen: set[int] = set()
+    total = trainable = param_bytes = 0
+    for _, module in named:
+        n = t = 0
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n += p.numel()
+            t += p.numel() if p.requires_grad else 0
+            param_bytes += p.numel() * p.element_size()
+        own_params[id(module)] = (n, t)
+        total += n
+        trainable += t
+    return own_params, total, trainable, param_bytes
+
+
+def _subtree_totals(named, own_params: dict, macs: dict) -> tuple[list[list[int]], list[int]]:
+    """Params and MACs of each module's subtree: children are added into their
+    parents, walking children before parents."""
+    index = {module_name: i for i, (module_name, _) in enumerate(named)}
+    sub_params = [list(own_params[id(m)]) for _, m in named]
+    sub_macs = [macs.get(id(m), 0) for _, m in named]
+    for i in range(len(named) - 1, 0, -1):
+        parent = index[named[i][0].rpartition(".")[0]]
+        sub_params[parent][0] += sub_params[i][0]
+        sub_params[parent][1] += sub_params[i][1]
+        sub_macs[parent] += sub_macs[i]
+    return sub_params, sub_macs
 
 
 # --------------------------------------------------------------------------- rendering
@@ -536,7 +550,7 @@ def summary_text(summary: Summary, width: int = 120) -> str:
     console.print(summary_table(summary))
     for line in totals_lines(summary):
         console.print(line, markup=False, highlight=False)
-    return console.file.getvalue()
+    return cast(io.StringIO, console.file).getvalue()
 
 
 def human(n: int) -> str:

@@ -102,7 +102,7 @@ class MLflowTracker:
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         run = self.client.create_run(experiment_id, run_name=f"{run_dir.parent.name}/{run_dir.name}")
         self.run_id = run.info.run_id
-        from imgcls.checkpoint import write_text_atomic
+        from imgcls.io import write_text_atomic
 
         write_text_atomic(
             saved, json.dumps({"run_id": self.run_id, "tracking_uri": self.client.tracking_uri})

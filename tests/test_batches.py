@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from imgcls.data import batches
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import train
+from imgcls.training import train
 
 CPU = torch.device("cpu")
 

@@ -97,7 +97,7 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     """mkstemp's 0600 must not leak into run folders (checkpoints, reports, plots)."""
     import os
 
-    from imgcls.checkpoint import write_text_atomic
+    from imgcls.io import write_text_atomic
 
     old = os.umask(0o022)
     try:
@@ -116,7 +116,7 @@ def test_atomic_writes_leave_the_process_umask_alone(tmp_path, monkeypatch):
     """The umask is process-global: setting it to read it races with every other thread."""
     import os
 
-    from imgcls.checkpoint import write_text_atomic
+    from imgcls.io import write_text_atomic
 
     def refuse(mask):
         raise AssertionError("os.umask called by library code")

@@ -161,3 +161,32 @@ def test_pretrained_offline_from_the_hub_cache(cli, photos, tmp_path):
 def test_arch_without_pretrained_is_refused(cli, photos):
     r = cli("predict", str(photos / "circles"), "--arch", "resnet18")
     assert r.returncode == 2 and "--pretrained" in r.stderr
+
+
+def test_predict_in_a_fresh_process_imports_no_training_code(tiny_checkpoint, photos):
+    """`imgcls predict --model RUN photo.png`, a real process: inference never
+    loads the training stack (training/, tune, the decode cache and pool, augment)."""
+    import subprocess
+    import sys
+
+    photo = next((photos / "circles").iterdir())
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+        f"sys.argv = ['imgcls', 'predict', '--model', {str(tiny_checkpoint)!r}, {str(photo)!r}, '--json']\n"
+        "import runpy\n"
+        "runpy.run_module('imgcls', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["file"] == str(photo)
+    loaded = result.stderr.rsplit("MODULES ", 1)[1].split()
+    training = (
+        "imgcls.training",
+        "imgcls.tune",
+        "imgcls.data.cache",
+        "imgcls.data.batch_decode",
+        "imgcls.data.augment",
+    )
+    assert "imgcls.predictor" in loaded and "torch" in loaded  # it did predict
+    assert [m for m in loaded if m.startswith(training)] == []

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from imgcls.data.augment import build_augment, mix_batch, random_crop
-from imgcls.data.loader import compute_mean_std, normalize
+from imgcls.data.loader import compute_mean_std
+from imgcls.forward import normalize
 from imgcls.recipe import AugmentSpec
 
 ALL_ON = [

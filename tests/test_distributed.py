@@ -54,7 +54,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def _train(recipe: dict, **kwargs):
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     return train(recipe_from_dict(recipe), log=lambda m: None, **kwargs)
 
@@ -232,7 +232,7 @@ def test_two_ranks_follow_one_rank_across_unfreeze_at_and_a_resume_past_it(dist)
 def test_sharded_validation_equals_one_process_on_the_same_weights(dist):
     """The 2-rank run's last validation numbers, recomputed in one process on its weights."""
     from imgcls.data import prepare_data
-    from imgcls.infer import tensor_logits
+    from imgcls.forward import tensor_logits
     from imgcls.models.build import build_model
     from imgcls.recipe import recipe_from_dict
 

@@ -75,7 +75,7 @@ def _recipe(root: Path, out: Path, epochs: int) -> dict:
 
 def _train(recipe: dict, out: Path) -> Path:
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     torch.set_num_threads(2)
     result = train(recipe_from_dict(recipe), out=out, log=lambda m: None)

@@ -23,7 +23,7 @@ CONFIDENCE_ATOL = 1e-4  # export.Tolerance.prob_atol: the decimals a person read
 def trained_run(tmp_path_factory) -> Path:
     """A run folder of TINY_RECIPE trained 3 epochs: its predictions vary per image."""
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     spec = copy.deepcopy(TINY_RECIPE)
     spec["train"]["epochs"] = 3

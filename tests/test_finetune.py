@@ -39,7 +39,7 @@ def two_phase(tmp_path_factory):
     """A 2-epoch run from a plain state dict (DDP 'module.' prefixes): backbone
     frozen for epoch 1 (train.unfreeze_at: 1), layer_decay 0.5, head_lr 2;
     last.safetensors snapshotted after each epoch."""
-    from imgcls.train import train
+    from imgcls.training import train
 
     tmp = tmp_path_factory.mktemp("two-phase")
     raw = _raw(tmp, epochs=2, unfreeze_at=1, optimizer={"name": "adam", "layer_decay": 0.5, "head_lr": 2.0})
@@ -79,7 +79,7 @@ def test_layer_decay_and_head_lr_set_each_stage_lr(two_phase):
 
 
 def test_resume_across_the_unfreeze_switch_is_exact(two_phase, tmp_path):
-    from imgcls.train import train
+    from imgcls.training import train
 
     recipe = recipe_from_dict(two_phase["raw"])
     with pytest.raises(Interrupted):  # stop one step into epoch 2 (after the switch)

@@ -37,8 +37,8 @@ def poisoned_hub(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("how", ["predict --arch --pretrained", "model: {arch, pretrained: true}"])
 def test_published_weights_are_never_unpickled(poisoned_hub, how):
-    from imgcls.infer import load_predictor
     from imgcls.models.zoo import build_torchvision
+    from imgcls.predictor import load_predictor
 
     cached, marker = poisoned_hub
     with pytest.raises(CheckpointError) as info:
@@ -81,7 +81,9 @@ def test_unknown_published_architecture(tmp_path):
 
 def test_predictor_forward_is_the_model_and_logits_apply_main_logits(tiny_checkpoint, shapes_folder):
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.infer import decoded_batches, load_predictor, logits, model_input
+    from imgcls.data.inputs import decoded_batches
+    from imgcls.forward import logits, model_input
+    from imgcls.predictor import load_predictor
 
     predictor = load_predictor(tiny_checkpoint)
     files = sorted((shapes_folder / "square").glob("*.png"))[:3]

@@ -469,7 +469,7 @@ def train_row(on: set[str], data: dict, folder: Path) -> tuple[Path | None, str,
     """Train with ``on``; (run folder, log, spied, problems)."""
     from imgcls.errors import ImgclsError, Interrupted
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     recipe = recipe_from_dict(recipe_dict(on, data, folder / "runs"))
     run, lines = folder / "run", []
@@ -569,7 +569,7 @@ def _weights(run: Path) -> dict:
 
 def _train_quiet(raw: dict, **kwargs):
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     return train(recipe_from_dict(raw), log=lambda m: None, **kwargs)
 
@@ -603,7 +603,7 @@ def test_ddp_with_many_settings_resumed_from_one_process(images, tmp_path):
     on = set(DDP_RUNS[0])
     from imgcls.errors import Interrupted
     from imgcls.recipe import load_recipe
-    from imgcls.train import train
+    from imgcls.training import train
 
     recipe = _write_recipe(on, images, tmp_path)
     run = tmp_path / "run"

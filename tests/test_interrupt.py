@@ -127,7 +127,7 @@ def test_evaluate_stops_on_a_swallowed_ctrl_c_before_writing(cli, tmp_path, monk
 
 
 def test_predict_stops_between_batches_on_a_swallowed_ctrl_c(cli, monkeypatch, tiny_checkpoint, shapes_folder):
-    from imgcls.infer import Predictor
+    from imgcls.predictor import Predictor
 
     monkeypatch.setattr(Predictor, "batch_logits", _swallowing(Predictor.batch_logits))
     result = cli("predict", str(shapes_folder), "--model", str(tiny_checkpoint), "--json", "--batch-size", "4")

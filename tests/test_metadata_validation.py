@@ -159,7 +159,7 @@ def test_missing_and_unexpected_tensors_are_named(tiny_checkpoint, tmp_path):
 
 
 def test_load_weights_names_the_tensor_for_every_caller(tiny_checkpoint):
-    from imgcls.checkpoint import load_weights
+    from imgcls.models.state import load_weights
 
     model = load_checkpoint(tiny_checkpoint).model
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -187,7 +187,7 @@ def test_tuned_thresholds_are_f1_optimal():
 def trained(tmp_path_factory):
     """One multi-label run and one softmax run on the same images (first label only)."""
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     root = tmp_path_factory.mktemp("multilabel")
     csv_path = write_multilabel(root / "data", 160)
@@ -211,7 +211,8 @@ def test_multilabel_model_beats_softmax(trained):
     with pytest.raises(DataError, match="single-label model"):
         evaluate(trained["single"].run_dir, trained["csv"], log=lambda m: None, out=trained["root"] / "e")
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.evaluate import _run, class_index, read_labels_csv
+    from imgcls.evaluate import class_index, read_labels_csv
+    from imgcls.evaluate import score_items as _run
 
     ckpt = load_checkpoint(trained["single"].run_dir)
     items = read_labels_csv(trained["csv"])
@@ -226,8 +227,8 @@ def test_multilabel_model_beats_softmax(trained):
 @pytest.mark.slow
 def test_tune_predict_and_export_keep_multilabel_semantics(trained, cli, tmp_path):
     from imgcls.export.writers import export_model
-    from imgcls.infer import load_predictor
     from imgcls.predict import predict_files
+    from imgcls.predictor import load_predictor
 
     run = trained["multi"].run_dir
     r = cli("evaluate", str(run), "--tune-thresholds", "--tta", "--json")
@@ -282,8 +283,9 @@ def tiny_multilabel_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 def test_train_closing_line_shows_val_f1_for_multilabel(tmp_path):
     """The best multi-label checkpoint is chosen on val_f1: the closing line and --json name it."""
-    from imgcls.cli import _train_closing, _train_summary
-    from imgcls.train import TrainResult
+    from imgcls.cli.render import train_closing as _train_closing
+    from imgcls.cli.render import train_summary as _train_summary
+    from imgcls.training import TrainResult
 
     row = {"epoch": 2, "train_loss": 0.3, "train_acc": 0.5, "val_loss": 0.25, "val_acc": 0.4, "val_f1": 0.875}
     multi = _train_summary(TrainResult(tmp_path, [row, row], 2, row, False))

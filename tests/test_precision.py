@@ -15,7 +15,7 @@ from imgcls import precision
 from imgcls.errors import UsageError
 from imgcls.models.build import build_model
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import train
+from imgcls.training import train
 
 CPU = torch.device("cpu")
 

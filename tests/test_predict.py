@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.data.loader import normalize
-from imgcls.infer import load_input, load_predictor, pretrained_preprocessing
+from imgcls.data.inputs import load_input
+from imgcls.forward import normalize
 from imgcls.predict import Failure, Prediction, collect_inputs, predict_files
+from imgcls.predictor import load_predictor, pretrained_preprocessing
 
 
 def _tree(root: Path) -> Path:

@@ -27,9 +27,9 @@ needs_chromium = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished tiny run (train writes report.html), then evaluated (which refreshes it)."""
-    from imgcls.evaluate import evaluate
+    from imgcls.cli.evaluate import evaluate_steps as evaluate
     from imgcls.recipe import recipe_from_dict
-    from imgcls.train import train
+    from imgcls.training import train
 
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe["train"]["epochs"] = 2

@@ -17,7 +17,7 @@ from imgcls.recipe import recipe_from_dict
 def tracked_run(tmp_path_factory):
     import os
 
-    from imgcls.train import train
+    from imgcls.training import train
 
     tmp = tmp_path_factory.mktemp("tracked")
     raw = copy.deepcopy(TINY_RECIPE)
@@ -82,7 +82,7 @@ def test_log_to_takes_one_name_and_rejects_unknown():
 
 @pytest.mark.parametrize("extra", ["mlflow", "tensorboard"])
 def test_missing_extra_is_one_line_before_any_work(tmp_path, monkeypatch, extra):
-    from imgcls.train import train
+    from imgcls.training import train
 
     monkeypatch.setitem(sys.modules, extra, None)  # import fails as if not installed
     raw = copy.deepcopy(TINY_RECIPE)

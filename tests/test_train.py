@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from imgcls.errors import CheckpointError, Interrupted
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import lr_at, train
+from imgcls.training import train
+from imgcls.training.schedule import lr_at
 
 
 def tiny(**train_overrides) -> dict:
@@ -82,7 +83,7 @@ def test_a_save_cut_off_between_its_two_files_resumes_from_the_pair_before(tmp_p
 
     from imgcls import checkpoint as ck
 
-    monkeypatch.setattr("imgcls.train._plot", lambda *args: None)  # curves.png: 60% of a tiny run's time
+    monkeypatch.setattr("imgcls.training.loop._plot", lambda *args: None)  # curves.png: 60% of a tiny run's time
     recipe = recipe_from_dict(tiny(epochs=2, deterministic=True, optimizer="sgd", ema=0.9))
     whole = train(recipe, out=tmp_path / "whole", log=quiet)
     real, saves = ck.save_resume, []
@@ -295,7 +296,7 @@ def test_l2_and_l1_shrink_the_weights(tmp_path):
 
 def test_a_layer_can_opt_out_of_global_regularisation():
     from imgcls.models.build import build_model
-    from imgcls.train import regularized_weights
+    from imgcls.training.schedule import regularized_weights
 
     raw = tiny()
     raw["model"]["l2"] = 0.01
@@ -346,7 +347,7 @@ def test_ema_warms_up_so_a_short_run_is_as_accurate_as_without_it(tmp_path, monk
         # 160 training images in batches of 4: 40 steps an epoch, 200 in all
         "train": {"epochs": 5, "batch_size": 4, "optimizer": {"name": "sgd", "lr": 0.01}, "threads": 1},
     }
-    monkeypatch.setattr("imgcls.train._plot", lambda *args: None)  # curves.png: not the point, and slow
+    monkeypatch.setattr("imgcls.training.loop._plot", lambda *args: None)  # curves.png: not the point, and slow
     plain = train(recipe_from_dict(raw), out=tmp_path / "plain", log=quiet)
     raw["train"]["ema"] = 0.999
     ema = train(recipe_from_dict(raw), out=tmp_path / "ema", log=quiet)

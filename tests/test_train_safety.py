@@ -12,11 +12,11 @@ import torch
 from conftest import TINY_RECIPE
 from safetensors.torch import load_file
 
-import imgcls.train as train_module
+import imgcls.training.loop as train_module
 from imgcls.checkpoint import read_meta
 from imgcls.errors import DataError, Diverged, UsageError
 from imgcls.recipe import recipe_from_dict
-from imgcls.train import train
+from imgcls.training import train
 
 
 def tiny(**train_overrides) -> dict:
@@ -159,7 +159,8 @@ def test_a_failure_after_the_folder_is_made_and_before_training_leaves_nothing(t
     """The start's last steps (the restart record, the broadcast, run.json, the
     progress bar) used to run outside the cleanup: a failure or Ctrl-C there
     left runs/tiny/1 behind with recipe.yaml and the summary in it."""
-    from imgcls import checkpoint, distributed
+    from imgcls import distributed
+    from imgcls.training import outputs as checkpoint
 
     real_write = checkpoint.write_text_atomic
 

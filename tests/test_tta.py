@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from imgcls.infer import logits, tta_logits
+from imgcls.forward import logits, tta_logits
 
 
 def test_tta_is_the_mean_of_plain_and_flipped_logits():
@@ -23,8 +23,8 @@ def test_tta_is_the_mean_of_plain_and_flipped_logits():
 
 def test_evaluate_and_predict_report_tta_beside_plain(tiny_checkpoint, shapes_folder, tmp_path):
     from imgcls.evaluate import evaluate, report_renderables
-    from imgcls.infer import load_predictor
     from imgcls.predict import predict_files
+    from imgcls.predictor import load_predictor
 
     result = evaluate(tiny_checkpoint, shapes_folder, out=tmp_path / "e", tta=True, log=lambda m: None)
     plain, tta = result.report, result.report["tta"]

@@ -12,7 +12,7 @@ from conftest import TINY_RECIPE
 
 from imgcls.errors import RecipeError
 from imgcls.recipe import recipe_from_dict, recipe_to_dict
-from imgcls.train import TIMINGS
+from imgcls.training.outputs import TIMINGS
 from imgcls.tune import load_space
 
 
@@ -98,7 +98,7 @@ def test_tune_cli_reports_a_bad_space_with_exit_2(tmp_path, cli):
 @pytest.mark.slow
 def test_search_prunes_continues_and_best_yaml_retrains_to_its_value(tmp_path, monkeypatch):
     from imgcls.recipe import load_recipe
-    from imgcls.train import train
+    from imgcls.training import train
     from imgcls.tune import tune
 
     raw = copy.deepcopy(TINY_RECIPE)
@@ -157,7 +157,7 @@ def _weight_rows(rows) -> list[dict]:
 def test_jobs_2_runs_each_trial_as_a_standalone_train_and_finishes_exactly_n(tmp_path, monkeypatch):
     """Trials in worker processes share no state: each equals its recipe.yaml trained alone."""
     from imgcls.recipe import load_recipe
-    from imgcls.train import train
+    from imgcls.training import train
     from imgcls.tune import tune
 
     recipe = _tiny_study(tmp_path, monkeypatch)

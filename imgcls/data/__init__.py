@@ -9,7 +9,7 @@ files and measures mean/std (:mod:`loader`)::
     data.train.x, data.train.y  # uint8 (N, C, H, W), int64 (N,)
 
 The trainer batches, augments (:func:`build_augment`, :func:`mix_batch`) and
-normalises those tensors in its own loop (imgcls.train).
+normalises those tensors in its own loop (imgcls.training).
 
 The names below are imported on first use (PEP 562): decode worker processes
 import :mod:`imgcls.data.decode`, which loads this package first, and must
@@ -30,7 +30,6 @@ _WHERE = {
     "decode_image": "decode",
     "load_image": "decode",
     "compute_mean_std": "loader",
-    "normalize": "loader",
     "PreparedData": "prepare",
     "default_cache_dir": "prepare",
     "prepare_data": "prepare",

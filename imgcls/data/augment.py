@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgcls.forward import to_float
 from imgcls.recipe import AugmentSpec, ColorJitter
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -40,11 +41,6 @@ def _rand(n: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, like: torch.Tensor):
     return low + (high - low) * _rand(n, gen, like)
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float 0..1 (float input is returned as is)."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def _per_image(mask: torch.Tensor) -> torch.Tensor:
@@ -294,12 +290,14 @@ def build_augment(spec: AugmentSpec, size: tuple[int, int] | None = None) -> Aug
         from torchvision.transforms import v2  # heavy import; only when asked
 
         if spec.trivial_augment:
-            steps.append(lambda x, g, p=v2.TrivialAugmentWide(): auto_augment(x, p, g))
+            trivial = v2.TrivialAugmentWide()
+            steps.append(lambda x, g: auto_augment(x, trivial, g))
         if spec.randaugment is not None:
             ra = v2.RandAugment(spec.randaugment.num_ops, spec.randaugment.magnitude)
-            steps.append(lambda x, g, p=ra: auto_augment(x, p, g))
+            steps.append(lambda x, g: auto_augment(x, ra, g))
     if spec.random_crop is not None and spec.random_crop.padding > 0:
-        steps.append(lambda x, g, pad=spec.random_crop.padding: random_crop(x, pad, g))
+        pad = spec.random_crop.padding
+        steps.append(lambda x, g: random_crop(x, pad, g))
     rrc = spec.random_resized_crop
     if rrc is not None or spec.rotation > 0:
         steps.append(
@@ -307,8 +305,8 @@ def build_augment(spec: AugmentSpec, size: tuple[int, int] | None = None) -> Aug
                 x,
                 g,
                 rotation=spec.rotation,
-                scale=tuple(rrc.scale) if rrc else None,
-                ratio=tuple(rrc.ratio) if rrc else (3 / 4, 4 / 3),
+                scale=(rrc.scale[0], rrc.scale[1]) if rrc else None,
+                ratio=(rrc.ratio[0], rrc.ratio[1]) if rrc else (3 / 4, 4 / 3),
             )
         )
     if spec.hflip:

@@ -34,19 +34,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
-from imgcls.data.decode import channel_sums, decode_chunk, decode_rows
+from imgcls import interrupts
+from imgcls.data.decode import channel_sums, decode_chunk, decode_rows, decode_workers
 from imgcls.data.progress import Task
 from imgcls.errors import DataError, UsageError
 
@@ -66,15 +65,6 @@ PRESTART_MIN = 2000  # images from which the worker server is started before the
 Log = Callable[[str], None]
 
 
-def decode_workers() -> int:
-    """Cores this process may run on (``sched_getaffinity`` respects taskset
-    and container CPU sets, ``cpu_count`` does not)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
 def decode_mode() -> str:
     mode = os.environ.get("IMGCLS_DECODE", "auto").strip().lower() or "auto"
     if mode not in MODES:
@@ -82,12 +72,17 @@ def decode_mode() -> str:
     return mode
 
 
+def _usable_mode(mode: str) -> str:
+    """``mode``, but threads where no worker process could start (see the module doc)."""
+    return "threads" if mode in ("auto", "processes") and not main_importable() else mode
+
+
 def decode_into(
     out,
     paths: Sequence[str | os.PathLike],
     channels: int,
     size: tuple[int, int],
-    resize: str,
+    resize: Any,  # stretch, center_crop or pad (DataSpec.resize)
     workers: int | None = None,
     progress: Task | None = None,
     log: Log = lambda message: None,
@@ -115,9 +110,7 @@ def decode_into(
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
     workers = workers or decode_workers()
-    mode = mode or decode_mode()
-    if mode in ("auto", "processes") and not main_importable():
-        mode = "threads"  # no worker process could start (see the module doc)
+    mode = _usable_mode(mode or decode_mode())
     failures: list[tuple[int, str]] = []
     total = np.zeros((2, channels), dtype=np.int64)
 
@@ -215,11 +208,6 @@ def _threads(arr, paths, a, b, chunk, workers, channels, size, resize, failures,
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle (it terminates us)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _processes(
     arr, paths, a, b, chunk, workers, channels, size, resize, failures, total, progress, file, owner
 ) -> None:
@@ -256,7 +244,7 @@ def _processes(
 
     try:
         while todo or pending:
-            with _sigint_deferred():  # workers start during submit
+            with interrupts.postponed():  # workers start during submit
                 while todo and len(pending) < queued:
                     pending.add(pool.submit(decode_chunk, task(todo.popleft())))
             if todo and not warm:  # the pool is starting: take a chunk here
@@ -294,8 +282,9 @@ def main_importable() -> bool:
     path = getattr(main, "__file__", None)
     if getattr(main, "__spec__", None) is not None or path is None:
         return True
-    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
-        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    original: str | None = getattr(multiprocessing.process, "ORIGINAL_DIR", None)  # set at its import
+    if not os.path.isabs(path) and original is not None:
+        path = os.path.join(original, path)
     return os.path.isfile(path)
 
 
@@ -316,14 +305,14 @@ class DecodePool:
 
     def get(self, workers: int) -> tuple[ProcessPoolExecutor, bool]:
         """(pool, warm): the kept pool when it has this size, else a new one."""
-        if self.ready(workers):
+        if self._pool is not None and self.ready(workers):
             return self._pool, True
         self.close()
         _prestart()
         # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
         # crash inside a decoder) breaks the pool with an error instead of being
         # silently replaced while its chunk is waited for forever.
-        self._pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_ignore_sigint)
+        self._pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=interrupts.ignore)
         self._workers = workers
         return self._pool, False
 
@@ -357,7 +346,7 @@ def _prestart() -> None:
         return
     from multiprocessing import forkserver
 
-    with _sigint_deferred():
+    with interrupts.postponed():
         forkserver.ensure_running()
 
 
@@ -375,22 +364,3 @@ def _context() -> multiprocessing.context.BaseContext:
         ctx.set_forkserver_preload(["imgcls.data.decode_server", "imgcls.data.decode"])
         return ctx
     return multiprocessing.get_context("spawn")
-
-
-@contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C while worker processes start (during submit): interrupted
-    there, a started worker is not yet the pool's, so shutting the pool down
-    would not wait for it, and it would print a traceback after we exit. The
-    interrupt is raised as soon as the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt

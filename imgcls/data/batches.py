@@ -21,7 +21,7 @@ device, and all three give the same bytes for the same indices:
   :func:`epoch_order` makes an epoch visit the data window by window so each
   chunk is read about once per epoch.
 
-Which indices make a batch is the caller's business (imgcls.train; sharding
+Which indices make a batch is the caller's business (imgcls.training.loop; sharding
 across processes happens there): a source only fetches them.
 """
 
@@ -31,6 +31,7 @@ import os
 import resource
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ def _address_space_used() -> int:
 
 
 def _cgroup_headroom() -> list[int]:
-    out = []
+    out: list[int] = []
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -179,7 +180,7 @@ class _PinnedPair:
         self.device = device
         self.pinned = device.type == "cuda"
         self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
-        self.events = [None, None]
+        self.events: list[Any] = [None, None]  # the CUDA event of each buffer's last copy
         self.turn = 0
 
     def next(self, n: int) -> tuple[torch.Tensor, int]:
@@ -266,7 +267,7 @@ class StreamBatches:
     def _read(self, chunk: int, into: np.ndarray) -> None:
         start = chunk * CHUNK_ROWS
         rows = min(CHUNK_ROWS, self.n - start)
-        view = memoryview(into[:rows].reshape(-1))
+        view = into[:rows].reshape(-1).data
         pos, got = self.offset + start * self.row_bytes, 0
         while got < len(view):
             k = os.preadv(self.fd, [view[got:]], pos + got)
@@ -275,7 +276,7 @@ class StreamBatches:
             got += k
         self.reads += 1
 
-    def _load(self, indices: np.ndarray) -> np.ndarray:
+    def _load(self, indices: np.ndarray) -> np.ndarray | None:
         """Make every chunk of ``indices`` resident; their pool rows."""
         self.calls += 1
         chunks = indices // CHUNK_ROWS

@@ -48,41 +48,50 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import methodcaller
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from imgcls.data.batch_decode import DecodePool, decode_into, decode_workers
+from imgcls.data.batch_decode import DecodePool, decode_into
+from imgcls.data.cache_folder import (  # noqa: F401  (the folder's API, also reached through here)
+    META,
+    cache_max,
+    clear_entries,
+    default_cache_dir,
+    drop_superseded,
+    evict,
+    hold_entry,
+    human_bytes,
+    list_entries,
+    list_folder,
+    parse_size,
+    release,
+)
 from imgcls.data.decode import channel_sums
 from imgcls.data.progress import Progress
-from imgcls.data.shapes import cache_root
-from imgcls.errors import DataError, UsageError
+from imgcls.errors import DataError
 from imgcls.recipe import DataSpec
 
 AUTO_RAM_LIMIT = 2 * 1024**3  # kept for callers; ``auto`` now persists (see above)
 CACHE_VERSION = 3  # bump when decode/resize output changes (3: per-file cache entries)
-DEFAULT_CACHE_MAX = "20G"
-STALE_TEMP_S = 3600.0  # a temporary entry older than this is a crashed writer's
 Log = Callable[[str], None]
 MAX_LOGGED_BAD = 10
-META = "meta.json"
 
 
 @dataclass
 class DecodedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W); may be backed by a memory-mapped file
     y: torch.Tensor  # int64 (N,) class indices, or float32 (N, K) multi-hot (multi-label)
-    files: list[str | Path]  # as listed (str from a folder scan: no Path per file)
-    bad: list[tuple[str | Path, str]] = field(default_factory=list)
+    files: Sequence[str | Path]  # as listed (str from a folder scan: no Path per file)
+    bad: list[tuple[Any, str]] = field(default_factory=list)  # (path as listed, why)
     # (2, C) int64: per channel, exact sum and sum of squares of x's pixels,
     # kept in the cache entry so a cached run does not read every pixel for
     # mean/std. None when unknown.
@@ -96,29 +105,6 @@ class DecodedSplit:
 
     def __len__(self) -> int:
         return len(self.files)
-
-
-def decode_threads() -> int:
-    """Workers for decoding (cores this process may use); kept for callers."""
-    return decode_workers()
-
-
-def default_cache_dir() -> Path:
-    """``$IMGCLS_CACHE/decoded`` (see :func:`imgcls.data.shapes.cache_root`)."""
-    return cache_root() / "decoded"
-
-
-def parse_size(text: str) -> int:
-    """``"20G"``, ``"500M"``, ``"1.5T"``, ``"123"`` (bytes) -> bytes (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"IMGCLS_CACHE_MAX={text!r}: expected a size like 20G, 500M or 1.5T")
-    return int(float(m[1]) * 1024 ** " KMGT".index((m[2] or " ").upper()))
-
-
-def cache_max() -> int:
-    """The cache's size cap in bytes: ``$IMGCLS_CACHE_MAX``, else 20 GiB."""
-    return parse_size(os.environ.get("IMGCLS_CACHE_MAX") or DEFAULT_CACHE_MAX)
 
 
 def file_stats(paths: Sequence[str], known: dict[str, tuple[int, int]] | None = None) -> np.ndarray:
@@ -232,7 +218,7 @@ def load_split(
         )
         if policy == "ram":
             x, file = x.clone(), None
-            _release(hold)
+            release(hold)
             hold = None
         if evicting:
             evict(cache, log)
@@ -279,13 +265,13 @@ def _cached(names, paths, spec, cache: Path, shape, log, known, source, split, p
         raise DataError(
             f"{cache}: cannot create the decoded-image cache folder: {exc.strerror or exc}"
         ) from None
-    hold = _hold(cache, key)
+    hold = hold_entry(cache, key)
     try:
         found = _map_or_build(
             entry, paths, abs_names, stats, spec, shape, log, source, split, progress, what, pool
         )
     except BaseException:
-        _release(hold)
+        release(hold)
         raise
     return (*found, hold)
 
@@ -302,9 +288,10 @@ def _map_or_build(entry, paths, abs_names, stats, spec, shape, log, source, spli
     meta = _build_entry(
         cache, key, abs_names, stats, spec, shape, source_name, split, log, progress, what, pool
     )
-    x, meta = _open_entry(entry, shape) or (None, None)
-    if x is None:
+    opened = _open_entry(entry, shape)
+    if opened is None:
         raise DataError(f"{entry}: the decoded-image cache entry just written cannot be read back")
+    x, meta = opened
     ok, bad = _split_failures(paths, meta["bad"])
     return x, ok, bad, _meta_sums(meta, spec.channels), entry / "rows.u8"
 
@@ -403,7 +390,7 @@ def _build_entry(cache, key, names, stats, spec, shape, source, split, log, prog
         except OSError:
             pass  # another process built the same entry first: theirs is as good
         else:
-            _drop_superseded(cache, key, meta)
+            drop_superseded(cache, key, meta)
         decoded = n - reused - len(known_bad)
         log(f"cached {len(ok)} decoded images in {cache / key} ({decoded} decoded, {reused} reused)")
         return meta
@@ -416,7 +403,7 @@ def _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad) -> 
     for unchanged files; clear them in ``todo``. Returns how many were reused."""
     geometry = _geometry(spec)
     reused = 0
-    for entry, meta in sorted(_entries(cache), key=lambda em: -em[0].stat().st_mtime):
+    for entry, meta in sorted(list_folder(cache), key=lambda em: -em[0].stat().st_mtime):
         if meta.get("geometry") != geometry or meta.get("source") != source or meta.get("key") == key:
             continue
         try:
@@ -454,188 +441,6 @@ def _reuse_rows(cache, key, names, stats, spec, source, mm, todo, known_bad) -> 
         if not todo.any():
             break
     return reused
-
-
-def _entries(cache: Path) -> list[tuple[Path, dict]]:
-    out = []
-    try:
-        folders = list(os.scandir(cache))
-    except OSError:
-        return out
-    for e in folders:
-        if e.name.startswith(".") or not e.is_dir():
-            continue
-        try:
-            out.append((Path(e.path), json.loads(Path(e.path, META).read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _drop_superseded(cache: Path, key: str, meta: dict) -> None:
-    """The entry of the same source, split and geometry that this one replaces."""
-    for entry, other in _entries(cache):
-        same = all(other.get(k) == meta[k] for k in ("source", "split", "geometry"))
-        if same and other.get("key") != key:
-            _remove_unused(cache, entry.name)  # one in use stays: eviction removes it later
-
-
-def _drop_replaced(cache: Path) -> None:
-    """Entries that a newer one of the same source, split and geometry
-    replaced while a process still used them (see :func:`_drop_superseded`)."""
-    newest: dict[str, tuple[float, str]] = {}
-    entries = _entries(cache)
-    for entry, meta in entries:
-        which = json.dumps([meta.get(k) for k in ("source", "split", "geometry")])
-        created = float(meta.get("created") or 0)
-        if which not in newest or created > newest[which][0]:
-            newest[which] = (created, entry.name)
-    for entry, meta in entries:
-        which = json.dumps([meta.get(k) for k in ("source", "split", "geometry")])
-        if newest[which][1] != entry.name:
-            _remove_unused(cache, entry.name)
-
-
-def _lock_path(cache: Path, key: str) -> Path:
-    locks = cache / ".locks"
-    locks.mkdir(exist_ok=True)
-    return locks / key
-
-
-def _hold(cache: Path, key: str):
-    """A shared lock on entry ``key`` (which need not exist yet), or None where
-    the lock cannot be made (a read-only cache folder: nothing evicts there)."""
-    from filelock import ReadWriteLock
-
-    try:
-        lock = ReadWriteLock(_lock_path(cache, key), is_singleton=False)
-        lock.acquire_read()  # waits only while another process removes the entry
-    except (OSError, sqlite3.Error, ValueError):
-        return None
-    return lock
-
-
-def _release(lock) -> None:
-    if lock is not None:
-        lock.close()
-
-
-def _remove_unused(cache: Path, key: str) -> bool:
-    """Remove entry ``key`` unless a process holds it; whether it was removed."""
-    from filelock import ReadWriteLock, Timeout
-
-    try:
-        lock = ReadWriteLock(_lock_path(cache, key), is_singleton=False)
-        lock.acquire_write(blocking=False)
-    except (Timeout, OSError, sqlite3.Error, ValueError):
-        return False
-    try:
-        shutil.rmtree(cache / key, ignore_errors=True)
-    finally:
-        lock.close()
-    return True
-
-
-def evict(cache: str | os.PathLike | None, log: Log) -> None:
-    """Least recently used entries first, until the cache fits its cap; an
-    entry a process holds (this one's splits included) is never removed. Call
-    it once a run's splits are all built."""
-    cache = Path(cache) if cache is not None else default_cache_dir()
-    if not cache.is_dir():
-        return
-    _drop_replaced(cache)
-    cap = cache_max()
-    entries = list_entries(cache)
-    total = sum(e["bytes"] for e in entries)
-    for e in sorted(entries, key=lambda e: e["last_used"]):
-        if total <= cap:
-            break
-        if not _remove_unused(cache, e["key"]):
-            continue
-        total -= e["bytes"]
-        log(
-            f"cache: evicted {e['key']} ({e['source']} {e['split']}, {human_bytes(e['bytes'])}) to stay under IMGCLS_CACHE_MAX"
-        )
-    if total > cap:
-        log(
-            f"warning: the decoded cache ({human_bytes(total)}, entries in use kept) exceeds "
-            f"IMGCLS_CACHE_MAX ({human_bytes(cap)}); raise it to keep this data decoded between runs"
-        )
-    _remove_stale_temps(cache)
-
-
-def _remove_stale_temps(cache: Path) -> None:
-    now = time.time()
-    for p in cache.glob(".tmp-*"):
-        try:
-            if now - p.stat().st_mtime > STALE_TEMP_S:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def list_entries(cache_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Every complete cache entry: key, source, split, images, bytes (on disk),
-    last_used (epoch seconds), most recently used first."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = []
-    for entry, meta in _entries(cache):
-        try:
-            size = sum(f.stat().st_size for f in entry.iterdir())
-            used = entry.stat().st_mtime
-        except OSError:
-            continue
-        out.append(
-            {
-                "key": entry.name,
-                "source": meta.get("source", ""),
-                "split": meta.get("split", ""),
-                "images": meta.get("images", 0),
-                "bytes": size,
-                "last_used": used,
-            }
-        )
-    return sorted(out, key=lambda e: -e["last_used"])
-
-
-def clear_entries(
-    keys: Sequence[str] = (), cache_dir: str | os.PathLike | None = None
-) -> tuple[int, int, int]:
-    """Remove the named entries (a unique key prefix is enough), or all when
-    ``keys`` is empty; returns (entries removed, bytes freed, entries kept
-    because a running process uses them). An unknown key is a
-    :class:`UsageError` and nothing is removed."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entries = list_entries(cache)
-    if keys:
-        chosen = []
-        for k in keys:
-            match = [e for e in entries if e["key"].startswith(k)]
-            if len(match) != 1:
-                why = "no cache entry" if not match else f"{len(match)} cache entries"
-                raise UsageError(f"{k}: {why} with that key (see `imgcls cache list`)")
-            chosen.append(match[0])
-    else:
-        chosen = entries
-    freed = kept = 0
-    for e in chosen:
-        if _remove_unused(cache, e["key"]):
-            freed += e["bytes"]
-        else:
-            kept += 1
-    if not keys:
-        for p in cache.glob(".tmp-*"):  # a crashed writer's leftovers
-            shutil.rmtree(p, ignore_errors=True)
-    return len(chosen) - kept, freed, kept
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (for logs and `imgcls cache list`)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def check_bad(bad: Sequence[tuple[Path, str]], total: int, max_fraction: float) -> None:

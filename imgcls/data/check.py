@@ -45,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,8 +116,8 @@ def list_items(path: Path, links: Links | None = None) -> list[Item]:
         raise DataError(f"{path}: no such folder or CSV file")
     splits = [s for s in (*SPLITS, "valid", "validation") if (path / s).is_dir()]
     roots = [(path / s, "val" if s in ("valid", "validation") else s) for s in splits] or [(path, "all")]
-    items = []
-    walk = dict(within=os.path.realpath(path), seen=set(), links=links)
+    items: list[Item] = []
+    walk: dict[str, Any] = dict(within=os.path.realpath(path), seen=set(), links=links)
     for root, split in roots:
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             items.extend(Item(Path(f), d.name, split) for f in walk_images(d, **walk))
@@ -187,7 +188,7 @@ def _cache_file(root: Path) -> Path:
 
 def gather_facts(items: list[Item], root: Path, threads: int | None = None) -> list[dict]:
     """Facts per item: from the cache when path, size and mtime match, else computed in parallel."""
-    from imgcls.checkpoint import write_text_atomic
+    from imgcls.io import write_text_atomic
 
     cache_path = _cache_file(root)
     try:
@@ -195,7 +196,7 @@ def gather_facts(items: list[Item], root: Path, threads: int | None = None) -> l
         cache = cache["files"] if cache.get("version") == CACHE_VERSION else {}
     except (OSError, ValueError, KeyError, AttributeError):
         cache = {}
-    keys = []
+    keys: list[str | None] = []
     for item in items:
         try:
             st = item.path.stat()
@@ -277,8 +278,8 @@ def check_dataset(
             p["imbalance"].append(
                 {
                     "split": split,
-                    "largest": max(by_class, key=by_class.get),
-                    "smallest": min(by_class, key=by_class.get),
+                    "largest": max(by_class, key=by_class.__getitem__),
+                    "smallest": min(by_class, key=by_class.__getitem__),
                     "ratio": round(big / small, 2),
                 }  # fmt: skip
             )
@@ -362,7 +363,7 @@ def label_errors(ckpt, good: list[tuple[Item, dict]], log: Log) -> list[dict]:
     import torch
 
     from imgcls.data.decode import load_image
-    from imgcls.infer import tensor_logits
+    from imgcls.forward import tensor_logits
 
     classes = ckpt.classes
     index = {c: i for i, c in enumerate(classes)}

@@ -376,8 +376,17 @@ def decode_chunk(task: tuple) -> tuple[int, bytes, list[tuple[int, str]], np.nda
     fd = _FILES.get(name)
     if fd is None:
         fd = _FILES[name] = os.open(name, os.O_WRONLY)
-    data = memoryview(rows).cast("B")
+    data = rows.data.cast("B")
     done = 0
     while done < len(data):  # pwrite may write less than asked
         done += os.pwrite(fd, data[done:], offset + done)
     return start, b"", failures, sums
+
+
+def decode_workers() -> int:
+    """Cores this process may run on (``sched_getaffinity`` respects taskset
+    and container CPU sets, ``cpu_count`` does not)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)

@@ -6,6 +6,6 @@ during those imports would end the server with a traceback). Python's
 multiprocessing server ignores it too, but only after its preloads.
 """
 
-import signal
+from imgcls.interrupts import ignore
 
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+ignore()

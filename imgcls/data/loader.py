@@ -1,5 +1,5 @@
-"""Normalisation: the per-channel statistics of a decoded split, and the one
-``(x - mean) / std`` that evaluate, predict and export apply.
+"""Normalisation statistics: the per-channel mean and std of a decoded split
+(the one ``(x - mean) / std`` that applies them is :func:`imgcls.forward.normalize`).
 
 The mean and std travel inside checkpoints (``preprocessing``) so that every
 consumer feeds the model exactly as training did.
@@ -7,13 +7,9 @@ consumer feeds the model exactly as training did.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-from imgcls.data.augment import to_float
 from imgcls.data.decode import channel_sums
 from imgcls.errors import DataError
 
@@ -42,22 +38,3 @@ def mean_std_from_sums(sums: np.ndarray, pixels: int) -> tuple[list[float], list
     var = (total_sq / pixels - mean.square()).clamp(min=0)
     std = var.sqrt() / 255
     return (mean / 255).tolist(), std.clamp(min=MIN_STD).tolist()
-
-
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (0..255) or float (0..1) batch -> float ``(x - mean) / std``."""
-    x = to_float(x)
-    m, s = _channel_stats(tuple(mean), tuple(std), x.dtype, x.device)
-    return (x - m) / s
-
-
-@functools.lru_cache(maxsize=32)
-def _channel_stats(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
-    """``mean`` and ``std`` as (1, C, 1, 1) tensors on ``device``, made once:
-    built per batch, each was a host-to-device copy, which on CUDA waits for
-    the stream (a host sync in every training step). Made outside inference
-    mode, so a later backward (training, Grad-CAM) may save them."""
-    with torch.inference_mode(False):
-        m = torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1)
-    return m, s

@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imgcls.data.batch_decode import DecodePool
 from imgcls.data.cache import DecodedSplit, check_bad, default_cache_dir, evict, load_split
@@ -54,7 +55,7 @@ def prepare_data(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with DecodePool() as pool:  # one pool of decode workers for every split
         # notes said once per run; eviction once every split is built (and held)
-        where = dict(stats=source.stats, source=source.root, progress=progress, pool=pool)
+        where: dict[str, Any] = dict(stats=source.stats, source=source.root, progress=progress, pool=pool)
         where.update(notes=set(), evicting=False)
         train = load_split(source.train, spec, cache, log, split="train", **where)
         val = load_split(source.val, spec, cache, log, split="val", **where)

@@ -85,8 +85,8 @@ def _mask(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
         poly(regular(3, r * 1.05))
     elif kind == "star":
         outer = regular(5, r * 1.1)
-        inner = regular(5, r * 0.45, np.pi / 5)
-        poly([p for pair in zip(outer, inner, strict=True) for p in pair])
+        points_in = regular(5, r * 0.45, np.pi / 5)
+        poly([p for pair in zip(outer, points_in, strict=True) for p in pair])
     elif kind == "cross":
         a, b = r * 0.9, r * 0.3
         poly([(-a, -b), (-b, -b), (-b, -a), (b, -a), (b, -b), (a, -b),

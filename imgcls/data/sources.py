@@ -43,6 +43,7 @@ import zlib
 from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ from imgcls.recipe import DataSpec
 # (file, class index), or (file, multi-hot tuple) for a multi-label source.
 # A folder scan gives ``str`` paths (a Path per file costs ~18 us: 18 s for a
 # million files); a CSV gives Paths.
-Items = list[tuple[str | Path, int]]
+Items = list[tuple[Any, Any]]  # (path, class index; or a multi-hot tuple for multi-label data)
 LABEL_SEPARATORS = re.compile(r"[;|]")
 SPLITS = ("train", "val", "test")
 _VAL_NAMES = ("val", "valid", "validation")
@@ -139,7 +140,7 @@ def read_folder(root: Path, val_split: float, split_seed: int, progress: Task | 
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (data.source 'folder' wants a folder)")
     # each real file once, under the class (and split) of its real path
-    walk = dict(within=os.path.realpath(root), seen=set())
+    walk: dict[str, Any] = dict(within=os.path.realpath(root), seen=set())
     train_dir = root / "train"
     if train_dir.is_dir():
         classes, train = scan_class_folders(train_dir, stats, progress, **walk)
@@ -206,7 +207,7 @@ def walk_images(
     start = os.fspath(folder)
     # (folder, reached through a link): only there is a real path worked out per entry
     todo = [(start, within is not None and os.path.islink(start))]
-    if todo[0][1] and _inside(os.path.realpath(start), within):
+    if within is not None and todo[0][1] and _inside(os.path.realpath(start), within):
         if links is not None:
             links.append((start, os.path.realpath(start)))
         return found

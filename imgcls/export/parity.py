@@ -101,7 +101,7 @@ def reference_logits(model, x):
     """PyTorch's eval-mode logits for ``x``: what every export is held to."""
     import torch
 
-    from imgcls.infer import main_logits
+    from imgcls.forward import main_logits
 
     with torch.no_grad():
         return main_logits(model.eval()(x))

@@ -192,7 +192,7 @@ def _load_safetensors(path: Path) -> ExportedModel:
     from safetensors import safe_open
 
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.infer import main_logits
+    from imgcls.forward import main_logits
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -79,6 +79,39 @@ def default_out(checkpoint: Path, fmt: str, in_run: bool) -> Path:
     return out
 
 
+def _check_format(fmt: str | None, out: Path | None, opset: int | None, batch_size: int) -> str:
+    """The export format (from --out's suffix when not given), checked with its options."""
+    if out is not None and fmt is None:
+        fmt = format_from_suffix(Path(out))
+    if fmt is None:
+        raise UsageError("give --format (onnx, torchscript or safetensors)")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
+    if batch_size < 1:
+        raise UsageError("the batch size must be at least 1")
+    if opset is not None and fmt != "onnx":
+        raise UsageError("--opset applies to --format onnx only")
+    return fmt
+
+
+def _check_out(out: Path | None, fmt: str, ckpt, force: bool) -> Path:
+    """The file to write: never the checkpoint, a folder, a file in a missing
+    or read-only folder, or (without --force) an existing file."""
+    out = out if out is not None else default_out(ckpt.path, fmt, ckpt.run_dir is not None)
+    if out.suffix.lower() not in SUFFIXES[fmt]:
+        raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
+    if out.resolve() == ckpt.path.resolve():
+        raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
+    if out.exists() and not out.is_dir() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    from imgcls.checkpoint import check_out_file
+
+    check_out_file(out)  # a folder, a missing or read-only parent: refused before the export
+    return out
+
+
 def export_model(
     target: str | Path,
     fmt: str | None = None,
@@ -99,31 +132,12 @@ def export_model(
     ``out`` is replaced only with ``force``, and only once the new export
     has passed its check.
     """
-    from imgcls.checkpoint import check_out_file, load_checkpoint
+    from imgcls.checkpoint import load_checkpoint
 
     started = time.perf_counter()
-    if out is not None and fmt is None:
-        fmt = format_from_suffix(Path(out))
-    if fmt is None:
-        raise UsageError("give --format (onnx, torchscript or safetensors)")
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()
-    if batch_size < 1:
-        raise UsageError("the batch size must be at least 1")
-    if opset is not None and fmt != "onnx":
-        raise UsageError("--opset applies to --format onnx only")
-
+    fmt = _check_format(fmt, out, opset, batch_size)
     ckpt = load_checkpoint(target)
-    out = Path(out).expanduser() if out is not None else default_out(ckpt.path, fmt, ckpt.run_dir is not None)
-    if out.suffix.lower() not in SUFFIXES[fmt]:
-        raise UsageError(f"{out}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
-    if out.resolve() == ckpt.path.resolve():
-        raise UsageError(f"{out}: that is the checkpoint itself; choose another --out")
-    if out.exists() and not out.is_dir() and not force:
-        raise UsageError(f"{out}: already exists; pass --force to replace it, or choose another --out")
-    check_out_file(out)  # a folder, a missing or read-only parent: refused before the export
+    out = _check_out(Path(out).expanduser() if out is not None else None, fmt, ckpt, force)
 
     x, counts = check_batch(ckpt, images)
     model = ckpt.model.eval()
@@ -145,7 +159,7 @@ def export_model(
         log("note: the model's outputs do not depend on the input (untrained?), so the check proves little")
 
     from imgcls import interrupts
-    from imgcls.checkpoint import atomic_path
+    from imgcls.io import atomic_path
 
     interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
     with atomic_path(out) as tmp:
@@ -188,11 +202,11 @@ def export_model(
 def logits_module(model, x):
     """``model`` itself, or, when its forward returns a tuple / namedtuple
     (googlenet or inception_v3 built with aux heads), a wrapper module whose
-    forward returns only :func:`imgcls.infer.main_logits` of it (the
+    forward returns only :func:`imgcls.forward.main_logits` of it (the
     exporters need an ``nn.Module`` with one tensor output)."""
     import torch
 
-    from imgcls.infer import main_logits
+    from imgcls.forward import main_logits
 
     with torch.no_grad():
         y = model(x[:2])
@@ -282,12 +296,12 @@ def _onnx_proto(model, example, opset: int | None, dynamic_batch: bool, dynamo: 
         if dynamo:
             if dynamic_batch:
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=65536)},)
-            program = torch.onnx.export(model, (example,), None, dynamo=True, optimize=True, **kwargs)
-            return program.model_proto
+            program: Any = torch.onnx.export(model, (example,), None, dynamo=True, optimize=True, **kwargs)
+            return program.model_proto  # an ONNXProgram: dynamo=True always returns one
         if dynamic_batch:
             kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
         buffer = io.BytesIO()
-        torch.onnx.export(model, (example,), buffer, dynamo=False, **kwargs)
+        torch.onnx.export(model, (example,), buffer, dynamo=False, **kwargs)  # type: ignore[arg-type]  # a file object is documented, the stub says path only
         return onnx.load_from_string(buffer.getvalue())
 
 
@@ -341,7 +355,8 @@ def check_batch(ckpt, images: Sequence[Path] = ()):
     """
     import torch
 
-    from imgcls.infer import load_input, model_input
+    from imgcls.data.inputs import load_input
+    from imgcls.forward import model_input
 
     pre = ckpt.preprocessing
     channels, (h, w) = int(pre["channels"]), tuple(pre["image_size"])

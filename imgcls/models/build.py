@@ -16,7 +16,7 @@ def load_builtin_arch(name: str) -> list[r.Layer]:
     raw, lines = r.read_yaml(path.read_text(), str(path))
     return r.recipe_from_dict(
         {"model": raw}, str(path), {("model", *k): v for k, v in lines.items()}
-    ).model.layers
+    ).model.layers or []
 
 
 def build_model(spec: r.ModelSpec, input_shape: Shape, num_classes: int, log=None) -> nn.Module:
@@ -28,30 +28,28 @@ def build_model(spec: r.ModelSpec, input_shape: Shape, num_classes: int, log=Non
     applies softmax itself). ``model.stem: small`` and ``model.weights`` are
     applied here (imgcls.models.finetune); ``log`` hears what was loaded.
     """
-    input_shape = tuple(input_shape)
+    c, h, w = input_shape
     if spec.arch is not None:
         name = spec.arch
         if name.startswith("timm/"):
             if spec.stem != "default":
                 raise UsageError(f"model.stem: small is not defined for timm models ('{name}')")
-            model = zoo.build_timm(name[5:], input_shape, num_classes, spec.pretrained)
+            model = zoo.build_timm(name[5:], (c, h, w), num_classes, spec.pretrained)
         elif name in zoo.builtin_archs():
             if spec.stem != "default":
                 raise UsageError(f"model.stem: small is not defined for the built-in '{name}'")
             if spec.pretrained:
                 raise UsageError(f"{name} has no pretrained weights")
             stack = load_builtin_arch(name)
-            model = build_layers(
-                stack, input_shape, num_classes, "auto", spec.l1, spec.l2, path=f"{name}.layers"
-            )
+            model = build_layers(stack, (c, h, w), num_classes, "auto", spec.l1, spec.l2, path=f"{name}.layers")
         elif name in zoo.torchvision_archs():
             model = zoo.build_torchvision(
-                name, input_shape, num_classes, spec.pretrained, small_stem=spec.stem == "small", log=log
+                name, (c, h, w), num_classes, spec.pretrained, small_stem=spec.stem == "small", log=log
             )
         else:
             raise zoo.unknown_arch(name)
     else:
-        model = build_layers(spec.layers, input_shape, num_classes, spec.head, spec.l1, spec.l2)
+        model = build_layers(spec.layers or [], (c, h, w), num_classes, spec.head, spec.l1, spec.l2)
     if spec.weights:
         from pathlib import Path
 
@@ -87,7 +85,7 @@ def build_layers(
         model.add_module(
             "head", layers._tag(nn.Linear(shape[0], num_classes), r.Dense(units=num_classes), ctx)
         )
-    model.output_shape = shape if head == "none" else (num_classes,)
+    model.output_shape = shape if head == "none" else (num_classes,)  # type: ignore[assignment]  # a plain attribute
     return model
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 
@@ -55,9 +56,10 @@ def _units(model: nn.Module, head: str | None):
     for name, child in model.named_children():
         if name == head or not _has_params(child):
             continue
-        inner, prefix = child, name
+        inner: nn.Module = child
+        prefix = name
         if name == "encoder" and isinstance(getattr(child, "layers", None), nn.Sequential):
-            inner, prefix = child.layers, f"{name}.layers"
+            inner, prefix = cast(nn.Module, child.layers), f"{name}.layers"
         if (
             not flat
             and (name in CONTAINERS or inner is not child)
@@ -225,7 +227,7 @@ def load_weights_file(model: nn.Module, path: Path, num_classes: int, log: Log |
     mismatch is an error naming the tensors."""
     from safetensors.torch import load_file
 
-    from imgcls.checkpoint import clean_state_dict
+    from imgcls.models.state import clean_state_dict
 
     if path.suffix.lower() != ".safetensors":
         raise UsageError(f"model.weights: {path}: only .safetensors files are read (no pickle)")
@@ -262,50 +264,6 @@ def load_weights_file(model: nn.Module, path: Path, num_classes: int, log: Log |
             log(
                 f"the file's classifier ({head}) has another class count: replaced by a new {num_classes}-class one"
             )
-
-
-# --------------------------------------------------------------------------- small-image stem
-
-SMALL_STEM = {
-    "resnet": "conv1 becomes a 3x3 stride-1 conv, the max pool is removed (resnet*, resnext*, wide_resnet*)",
-    "regnet": "the stem conv keeps its 3x3 kernel with stride 1",
-    "mobilenet": "features[0] (3x3 conv) gets stride 1 (mobilenet_v2, mobilenet_v3_*)",
-    "efficientnet": "features[0] (3x3 conv) gets stride 1",
-    "mnasnet": "layers[0] (3x3 conv) gets stride 1",
-}
-
-
-def _family(name: str) -> str | None:
-    if name.startswith(("resnet", "resnext", "wide_resnet")):
-        return "resnet"
-    for family in ("regnet", "mobilenet", "efficientnet", "mnasnet"):
-        if name.startswith(family):
-            return family
-    return None
-
-
-def small_stem(model: nn.Module, name: str, log: Log | None = None) -> None:
-    """CIFAR-style stem for 32x32-scale images: keep the input's resolution in the
-    first layer instead of dividing it by 4 (ResNet) or 2 (the others)."""
-    family = _family(name)
-    if family is None:
-        raise UsageError(
-            f"model.stem: small is defined for resnet*, resnext*, wide_resnet*, regnet*, mobilenet_v2/v3, "
-            f"efficientnet*, mnasnet*; not for '{name}'"
-        )
-    if family == "resnet":
-        old = model.conv1
-        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-        if log is not None and old.weight.device.type != "meta":
-            log("model.stem: small: conv1 is a new 3x3 conv (its pretrained 7x7 weights are not used)")
-        return
-    first = {"regnet": lambda: model.stem[0], "mnasnet": lambda: model.layers[0]}.get(
-        family, lambda: model.features[0][0]
-    )()
-    if isinstance(first, nn.Sequential):  # Conv2dNormActivation
-        first = first[0]
-    first.stride = (1, 1)
 
 
 def freeze_line(model: nn.Module, recipe) -> str | None:

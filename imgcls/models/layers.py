@@ -147,7 +147,7 @@ def _need_map(path: str, kind: str, shape: Shape) -> tuple[int, int, int]:
             f"needs a feature map (channels x height x width) but gets a flat "
             f"vector of {shape[0]}; put it before 'flatten' / 'dense'",
         )
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
 
 
 def _fmt(shape: Shape) -> str:
@@ -181,7 +181,7 @@ def _tag(module: nn.Module, spec: r.Regularized, ctx: Context) -> nn.Module:
     l1 = spec.l1 if spec.l1 is not None else ctx.l1
     l2 = spec.l2 if spec.l2 is not None else ctx.l2
     if l1 or l2 or spec.l1 is not None or spec.l2 is not None:
-        module.imgcls_regularization = (l1, l2)
+        module.imgcls_regularization = (l1, l2)  # type: ignore[assignment]  # a plain attribute, not a submodule
     return module
 
 

@@ -17,12 +17,13 @@ import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import nn
 
 from imgcls.errors import CheckpointError, UsageError
 from imgcls.metadata import unsafe_file_reason
+from imgcls.models import surgery
 
 ARCH_DIR = Path(__file__).with_name("archs")
 
@@ -88,7 +89,7 @@ def build_torchvision(
         model, weights = load_published(name, log)
         published = len(weights.meta["categories"])
         if num_classes != published:
-            replace_classifier(model, num_classes)
+            surgery.replace_classifier(model, num_classes)
             if log is not None:
                 log(
                     f"{name}: ImageNet weights; the {published}-class classifier replaced by a new {num_classes}-class one"
@@ -96,11 +97,9 @@ def build_torchvision(
     else:
         model = builder(weights=None, num_classes=num_classes, **kwargs)
     if small_stem:
-        from imgcls.models.finetune import small_stem as apply_small_stem
-
-        apply_small_stem(model, name, log if pretrained else None)  # says what pretrained part is new
+        surgery.small_stem(model, name, log if pretrained else None)  # says what pretrained part is new
     if channels != 3:
-        replace_first_conv(model, channels)
+        surgery.replace_first_conv(model, channels)
     return model
 
 
@@ -126,7 +125,7 @@ def _drop_aux_heads(model: nn.Module) -> None:
     """As torchvision does after loading googlenet / inception_v3 weights:
     the auxiliary heads only served their original training recipe."""
     if getattr(model, "aux_logits", False):
-        model.aux_logits = False
+        model.aux_logits = False  # type: ignore[assignment]  # a plain flag on the model, not a submodule
         for aux in ("aux1", "aux2", "AuxLogits"):
             if hasattr(model, aux):
                 setattr(model, aux, None)
@@ -182,62 +181,12 @@ def _model_kwargs(name: str) -> frozenset[str]:
     import torchvision
 
     builder = torchvision.models.get_model_builder(name)
-    module = inspect.getmodule(builder)
+    module: Any = inspect.getmodule(builder)  # a torchvision.models module
     names: set[str] = set()
     for obj in vars(module).values():
         if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__:
             names |= set(inspect.signature(obj.__init__).parameters)
     return frozenset(names)
-
-
-def replace_first_conv(model: nn.Module, channels: int) -> None:
-    """Swap the stem conv for one taking ``channels`` inputs.
-
-    Pretrained RGB filters are averaged over the colour axis (and repeated),
-    so a grayscale model starts from what the RGB one learned.
-    """
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
-                new = nn.Conv2d(
-                    channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
-                    1,
-                    child.bias is not None,
-                    child.padding_mode,
-                    device=child.weight.device,
-                    dtype=child.weight.dtype,
-                )
-                if child.weight.device.type != "meta":
-                    with torch.no_grad():
-                        mean = child.weight.mean(dim=1, keepdim=True)
-                        new.weight.copy_(mean.repeat(1, channels, 1, 1) * 3 / channels)
-                        if child.bias is not None:
-                            new.bias.copy_(child.bias)
-                setattr(parent, child_name, new)
-                return
-    raise UsageError("cannot find the first 3-channel convolution to adapt to the input channels")
-
-
-def replace_classifier(model: nn.Module, num_classes: int) -> None:
-    """Replace the last layer producing the class scores (Linear, or 1x1 Conv)."""
-    last = None
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, (nn.Linear, nn.Conv2d)):
-                last = (parent, child_name, child)
-    if last is None:
-        raise UsageError("cannot find the classifier layer to resize")
-    parent, child_name, child = last
-    if isinstance(child, nn.Linear):
-        new = nn.Linear(child.in_features, num_classes, child.bias is not None)
-    else:
-        new = nn.Conv2d(child.in_channels, num_classes, child.kernel_size, child.stride)
-    setattr(parent, child_name, new)
 
 
 def build_timm(name: str, input_shape: tuple[int, int, int], num_classes: int, pretrained: bool) -> nn.Module:

@@ -1,33 +1,24 @@
-"""The recipe: YAML in, typed and validated objects out, parsed once.
+"""The recipe's schema: pydantic models, unknown keys forbidden, strict types.
 
-Everything downstream receives a :class:`Recipe`; nothing handles raw dicts.
-Errors name the file, the line and the key path::
-
-    recipe.yaml:12 model.layers[3].conv.kernel: Input should be greater than 0
+Every layer kind of the YAML vocabulary (``conv``, ``pool``, ``dense``,
+``residual``...) is one small model here; :class:`Recipe` holds the data,
+model and train sections.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import re
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
-
-from imgcls.errors import RecipeError
-
-# --------------------------------------------------------------------------- schema
 
 
 class Strict(BaseModel):
@@ -192,9 +183,9 @@ class Layer(Strict):
         if isinstance(value, str):
             if value in LAYER_KINDS:
                 return {value: {}}
-            if value in Activation.__args__:  # type: ignore[attr-defined]
+            if value in Activation.__args__:  # type: ignore[attr-defined]  # a Literal alias keeps its values in __args__
                 return {"activation": {"name": value}}
-            raise ValueError(_unknown("layer kind", value, LAYER_KINDS))
+            raise ValueError(did_you_mean("layer kind", value, LAYER_KINDS))
         if isinstance(value, dict):
             if len(value) != 1:
                 keys = ", ".join(map(str, value)) or "nothing"
@@ -222,7 +213,8 @@ class Layer(Strict):
         return next(k for k in LAYER_KINDS if getattr(self, k) is not None)
 
     @property
-    def spec(self) -> Strict:
+    def spec(self) -> Any:
+        """The one layer given (a Conv, Dense, ...: its model depends on ``kind``)."""
         return getattr(self, self.kind)
 
 
@@ -319,7 +311,7 @@ class AugmentSpec(Strict):
             return None
         if isinstance(value, (int, float)):
             # a number sets the main parameter where there is one (random_crop: 4)
-            primary = getattr(_inner_model(cls.model_fields[info.field_name].annotation), "primary", None)
+            primary = getattr(inner_model(cls.model_fields[info.field_name].annotation), "primary", None)
             if primary is None:
                 raise ValueError("give a mapping of parameters, or true for the defaults")
             return {primary: value}
@@ -354,7 +346,7 @@ class DataSpec(Strict):
     @classmethod
     def _no_bool_channels(cls, value: Any) -> Any:
         if isinstance(value, bool):  # a Literal[1, 3] would take true as 1
-            raise ValueError(f"Input should be 1 or 3, not {_shown(value)}")
+            raise ValueError(f"Input should be 1 or 3, not {shown(value)}")
         return value
 
     @model_validator(mode="after")
@@ -374,7 +366,7 @@ class DataSpec(Strict):
     @property
     def size(self) -> tuple[int, int]:
         s = self.image_size
-        return (s, s) if isinstance(s, int) else tuple(s)
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
 
 
 class OptimizerSpec(Strict):
@@ -496,179 +488,16 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         values = (3, *values)
     if len(values) != 3 or min(values) <= 0:
         raise ValueError(f"'{text}' is not a shape like 3x224x224 (channels x height x width)")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
-def _unknown(what: str, value: str, known: Any) -> str:
+def did_you_mean(what: str, value: str, known: Any) -> str:
     close = difflib.get_close_matches(str(value), list(known), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown {what} '{value}'{hint}"
 
 
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe loader where ``1e-3`` is a float (YAML 1.2), as people expect."""
-
-
-_Loader.yaml_implicit_resolvers = copy.deepcopy(yaml.SafeLoader.yaml_implicit_resolvers)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-Path_ = tuple[Any, ...]
-
-
-def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise RecipeError(
-                    f"{where}:{line} {format_path(path + (key,))}: duplicate key "
-                    f"(first given on line {seen[key]})"
-                )
-            seen[key] = line
-            lines[path + (key,)] = line
-            _walk(value_node, path + (key,), lines, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _walk(item, path + (i,), lines, where)
-
-
-def format_path(path: Path_) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top)"
-
-
-def _yaml_error(exc: yaml.MarkedYAMLError, where: str) -> str:
-    """``file:line:column: problem``, at the spot PyYAML points to, plus where
-    the construct it was reading began (an unclosed quote or bracket)."""
-    mark = exc.problem_mark or exc.context_mark
-    spot = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-    text = f"{where}{spot}: invalid YAML: {exc.problem or exc.context or exc}"
-    context = exc.context_mark
-    if exc.context and context is not None and mark is not None and context.line != mark.line:
-        text += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
-    return text
-
-
-def read_yaml(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
-    """Parse YAML safely; return the data and a map of key path -> line."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        lines: dict[Path_, int] = {}
-        if node is None:
-            return None, lines
-        _walk(node, (), lines, where)
-        return loader.construct_document(node), lines
-    except yaml.MarkedYAMLError as exc:
-        raise RecipeError(_yaml_error(exc, where)) from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{where}: invalid YAML: {exc}") from None
-    finally:
-        loader.dispose()
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def apply_override(raw: dict, assignment: str) -> tuple[Any, ...]:
-    """Apply ``train.epochs=3`` to a raw recipe dict; return the key path."""
-    key, sep, value_text = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise RecipeError(f"--set {assignment}: expected key=value, e.g. train.epochs=3")
-    try:
-        value = yaml.load(value_text, Loader=_Loader) if value_text.strip() else ""
-    except yaml.YAMLError:
-        value = value_text
-    parts: list[Any] = []
-    for token in key.split("."):
-        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", token)
-        if not m:
-            raise RecipeError(f"--set {key}: cannot read the key path")
-        parts.append(m.group(1))
-        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                raise RecipeError(f"--set {key}: {format_path(tuple(parts[: i + 1]))} does not exist")
-            node = node[part]
-            continue
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {key}: {format_path(tuple(parts[:i]))} is not a mapping")
-        if node.get(part) is None:
-            node[part] = [] if isinstance(nxt, int) else {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise RecipeError(f"--set {key}: index {last} does not exist")
-    elif not isinstance(node, dict):
-        raise RecipeError(f"--set {key}: {format_path(tuple(parts[:-1]))} is not a mapping")
-    node[last] = value
-    return tuple(parts)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-_TYPE_TAG = re.compile(r"[\[\]\-]")
-_TYPE_NAMES = {"int", "float", "str", "bool", "list", "dict", "tuple"}
-
-
-def _explain(exc: ValidationError, where: str, lines: dict[Path_, int], overridden: dict) -> str:
-    # a typo gives "unknown key" and "field required" at once: the first explains both
-    errors = exc.errors()
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    # drop pydantic's union-member tags ("constrained-int", "literal[...]")
-    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (_TYPE_TAG.search(p) or p in _TYPE_NAMES))
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] in ("int_type", "float_type", "bool_type", "finite_number", "literal_error"):
-        msg += f", not {_shown(err.get('input'))}"
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        known = list(parent.model_fields) if parent else []
-        msg = _unknown("key", loc[-1], known)
-        if known:
-            msg += f" (allowed: {', '.join(known)})"
-    elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
-        options = re.findall(r"'([^']*)'", err["ctx"]["expected"])
-        if options and isinstance(err.get("input"), str):
-            msg = _unknown("value", err["input"], options) + f" (choose from: {', '.join(options)})"
-    path = format_path(loc)
-    for given, text in overridden.items():
-        if given[: len(loc)] == loc or loc[: len(given)] == given:
-            return f"--set {text}: {path}: {msg}"
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return f"{where}:{lines[loc[:n]]} {path}: {msg}"
-    return f"{where} {path}: {msg}"
-
-
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A value as the user wrote it in YAML."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -679,81 +508,15 @@ def _shown(value: Any) -> str:
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return ".inf" if value > 0 else "-.inf"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
+        return "[" + ", ".join(shown(v) for v in value) + "]"
     return str(value)
 
 
-def _model_at(loc: Path_) -> type[BaseModel] | None:
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is Layer and part in LAYER_KINDS:
-            model = LAYER_KINDS[part]
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        model = _inner_model(field.annotation)
-        if model is None:
-            return None
-    return model
-
-
-def _inner_model(annotation: Any) -> Any:
+def inner_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _inner_model(arg)
+        found = inner_model(arg)
         if found is not None:
             return found
     return None
-
-
-def recipe_from_dict(
-    raw: Any,
-    where: str = "<recipe>",
-    lines: dict[Path_, int] | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> Recipe:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where}:1: a recipe is a mapping with name, data, model, train")
-    raw = copy.deepcopy(raw)
-    overridden: dict[Path_, str] = {}
-    for assignment in overrides:
-        path = apply_override(raw, assignment)
-        overridden[path] = assignment.split("=", 1)[0].strip()
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise RecipeError(_explain(exc, where, lines or {}, overridden)) from None
-
-
-def read_yaml_file(path: Path, what: str = "recipe") -> tuple[Any, dict[Path_, int]]:
-    """:func:`read_yaml` of a file; a missing or unreadable one is a RecipeError naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such {what} file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read: {exc}") from None
-    return read_yaml(text, str(path))
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    path = Path(path)
-    raw, lines = read_yaml_file(path)
-    if raw is not None and isinstance(raw, dict) and "name" not in raw:
-        raw["name"] = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem) or "recipe"
-    return recipe_from_dict(raw, str(path), lines, overrides)
-
-
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """The resolved recipe as plain data (for run folders and checkpoints)."""
-    return recipe.model_dump(mode="json", exclude_none=True)
-
-
-def dump_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
