@@ -43,7 +43,10 @@ Float = Annotated[float, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
 
 
-Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softmax", "none"]
+Activation = Literal[
+    "relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softmax", "none",
+    "relu6", "hardswish", "hardsigmoid",
+]
 Padding = Union[Literal["valid", "same", "full"], Annotated[int, Field(strict=True, ge=0)]]
 PosInt = Annotated[int, Field(strict=True, gt=0)]
 Pair = Union[PosInt, tuple[PosInt, PosInt]]
@@ -63,7 +66,7 @@ class Windowed(Regularized):
     dilation: Pair = 1
     activation: Activation = "none"
     bias: Bool | None = None  # default: True, False when batch_norm
-    batch_norm: Bool = False
+    batch_norm: Bool | BatchNorm = False  # a mapping sets its eps / momentum
 
 
 class Conv(Windowed):
@@ -142,6 +145,69 @@ class Repeat(Strict):
     layers: list[Layer]
 
 
+# Layers the reference architectures need (recipes/architectures/): each is
+# generic; the textbook's parameter names.
+
+
+class SqueezeExcite(Strict):
+    """Squeeze-and-excitation (Hu et al., 2018): global average pool, a 1x1 conv
+    to channels / reduction (``activation``), a 1x1 conv back (``gate``); the
+    input is scaled channel-wise by the result."""
+
+    primary: ClassVar[str] = "reduction"
+    reduction: PosInt = 16
+    divisor: PosInt = 1  # squeeze channels rounded to a multiple of this (MobileNetV3: 8)
+    activation: Activation = "relu"
+    gate: Activation = "sigmoid"
+
+
+class ChannelShuffle(Strict):
+    """ShuffleNet: channels viewed as ``groups`` x C/groups, transposed."""
+
+    primary: ClassVar[str] = "groups"
+    groups: PosInt
+
+
+class Split(Strict):
+    """The input's channels cut into equal parts, one per branch (in order);
+    the outputs concatenated. ``[]`` passes its part through (ShuffleNetV2)."""
+
+    branches: Annotated[list[list[Layer]], Field(min_length=2)]
+
+
+class Add(Strict):
+    """Branches on the same input, summed; ``[]`` is the identity. A residual
+    whose shortcut is written out, registered in the order given (Xception)."""
+
+    branches: Annotated[list[list[Layer]], Field(min_length=2)]
+    activation: Activation = "none"  # applied after the sum
+
+
+class DenseBlock(Strict):
+    """DenseNet (Huang et al., 2017): ``layers`` times ``x = concat(x, f(x))``,
+    f = BN-ReLU-conv1x1 (bottleneck x growth filters)-BN-ReLU-conv3x3 (growth
+    filters); ``bottleneck: 0`` drops the 1x1 (DenseNet without B)."""
+
+    layers: PosInt
+    growth: PosInt
+    bottleneck: Annotated[int, Field(strict=True, ge=0)] = 4
+    dropout: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
+
+
+class Scale(Strict):
+    """Multiply by a constant (Inception-ResNet's residual scaling)."""
+
+    primary: ClassVar[str] = "factor"
+    factor: Float
+
+
+class AdaptivePool(Strict):
+    """Average pooling to a fixed ``size`` whatever the input size (AlexNet, VGG)."""
+
+    primary: ClassVar[str] = "size"
+    size: Pair = 1
+
+
 LAYER_KINDS: dict[str, type[Strict]] = {
     "conv": Conv,
     "separable": Separable,
@@ -158,6 +224,13 @@ LAYER_KINDS: dict[str, type[Strict]] = {
     "residual": Residual,
     "parallel": Parallel,
     "repeat": Repeat,
+    "se": SqueezeExcite,
+    "channel_shuffle": ChannelShuffle,
+    "split": Split,
+    "add": Add,
+    "dense_block": DenseBlock,
+    "scale": Scale,
+    "adaptive_avg_pool": AdaptivePool,
 }
 
 
@@ -183,6 +256,13 @@ class Layer(Strict):
     residual: Residual | None = None
     parallel: Parallel | None = None
     repeat: Repeat | None = None
+    se: SqueezeExcite | None = None
+    channel_shuffle: ChannelShuffle | None = None
+    split: Split | None = None
+    add: Add | None = None
+    dense_block: DenseBlock | None = None
+    scale: Scale | None = None
+    adaptive_avg_pool: AdaptivePool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -477,7 +557,7 @@ class Recipe(Strict):
         return (self.data.channels, h, w)
 
 
-for _m in (Residual, Parallel, Repeat, Layer):
+for _m in (Windowed, Conv, Depthwise, Separable, Residual, Parallel, Repeat, Split, Add, Layer):
     _m.model_rebuild()
 
 # --------------------------------------------------------------------------- helpers

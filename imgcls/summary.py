@@ -21,8 +21,8 @@ Conventions (the same as torchinfo's where torchinfo counts at all):
   too, wherever they happen, because they are real work that grows with the
   square of the token count. A parameterised leaf that does no product
   (BatchNorm, LayerNorm, GroupNorm...) counts its parameter count, as torchinfo
-  does. Element-wise work (activations, pooling, residual adds, softmax) is
-  not counted.
+  does; so does a norm with children (timm's BatchNormAct2d). Element-wise
+  work (activations, pooling, residual adds, softmax) is not counted.
 * Why not ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2)? Measured
   (``python bench/summary_cost.py --flop-counter``), it reproduces
   torchvision's published GFLOPS (torchvision computed them with it) but not
@@ -111,6 +111,9 @@ class Summary:
     buffer_bytes: int
     activation_bytes: int
     depth: int | None = field(default=None)
+    # weight layers (convolutions, matrix products with a weight) on the
+    # longest path from the input to the output: VGG-16's 16, ResNet-50's 50
+    weight_depth: int | None = None
 
     @property
     def non_trainable_params(self) -> int:
@@ -335,6 +338,11 @@ for _name in (
         _MAC_RULES[getattr(_aten, _name)] = _sdpa
 
 
+# a norm with children (timm's BatchNormAct2d: BatchNorm2d + its activation)
+# is charged like a leaf norm, so a network costs the same however it nests them
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
 class _MacCounter(TorchDispatchMode):
     """Charge each product's MACs to the innermost module running."""
 
@@ -342,12 +350,22 @@ class _MacCounter(TorchDispatchMode):
         super().__init__()
         self.stack: list[int] = []
         self.macs: dict[int, int] = defaultdict(int)
+        # tensor id -> (tensor, weight layers on the longest path from the input);
+        # weights and constants have no entry (the tensor is kept: ids stay unique)
+        self.paths: dict[int, tuple[torch.Tensor, int]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         rule = _MAC_RULES.get(func.overloadpacket)
         if rule is not None and self.stack:
             self.macs[self.stack[-1]] += int(rule(args, out))
+        inputs = list(_tensors([args, kwargs or {}]))
+        known = [self.paths[id(t)][1] for t in inputs if id(t) in self.paths]
+        if known:
+            # a product of the data with a weight (not of two activations, as in attention) is a layer
+            length = max(known) + (rule is not None and len(known) < len(inputs))
+            for tensor in _tensors(out):
+                self.paths[id(tensor)] = (tensor, length)
         return out
 
 
@@ -401,6 +419,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
             shapes[key] = tuple(outputs[0].shape)
         if key in leaves:
             activation_bytes += sum(o.numel() * o.element_size() for o in outputs)
+        if key in leaves or isinstance(module, _NORMS):
             if counter.macs.get(key, 0) == 0 and own_params[key][0]:
                 counter.macs[key] += own_params[key][0]  # norms: torchinfo's params x batch
 
@@ -410,9 +429,10 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         handles.append(module.register_forward_hook(after, always_call=True))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.empty((1, *input_shape), device="meta", dtype=dtype)
+    counter.paths[id(x)] = (x, 0)
     try:
         with torch.no_grad(), counter:
-            model(x)
+            output = model(x)
     except ImgclsError:
         raise
     except Exception as exc:
@@ -460,6 +480,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         param_bytes=param_bytes,
         buffer_bytes=buffer_bytes,
         activation_bytes=activation_bytes,
+        weight_depth=max((counter.paths.get(id(t), (t, 0))[1] for t in _tensors(output)), default=0),
     )
 
 
