@@ -184,3 +184,20 @@ def test_new_layers_name_the_problem(layer, message):
 
     with pytest.raises(ShapeError, match=r"model\.layers\[0\] \(\w+\): " + re.escape(message)):
         _build([layer])
+
+
+def test_every_architecture_recipe_is_checked():
+    assert sorted(p.stem for p in (RECIPES / "architectures").glob("*.yaml")) == sorted(REFERENCES)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((RECIPES / "architectures").glob("*.yaml")) + sorted((RECIPES / "lecture").glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_recipes_round_trip(path):
+    """What a run folder and a checkpoint store (the resolved recipe) reads back the same."""
+    from imgcls.recipe import recipe_from_dict, recipe_to_dict
+
+    recipe = load_recipe(path)
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
