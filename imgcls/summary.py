@@ -21,8 +21,8 @@ Conventions (the same as torchinfo's where torchinfo counts at all):
   too, wherever they happen, because they are real work that grows with the
   square of the token count. A parameterised leaf that does no product
   (BatchNorm, LayerNorm, GroupNorm...) counts its parameter count, as torchinfo
-  does. Element-wise work (activations, pooling, residual adds, softmax) is
-  not counted.
+  does; so does a norm with children (timm's BatchNormAct2d). Element-wise
+  work (activations, pooling, residual adds, softmax) is not counted.
 * Why not ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2)? Measured
   (``python bench/summary_cost.py --flop-counter``), it reproduces
   torchvision's published GFLOPS (torchvision computed them with it) but not
@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -57,9 +56,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from imgcls.errors import ImgclsError, UsageError
+from imgcls.macs import NORMS, MacCounter, tensors
 
 Shape = tuple[int, ...]
 
@@ -111,6 +110,9 @@ class Summary:
     buffer_bytes: int
     activation_bytes: int
     depth: int | None = field(default=None)
+    # weight layers (convolutions, matrix products with a weight) on the
+    # longest path from the input to the output: VGG-16's 16, ResNet-50's 50
+    weight_depth: int | None = None
 
     @property
     def non_trainable_params(self) -> int:
@@ -284,86 +286,6 @@ def meta_init() -> TorchFunctionMode:
 # --------------------------------------------------------------------------- measuring
 
 
-def _mm(args, out) -> int:
-    a, b = args[-2], args[-1]
-    return a.shape[0] * a.shape[1] * b.shape[1]
-
-
-def _bmm(args, out) -> int:
-    a, b = args[-2], args[-1]
-    return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-
-
-def _conv(args, out) -> int:
-    x, weight, bias = args[0], args[1], args[2]
-    transposed = args[6] if len(args) > 6 else False
-    kernel = math.prod(weight.shape[2:])
-    if transposed:  # weight: in, out/groups, k...; every input value meets out/groups x k
-        macs = x.numel() * weight.shape[1] * kernel
-    else:  # weight: out, in/groups, k...
-        macs = out.numel() * weight.shape[1] * kernel
-    return macs + (out.numel() if bias is not None else 0)
-
-
-def _sdpa(args, out) -> int:
-    q, k, v = args[0], args[1], args[2]
-    batch = math.prod(q.shape[:-2])
-    return batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-
-
-def _with_bias_adds(count):
-    def macs(args, out) -> int:
-        return count(args, out) + out.numel()
-
-    return macs
-
-
-_aten = torch.ops.aten
-_MAC_RULES = {
-    _aten.mm: _mm,
-    _aten.addmm: _with_bias_adds(_mm),
-    _aten.bmm: _bmm,
-    _aten.baddbmm: _with_bias_adds(_bmm),
-    _aten.convolution: _conv,
-}
-for _name in (
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_attention_math",
-):
-    if hasattr(_aten, _name):
-        _MAC_RULES[getattr(_aten, _name)] = _sdpa
-
-
-class _MacCounter(TorchDispatchMode):
-    """Charge each product's MACs to the innermost module running."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[int] = []
-        self.macs: dict[int, int] = defaultdict(int)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        rule = _MAC_RULES.get(func.overloadpacket)
-        if rule is not None and self.stack:
-            self.macs[self.stack[-1]] += int(rule(args, out))
-        return out
-
-
-def _tensors(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
 def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int | None) -> Summary:
     model.eval()
     named = list(model.named_modules())  # each module once, under its first name
@@ -372,7 +294,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
     own_params, total, trainable, param_bytes = _own_params(named)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
 
-    counter = _MacCounter()
+    counter = MacCounter()
     shapes: dict[int, Shape] = {}
     calls: dict[int, int] = defaultdict(int)
     activation_bytes = 0
@@ -384,11 +306,12 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         nonlocal activation_bytes
         key = counter.stack.pop()
         calls[key] += 1
-        outputs = list(_tensors(output))
+        outputs = list(tensors(output))
         if outputs and key not in shapes:
             shapes[key] = tuple(outputs[0].shape)
         if key in leaves:
             activation_bytes += sum(o.numel() * o.element_size() for o in outputs)
+        if key in leaves or isinstance(module, NORMS):
             if counter.macs.get(key, 0) == 0 and own_params[key][0]:
                 counter.macs[key] += own_params[key][0]  # norms: torchinfo's params x batch
 
@@ -398,9 +321,10 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         handles.append(module.register_forward_hook(after, always_call=True))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.empty((1, *input_shape), device="meta", dtype=dtype)
+    counter.paths[id(x)] = (x, 0)
     try:
         with torch.no_grad(), counter:
-            model(x)
+            output = model(x)
     except ImgclsError:
         raise
     except Exception as exc:
@@ -439,6 +363,7 @@ def _measure(model: nn.Module, input_shape: Shape, name: str, num_classes: int |
         param_bytes=param_bytes,
         buffer_bytes=buffer_bytes,
         activation_bytes=activation_bytes,
+        weight_depth=max((counter.paths.get(id(t), (t, 0))[1] for t in tensors(output)), default=0),
     )
 
 

@@ -12,7 +12,20 @@ import os
 import sys
 
 from imgcls import interrupts
-from imgcls.cli import cache, data, evaluate, explain, export, predict, report, runs, summarize, train, tune
+from imgcls.cli import (
+    cache,
+    compare,
+    data,
+    evaluate,
+    explain,
+    export,
+    predict,
+    report,
+    runs,
+    summarize,
+    train,
+    tune,
+)
 from imgcls.cli.app import _state, app, cache_app, data_app
 from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED
 
@@ -20,6 +33,7 @@ from imgcls.errors import EXIT_FAILURE, EXIT_INTERRUPTED
 app.command()(train.train)
 app.command()(summarize.summarize)
 app.command()(summarize.models)
+app.command()(compare.compare)
 app.command()(evaluate.evaluate)
 app.command()(predict.predict)
 app.command()(export.export)

@@ -43,6 +43,9 @@ def activation_module(
         "tanh": nn.Tanh,
         "softmax": lambda: nn.Softmax(dim=1),
         "none": nn.Identity,
+        "relu6": lambda: nn.ReLU6(inplace=inplace),
+        "hardswish": lambda: nn.Hardswish(inplace=inplace),
+        "hardsigmoid": lambda: nn.Hardsigmoid(inplace=inplace),
     }[name]()
 
 
@@ -185,9 +188,12 @@ def _tag(module: nn.Module, spec: r.Regularized, ctx: Context) -> nn.Module:
     return module
 
 
-def _conv_stack(parts: list[tuple[str, nn.Module]], out_c: int, spec, kind_bn: bool) -> nn.Module:
+def _conv_stack(
+    parts: list[tuple[str, nn.Module]], out_c: int, spec, kind_bn: bool | r.BatchNorm
+) -> nn.Module:
     if kind_bn:
-        parts.append(("bn", nn.BatchNorm2d(out_c)))
+        norm = kind_bn if isinstance(kind_bn, r.BatchNorm) else r.BatchNorm()
+        parts.append(("bn", nn.BatchNorm2d(out_c, eps=norm.eps, momentum=norm.momentum)))
     if spec.activation != "none":
         # in place is safe: the conv / norm output just above is this block's own
         parts.append(("act", activation_module(spec.activation, inplace=True)))
@@ -362,6 +368,175 @@ def build_repeat(spec: r.Repeat, shape: Shape, path: str, ctx: Context):
     return nn.Sequential(*copies), shape
 
 
+# --------------------------------------------------------------------------- reference-architecture layers
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """``value`` rounded to the nearest multiple of ``divisor``, never below 90 %
+    of it (torchvision's and timm's ``_make_divisible``)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class SqueezeExcitation(nn.Module):
+    """``x * gate(fc2(act(fc1(avgpool(x)))))``, fc1 and fc2 1x1 convs."""
+
+    def __init__(self, channels: int, squeeze: int, activation: nn.Module, gate: nn.Module):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.act = activation
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous()
+        return x.view(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
+class SplitConcat(nn.Module):
+    """Equal channel parts, one per branch, outputs concatenated."""
+
+    def __init__(self, branches: Sequence[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.chunk(len(self.branches), dim=1)
+        return torch.cat([branch(part) for branch, part in zip(self.branches, parts, strict=True)], dim=1)
+
+
+class Sum(nn.Module):
+    """``activation(branch1(x) + branch2(x) + ...)``."""
+
+    def __init__(self, branches: Sequence[nn.Module], activation: nn.Module):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return self.activation(out)
+
+
+class DenseConcat(nn.Module):
+    """``x = cat(x, layer(x))`` for each layer in turn."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=1)
+        return x
+
+
+class ScaleBy(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+def build_se(spec: r.SqueezeExcite, shape: Shape, path: str, ctx: Context):
+    c = _need_map(path, "se", shape)[0]
+    squeeze = make_divisible(c / spec.reduction, spec.divisor)
+    # in place is safe on fc1's output; the gate's output is the block's own too
+    act = activation_module(spec.activation, inplace=True)
+    gate = activation_module(spec.gate, inplace=True)
+    return SqueezeExcitation(c, squeeze, act, gate), shape
+
+
+def build_channel_shuffle(spec: r.ChannelShuffle, shape: Shape, path: str, ctx: Context):
+    c = _need_map(path, "channel_shuffle", shape)[0]
+    if c % spec.groups:
+        raise _fail(path, "channel_shuffle", f"groups={spec.groups} must divide the input channels ({c})")
+    return ChannelShuffle(spec.groups), shape
+
+
+def _branches(kind: str, all_branches, shapes, path: str, ctx: Context):
+    modules, outs = [], []
+    for i, (layers, shape) in enumerate(zip(all_branches, shapes, strict=True)):
+        module, out = build_stack(layers, shape, f"{path}.{kind}.branches[{i}]", ctx)
+        modules.append(module)
+        outs.append(out)
+    return modules, outs
+
+
+def build_split(spec: r.Split, shape: Shape, path: str, ctx: Context):
+    c, h, w = _need_map(path, "split", shape)
+    n = len(spec.branches)
+    if c % n:
+        raise _fail(path, "split", f"{n} branches need input channels ({c}) divisible by {n}")
+    branches, outs = _branches("split", spec.branches, [(c // n, h, w)] * n, path, ctx)
+    if any(len(o) != 3 or o[1:] != outs[0][1:] for o in outs):
+        shown = ", ".join(_fmt(o) for o in outs)
+        raise _fail(path, "split", f"branches must agree on height and width to be concatenated; they give {shown}")
+    return SplitConcat(branches), (sum(o[0] for o in outs), *outs[0][1:])
+
+
+def build_add(spec: r.Add, shape: Shape, path: str, ctx: Context):
+    branches, outs = _branches("add", spec.branches, [shape] * len(spec.branches), path, ctx)
+    if any(o != outs[0] for o in outs):
+        shown = ", ".join(_fmt(o) for o in outs)
+        raise _fail(path, "add", f"branches must give the same shape to be added; they give {shown}")
+    # in place on the sum, a tensor the block itself made
+    return Sum(branches, activation_module(spec.activation, inplace=True)), outs[0]
+
+
+def build_dense_block(spec: r.DenseBlock, shape: Shape, path: str, ctx: Context):
+    c, h, w = _need_map(path, "dense_block", shape)
+    layers = []
+    for _ in range(spec.layers):
+        parts: list[tuple[str, nn.Module]] = []
+        width = c
+        if spec.bottleneck:
+            mid = spec.bottleneck * spec.growth
+            conv = nn.Conv2d(width, mid, 1, bias=False)
+            parts += [("norm1", nn.BatchNorm2d(width)), ("relu1", nn.ReLU(inplace=True))]
+            parts += [("conv1", _tag(conv, r.Regularized(), ctx))]
+            width = mid
+        conv = nn.Conv2d(width, spec.growth, 3, padding=1, bias=False)
+        parts += [("norm2", nn.BatchNorm2d(width)), ("relu2", nn.ReLU(inplace=True))]
+        parts += [("conv2", _tag(conv, r.Regularized(), ctx))]
+        if spec.dropout:
+            parts.append(("dropout", nn.Dropout(spec.dropout)))
+        layers.append(nn.Sequential(OrderedDict(parts)))
+        c += spec.growth
+    return DenseConcat(layers), (c, h, w)
+
+
+def build_scale(spec: r.Scale, shape: Shape, path: str, ctx: Context):
+    return ScaleBy(spec.factor), shape
+
+
+def build_adaptive_avg_pool(spec: r.AdaptivePool, shape: Shape, path: str, ctx: Context):
+    c = _need_map(path, "adaptive_avg_pool", shape)[0]
+    size = pair(spec.size)
+    return nn.AdaptiveAvgPool2d(size), (c, *size)
+
+
 BUILDERS: dict[str, Callable] = {
     "conv": build_conv,
     "separable": build_separable,
@@ -378,6 +553,13 @@ BUILDERS: dict[str, Callable] = {
     "residual": build_residual,
     "parallel": build_parallel,
     "repeat": build_repeat,
+    "se": build_se,
+    "channel_shuffle": build_channel_shuffle,
+    "split": build_split,
+    "add": build_add,
+    "dense_block": build_dense_block,
+    "scale": build_scale,
+    "adaptive_avg_pool": build_adaptive_avg_pool,
 }
 assert set(BUILDERS) == set(r.LAYER_KINDS)
 

@@ -9,37 +9,17 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-
-class Strict(BaseModel):
-    # allow_inf_nan=False: `lr: .inf` or `.nan` is a recipe error, not a run
-    # that trains to the end on NaN
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False, allow_inf_nan=False)
-
-
-# Strict scalars: `epochs: true`, `epochs: 2.5` or `seed: "3"` are errors, not
-# silently 1, 2 or 3. Ints are still welcome where a float is asked for.
-Int = Annotated[int, Field(strict=True)]
-Float = Annotated[float, Field(strict=True)]
-Bool = Annotated[bool, Field(strict=True)]
-# a recipe's name (and a tune study's): it names a folder under train.out
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softmax", "none"]
-Padding = Union[Literal["valid", "same", "full"], Annotated[int, Field(strict=True, ge=0)]]
-PosInt = Annotated[int, Field(strict=True, gt=0)]
-Pair = Union[PosInt, tuple[PosInt, PosInt]]
+from imgcls.recipe.types import NAME_PATTERN, Activation, Bool, Float, Int, Padding, Pair, PosInt, Strict
 
 
 class Regularized(Strict):
@@ -56,7 +36,7 @@ class Windowed(Regularized):
     dilation: Pair = 1
     activation: Activation = "none"
     bias: Bool | None = None  # default: True, False when batch_norm
-    batch_norm: Bool = False
+    batch_norm: Bool | BatchNorm = False  # a mapping sets its eps / momentum
 
 
 class Conv(Windowed):
@@ -135,6 +115,69 @@ class Repeat(Strict):
     layers: list[Layer]
 
 
+# Layers the reference architectures need (recipes/architectures/): each is
+# generic; the textbook's parameter names.
+
+
+class SqueezeExcite(Strict):
+    """Squeeze-and-excitation (Hu et al., 2018): global average pool, a 1x1 conv
+    to channels / reduction (``activation``), a 1x1 conv back (``gate``); the
+    input is scaled channel-wise by the result."""
+
+    primary: ClassVar[str] = "reduction"
+    reduction: PosInt = 16
+    divisor: PosInt = 1  # squeeze channels rounded to a multiple of this (MobileNetV3: 8)
+    activation: Activation = "relu"
+    gate: Activation = "sigmoid"
+
+
+class ChannelShuffle(Strict):
+    """ShuffleNet: channels viewed as ``groups`` x C/groups, transposed."""
+
+    primary: ClassVar[str] = "groups"
+    groups: PosInt
+
+
+class Split(Strict):
+    """The input's channels cut into equal parts, one per branch (in order);
+    the outputs concatenated. ``[]`` passes its part through (ShuffleNetV2)."""
+
+    branches: Annotated[list[list[Layer]], Field(min_length=2)]
+
+
+class Add(Strict):
+    """Branches on the same input, summed; ``[]`` is the identity. A residual
+    whose shortcut is written out, registered in the order given (Xception)."""
+
+    branches: Annotated[list[list[Layer]], Field(min_length=2)]
+    activation: Activation = "none"  # applied after the sum
+
+
+class DenseBlock(Strict):
+    """DenseNet (Huang et al., 2017): ``layers`` times ``x = concat(x, f(x))``,
+    f = BN-ReLU-conv1x1 (bottleneck x growth filters)-BN-ReLU-conv3x3 (growth
+    filters); ``bottleneck: 0`` drops the 1x1 (DenseNet without B)."""
+
+    layers: PosInt
+    growth: PosInt
+    bottleneck: Annotated[int, Field(strict=True, ge=0)] = 4
+    dropout: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
+
+
+class Scale(Strict):
+    """Multiply by a constant (Inception-ResNet's residual scaling)."""
+
+    primary: ClassVar[str] = "factor"
+    factor: Float
+
+
+class AdaptivePool(Strict):
+    """Average pooling to a fixed ``size`` whatever the input size (AlexNet, VGG)."""
+
+    primary: ClassVar[str] = "size"
+    size: Pair = 1
+
+
 LAYER_KINDS: dict[str, type[Strict]] = {
     "conv": Conv,
     "separable": Separable,
@@ -151,6 +194,13 @@ LAYER_KINDS: dict[str, type[Strict]] = {
     "residual": Residual,
     "parallel": Parallel,
     "repeat": Repeat,
+    "se": SqueezeExcite,
+    "channel_shuffle": ChannelShuffle,
+    "split": Split,
+    "add": Add,
+    "dense_block": DenseBlock,
+    "scale": Scale,
+    "adaptive_avg_pool": AdaptivePool,
 }
 
 
@@ -176,6 +226,13 @@ class Layer(Strict):
     residual: Residual | None = None
     parallel: Parallel | None = None
     repeat: Repeat | None = None
+    se: SqueezeExcite | None = None
+    channel_shuffle: ChannelShuffle | None = None
+    split: Split | None = None
+    add: Add | None = None
+    dense_block: DenseBlock | None = None
+    scale: Scale | None = None
+    adaptive_avg_pool: AdaptivePool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -471,7 +528,7 @@ class Recipe(Strict):
         return (self.data.channels, h, w)
 
 
-for _m in (Residual, Parallel, Repeat, Layer):
+for _m in (Windowed, Conv, Depthwise, Separable, Residual, Parallel, Repeat, Split, Add, Layer):
     _m.model_rebuild()
 
 # --------------------------------------------------------------------------- helpers
