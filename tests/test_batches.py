@@ -107,3 +107,31 @@ def test_streamed_training_gives_the_ram_runs_weights(tmp_path, small_chunks, mo
     assert info == ["device", "stream"]
     a, b = (load_file(str(r.run_dir / "last.safetensors")) for r in (ram, streamed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_imgcls_batches_forces_the_stream_and_bad_values_are_one_line(cli, tmp_path, monkeypatch):
+    """IMGCLS_BATCHES=stream streams a disk-cached split (the matrix uses it under DDP and tune);
+    a split held in RAM, or a value that is no source, is refused before any run folder."""
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    raw["data"]["cache"] = "disk"
+    (tmp_path / "disk.yaml").write_text(json.dumps(raw))
+    raw["data"]["cache"] = "none"
+    (tmp_path / "ram.yaml").write_text(json.dumps(raw))
+    monkeypatch.setenv("IMGCLS_BATCHES", "stream")
+    result = cli("train", str(tmp_path / "disk.yaml"), "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["batches"] == "stream"
+    result = cli("train", str(tmp_path / "ram.yaml"), "--out", str(tmp_path / "r"))
+    assert (
+        result.returncode == 2
+        and "IMGCLS_BATCHES=stream" in result.stderr
+        and "data.cache: disk" in result.stderr
+    )
+    assert [line for line in result.stderr.splitlines() if line.startswith("error")] == [
+        result.stderr.strip().splitlines()[-1]
+    ]
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("IMGCLS_BATCHES", "disk")
+    result = cli("train", str(tmp_path / "disk.yaml"), "--out", str(tmp_path / "d"))
+    assert result.returncode == 2 and "IMGCLS_BATCHES='disk': choose one of" in result.stderr
+    assert not (tmp_path / "d").exists()

@@ -356,6 +356,18 @@ def open_batches(
     return StreamBatches(file, tuple(x.shape), y, device, max_batch, budget)
 
 
+def batch_mode() -> str:
+    """``IMGCLS_BATCHES`` (``auto``, ``device``, ``host``, ``stream``): force a
+    source instead of choosing by memory, as ``IMGCLS_DECODE`` forces a decoder
+    (e.g. to try the stream on a machine with RAM to spare)."""
+    from imgcls.errors import UsageError
+
+    mode = os.environ.get("IMGCLS_BATCHES", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise UsageError(f"IMGCLS_BATCHES={mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
 def stream_budget() -> int:
     """The stream's pool: two windows (a batch may straddle a window's end),
     at most :data:`HOST_SHARE` of the memory this process may use."""

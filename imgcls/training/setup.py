@@ -364,12 +364,18 @@ def _precision(
 
 
 def _batch_source(run: Run):
-    from imgcls.data.batches import describe, open_batches
+    from imgcls.data.batches import batch_mode, describe, open_batches
+    from imgcls.errors import UsageError
 
-    train = run.data.train
-    source = open_batches(
-        train.x, train.y, run.device, max_batch=run.batch_size, file=getattr(train, "file", None)
-    )
+    train, mode = run.data.train, batch_mode()
+    file = getattr(train, "file", None)
+    if mode == "stream" and file is None:
+        raise UsageError(
+            "IMGCLS_BATCHES=stream: this training split is held in RAM, not mapped from a cache file "
+            "(data.cache: ram or none, or the cache folder is over its cap or cannot be written); "
+            "set data.cache: disk to stream it"
+        )
+    source = open_batches(train.x, train.y, run.device, max_batch=run.batch_size, file=file, mode=mode)
     run.log(describe(source))
     return source
 
