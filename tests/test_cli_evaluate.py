@@ -80,3 +80,20 @@ def test_no_readable_image_exit_2(cli, tiny_checkpoint, tmp_path):
     r = cli("evaluate", str(tiny_checkpoint), str(data), "--json", "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert "none of the 2 images could be read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unusable_outputs_are_refused_before_the_work(cli, tiny_checkpoint, tmp_path):
+    """--out and --misclassified as train --out: a missing parent folder or a file
+    in the way is one line, exit 2, before any image is read; nothing is created."""
+    (tmp_path / "file").write_text("x")
+    cases = [
+        ("--out", tmp_path / "no" / "such" / "eval", "create it first"),
+        ("--out", tmp_path / "file", "not a folder"),
+        ("--misclassified", tmp_path / "no" / "wrong.csv", "create it first"),
+        ("--misclassified", tmp_path, "is a folder"),
+    ]
+    for option, path, message in cases:
+        r = cli("evaluate", str(tiny_checkpoint), option, str(path))
+        assert r.returncode == 2, (option, path, r.stderr)
+        assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "x"

@@ -64,6 +64,10 @@ def test_one_input_for_all_csv_and_table(cli, tiny):
 
 def test_plot(cli, tiny, tmp_path):
     out = tmp_path / "figs" / "compare.png"
+    missing = cli("compare", "alexnet", "--plot", str(out))  # as export --out: no folder made for a typo
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "create it first" in missing.stderr
+    assert not out.parent.exists()
+    out.parent.mkdir()
     result = cli("compare", "alexnet", "resnet18", str(tiny), "--plot", str(out))
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

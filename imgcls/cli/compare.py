@@ -35,6 +35,10 @@ def compare(
 
     if as_json and as_csv:
         raise typer.BadParameter("give --json or --csv, not both")
+    if plot is not None:
+        from imgcls.checkpoint import check_out_file
+
+        check_out_file(plot)  # before the work: a missing or read-only folder is one line, exit 2
     entries = cmp.compare(targets, _shape_option(input))
     if plot is not None:
         left_out = cmp.plot(entries, plot)

@@ -110,11 +110,16 @@ def evaluate_steps(
     """What `imgcls evaluate` does, step by step: thresholds (when asked), the
     metrics, the error gallery beside the confusion matrix, and the run's
     report.html refreshed (a failure there is a warning: the metrics are written)."""
-    from imgcls.checkpoint import load_checkpoint
+    from imgcls.checkpoint import check_out_dir, check_out_file, load_checkpoint
     from imgcls.evaluate import default_out_dir, evaluate, write_metrics_json
     from imgcls.metadata import task_of
     from imgcls.thresholds import tune_thresholds as tune
 
+    # outputs first, as train --out: a missing or read-only folder is one line before the work
+    if out is not None:
+        check_out_dir(out, empty=False)
+    if misclassified is not None:
+        check_out_file(misclassified)
     ckpt = load_checkpoint(target)
     tuned = tune(ckpt, batch_size=batch_size, log=log) if tune_thresholds else None
     result = evaluate(
