@@ -632,15 +632,28 @@ def test_ddp_with_class_weights_and_balanced_sampler(images, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
+# (trials asked, extra options): the first asks fewer trials than jobs (2 start
+# at once; issue 17 item 3 finished both), the second more (the workers take turns)
+TUNE_LAUNCHES = [(1, []), (3, ["--pruner", "none"])]
+
+
 @pytest.fixture(scope="module")
 def tuned(images, tmp_path_factory):
-    """TUNE_RUNS, each `imgcls tune --trials 1 --jobs 2` (2 trials start at once)."""
+    """TUNE_RUNS, each `imgcls tune --jobs 2` with TUNE_LAUNCHES' trials: the
+    second is also test_jobs_2_runs_each_trial_as_a_standalone_train's study
+    (one thread, so a trial and its retraining add up in the same order)."""
     out = []
-    for i, on in enumerate(TUNE_RUNS):
+    for i, (on, (trials, extra)) in enumerate(zip(TUNE_RUNS, TUNE_LAUNCHES, strict=True)):
         folder = tmp_path_factory.mktemp(f"tune{i}")
-        recipe = _write_recipe(set(on), images, folder)
+        raw = recipe_dict(set(on), images, folder / "runs")
+        if trials > 1:
+            raw["train"]["threads"] = 1
+        folder.joinpath("recipe.yaml").write_text(yaml.safe_dump(raw))
+        recipe = folder / "recipe.yaml"
         (folder / "recipe.space.yaml").write_text("train.optimizer.lr: {loguniform: [1e-3, 1e-2]}\n")
-        result = invoke_cli("tune", str(recipe), "--trials", "1", "--jobs", "2", "--json", cwd=folder)
+        result = invoke_cli(
+            "tune", str(recipe), "--trials", str(trials), "--jobs", "2", *extra, "--json", cwd=folder
+        )
         out.append((set(on), folder, result))
     return out
 
@@ -662,5 +675,30 @@ def test_tune_jobs_with_many_settings(tuned, images):
 
 @pytest.mark.slow
 def test_tune_jobs_finishes_exactly_the_trials_asked(tuned):
-    for _, _, result in tuned:
-        assert len(json.loads(result.stdout)["trials"]) == 1
+    for (_, _, result), (asked, _) in zip(tuned, TUNE_LAUNCHES, strict=True):
+        assert sorted(t["number"] for t in json.loads(result.stdout)["trials"]) == list(range(asked))
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_each_trial_as_a_standalone_train(tuned, tmp_path):
+    """Trials in worker processes share no state: each equals its recipe.yaml
+    trained alone (moved from test_tune.py: one tune --jobs 2 launch serves both)."""
+    from imgcls.recipe import load_recipe
+    from imgcls.training import train
+    from imgcls.training.outputs import TIMINGS
+
+    def weight_rows(rows) -> list[dict]:  # metrics rows without the timings (differ between any two runs)
+        return [{k: float(v) for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+    _, folder, result = tuned[1]
+    trials = json.loads(result.stdout)["trials"]
+    assert sorted(t["number"] for t in trials) == [0, 1, 2], result.stderr
+    assert all(t["state"] == "complete" for t in trials)
+    for t in trials:
+        run = folder / t["run_dir"]
+        alone = train(load_recipe(run / "recipe.yaml"), out=tmp_path / f"alone{t['number']}", log=lambda m: None)
+        with open(run / "metrics.csv") as f:
+            assert weight_rows(csv.DictReader(f)) == weight_rows(alone.history), t["number"]
+        assert t["value"] == alone.best["val_acc"]
+    # the workers' lines reach the log
+    assert [m for m in result.stderr.splitlines() if m.startswith("trial 2: val_acc")], result.stderr

@@ -12,7 +12,6 @@ from conftest import TINY_RECIPE
 
 from imgcls.errors import RecipeError
 from imgcls.recipe import recipe_from_dict, recipe_to_dict
-from imgcls.training.outputs import TIMINGS
 from imgcls.tune import load_space
 
 
@@ -148,33 +147,9 @@ def _tiny_study(tmp_path: Path, monkeypatch, **train) -> Path:
     return recipe
 
 
-def _weight_rows(rows) -> list[dict]:
-    """metrics rows without the timings (which differ between any two runs)"""
-    return [{k: float(v) for k, v in r.items() if k not in TIMINGS} for r in rows]
-
-
-@pytest.mark.slow
-def test_jobs_2_runs_each_trial_as_a_standalone_train_and_finishes_exactly_n(tmp_path, monkeypatch):
-    """Trials in worker processes share no state: each equals its recipe.yaml trained alone."""
-    from imgcls.recipe import load_recipe
-    from imgcls.training import train
-    from imgcls.tune import tune
-
-    recipe = _tiny_study(tmp_path, monkeypatch)
-    lines: list[str] = []
-    result = tune(recipe, trials=3, jobs=2, pruner="none", log=lines.append)
-    assert sorted(t.number for t in result.trials) == [0, 1, 2], lines
-    assert all(t.state == "complete" for t in result.trials)
-    for t in result.trials:
-        alone = train(
-            load_recipe(Path(t.run_dir) / "recipe.yaml"),
-            out=tmp_path / f"alone{t.number}",
-            log=lambda m: None,
-        )
-        with open(Path(t.run_dir) / "metrics.csv") as f:
-            assert _weight_rows(csv.DictReader(f)) == _weight_rows(alone.history), t.number
-        assert t.value == alone.best["val_acc"]
-    assert [m for m in lines if m.startswith("trial 2: val_acc")]  # the workers' lines reach the log
+# tune --jobs 2 (trials in worker processes, each equal to its recipe trained alone,
+# exactly --trials finished): test_interactions.py::test_jobs_2_runs_each_trial_as_a_standalone_train
+# and test_tune_jobs_finishes_exactly_the_trials_asked, on one launch shared with its tune runs.
 
 
 def test_the_value_is_the_metric_of_the_epoch_whose_checkpoint_is_kept(tmp_path, monkeypatch):

@@ -50,13 +50,16 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure on the Agg canvas (no pyplot, no figure manager) and fixed
+    # margins instead of tight_layout: the same picture in about half the time
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.065, right=0.985, bottom=0.135, top=0.91, wspace=0.16)
     for key, ax in (("loss", ax_loss), ("acc", ax_acc)):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
         if "val_" + key in history[0]:
@@ -65,10 +68,8 @@ def plot_curves(run_dir: Path, history: list[dict]) -> None:
         ax.set_title("loss" if key == "loss" else "accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     with atomic_path(run_dir / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
