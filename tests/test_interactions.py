@@ -13,7 +13,7 @@ Settings (name: how a run switches it on)
     balanced:       data.sampler: balanced
     ema:            train.ema: 0.9
     accumulation:   train.gradient_accumulation: 2
-    stream:         batches streamed from the disk cache (the memory limit made small)
+    stream:         batches streamed from the disk cache (memory limit made small in-process; IMGCLS_BATCHES=stream in ranks and trials)
     bf16:           train.precision: bf16
     tta:            imgcls predict --tta
     resume:         stopped after 3 steps, then continued (train --resume)
@@ -39,7 +39,7 @@ defect, item N of issue 17: its case is xfail(strict) until the fix lands.
     ddp × balanced:              equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
     ddp × ema:                   works
     ddp × accumulation:          works
-    ddp × stream:                n/a: the stream cannot be forced in worker processes (no switch; memory decides)
+    ddp × stream:                equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
     ddp × bf16:                  works
     ddp × tta:                   works
     ddp × resume:                equals 1 process: test_distributed.py::test_resume_across_world_sizes
@@ -99,7 +99,7 @@ defect, item N of issue 17: its case is xfail(strict) until the fix lands.
     stream × bf16:               works
     stream × tta:                works
     stream × resume:             works
-    stream × tune:               n/a: the stream cannot be forced in trial processes (no switch; memory decides)
+    stream × tune:               works
     stream × export:             works
     bf16 × tta:                  works
     bf16 × resume:               works
@@ -235,11 +235,11 @@ def covering_rows() -> list[frozenset]:
 # the settings combined in each real-process run (tune: in the trials' recipe)
 DDP_RUNS = [
     frozenset({"ddp", "multilabel", "freeze", "ema", "accumulation", "bf16", "resume", "tta", "export"}),
-    frozenset({"ddp", "class_weights", "balanced"}),
+    frozenset({"ddp", "class_weights", "balanced", "stream"}),
 ]
 TUNE_RUNS = [
     frozenset({"tune", "multilabel", "freeze", "ema", "accumulation", "bf16", "tta", "export"}),
-    frozenset({"tune", "class_weights", "balanced"}),
+    frozenset({"tune", "class_weights", "balanced", "stream"}),
 ]
 
 
@@ -616,9 +616,11 @@ def test_ddp_with_many_settings_resumed_from_one_process(images, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_with_class_weights_and_balanced_sampler(images, tmp_path):
-    """DDP_RUNS[1]: 2 ranks equal 1 process with class weights and the balanced sampler."""
+def test_ddp_with_class_weights_and_balanced_sampler(images, tmp_path, monkeypatch):
+    """DDP_RUNS[1]: 2 ranks equal 1 process with class weights and the balanced sampler,
+    both streaming their batches from the disk cache."""
     on = set(DDP_RUNS[1])
+    monkeypatch.setenv("IMGCLS_BATCHES", "stream")  # the ranks inherit it
     recipe = _write_recipe(on, images, tmp_path)
     result = invoke_cli("train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr
@@ -651,9 +653,12 @@ def tuned(images, tmp_path_factory):
         folder.joinpath("recipe.yaml").write_text(yaml.safe_dump(raw))
         recipe = folder / "recipe.yaml"
         (folder / "recipe.space.yaml").write_text("train.optimizer.lr: {loguniform: [1e-3, 1e-2]}\n")
-        result = invoke_cli(
-            "tune", str(recipe), "--trials", str(trials), "--jobs", "2", *extra, "--json", cwd=folder
-        )
+        with pytest.MonkeyPatch.context() as mp:
+            if "stream" in on:
+                mp.setenv("IMGCLS_BATCHES", "stream")  # the trial processes inherit it
+            result = invoke_cli(
+                "tune", str(recipe), "--trials", str(trials), "--jobs", "2", *extra, "--json", cwd=folder
+            )
         out.append((set(on), folder, result))
     return out
 
