@@ -68,6 +68,11 @@ def shapes_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained but complete checkpoint for TINY_RECIPE (3 classes, 3x16x16)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def save_tiny_checkpoint(path: Path, classes: list[str] | None = None) -> Path:
+    """TINY_RECIPE's untrained model (seed 0) saved at ``path``, its 3 classes named ``classes``."""
     import torch
 
     from imgcls.checkpoint import save_checkpoint
@@ -77,13 +82,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     recipe = recipe_from_dict(TINY_RECIPE)
     torch.manual_seed(0)
     model = build_model(recipe.model, recipe.input_shape(), 3)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(
         path,
         model,
         {
             "recipe": recipe_to_dict(recipe),
-            "classes": ["circle", "square", "triangle"],
+            "classes": classes or ["circle", "square", "triangle"],
             "input_shape": [3, 16, 16],
             "preprocessing": {
                 "image_size": [16, 16],

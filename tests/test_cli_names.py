@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RECIPE
+from conftest import save_tiny_checkpoint
 
 MARKUP = ["[/bold]", "[bold red]boom[/bold red]", ":cat:"]
 WIDE = {"COLUMNS": "200"}  # rich's width: long names stay on one line of a table
@@ -23,33 +23,7 @@ LONE_SURROGATE = re.compile(r"\\ud[89a-f][0-9a-f]{2}", re.IGNORECASE)
 @pytest.fixture(scope="module")
 def markup_checkpoint(tmp_path_factory) -> Path:
     """The tiny model, its three classes named like rich markup and an emoji code."""
-    import torch
-
-    from imgcls.checkpoint import save_checkpoint
-    from imgcls.models.build import build_model
-    from imgcls.recipe import recipe_from_dict, recipe_to_dict
-
-    recipe = recipe_from_dict(TINY_RECIPE)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("markup") / "markup.safetensors"
-    save_checkpoint(
-        path,
-        build_model(recipe.model, recipe.input_shape(), 3),
-        {
-            "recipe": recipe_to_dict(recipe),
-            "classes": MARKUP,
-            "input_shape": [3, 16, 16],
-            "preprocessing": {
-                "image_size": [16, 16],
-                "channels": 3,
-                "mean": [0.5] * 3,
-                "std": [0.25] * 3,
-                "resize": "stretch",
-            },
-            "epoch": 0,
-        },
-    )
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("markup") / "markup.safetensors", MARKUP)
 
 
 def _some_pngs(shapes_folder: Path, n: int) -> list[Path]:
