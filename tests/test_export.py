@@ -62,6 +62,19 @@ RESIDUAL_PARALLEL = [
             "activation": "relu",
         }
     },
+    # the lecture's vocabulary, exported like the rest (ONNX and TorchScript parity)
+    {"se": {"reduction": 4}},
+    {"split": {"branches": [[], [{"conv": {"filters": 6, "kernel": 1, "activation": "relu6"}}]]}},
+    {"channel_shuffle": 2},
+    {"dense_block": {"layers": 2, "growth": 4, "bottleneck": 2}},
+    {
+        "add": {
+            "branches": [
+                [{"conv": {"filters": 16, "kernel": 1}}],
+                [{"conv": {"filters": 16, "kernel": 3, "padding": "same", "activation": "hardswish"}}, {"scale": 0.2}],
+            ]
+        }
+    },
     "global_avg_pool",
     {"dropout": 0.5},
 ]
