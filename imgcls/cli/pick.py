@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from imgcls.cli.app import command, stderr, stdout
+from imgcls.cli.app import command, stderr, wide_stdout
 
 
 @command
@@ -93,7 +93,7 @@ def pick(
     if as_json:
         print(json.dumps(json_safe(picked.to_dict())))
     elif picked.picks:
-        stdout().print(_table(picked))
+        wide_stdout().print(_table(picked))
     if picked.picks:
         said = f"picked {len(picked.picks)} of {picked.scored} images by {picked.strategy}"
         if out is not None:
