@@ -10,6 +10,7 @@ seeds, for random, margin and diverse picking, with label_smoothing 0 and 0.1.
 
     python bench/pick_gain.py                 # 3 seeds, ~15 min on a loaded 2-core machine
     python bench/pick_gain.py --seeds 1 --rounds 2 --smoothing 0   # a quick look
+    python bench/pick_gain.py --smoothing 0 --strategies diverse --pool-factor 2
 
 Not a test: it prints a table (and --json writes every number).
 """
@@ -105,7 +106,9 @@ def curve(strategy, seed, smoothing, rounds, pool, pool_y, test, test_y, start_c
     accs, ckpt = [start_acc], start_ckpt
     for r in range(1, rounds + 1):
         unlabelled = [str(pool[i]) for i in range(len(pool)) if i not in labelled]
-        picked = pick(unlabelled, n=STEP, strategy=strategy, model=ckpt, seed=int(rng.integers(1 << 31)), log=quiet)
+        picked = pick(
+            unlabelled, n=STEP, strategy=strategy, model=ckpt, seed=int(rng.integers(1 << 31)), log=quiet
+        )
         index = {str(p): i for i, p in enumerate(pool)}
         labelled |= {index[p.file] for p in picked.picks}
         chosen = sorted(labelled)
@@ -127,8 +130,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--smoothing", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--strategies", nargs="+", default=["random", "margin", "diverse"])
+    parser.add_argument(
+        "--pool-factor", type=int, help="diverse: k-center over this many times 50 (default: imgcls.pick's)"
+    )
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args()
+    if args.pool_factor:
+        import imgcls.pick
+
+        imgcls.pick.POOL_FACTOR = args.pool_factor
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["IMGCLS_CACHE"] = str(root / "cache")
@@ -143,11 +153,24 @@ def main() -> None:
                 start_acc = accuracy(ckpt, test, test_y)
                 for strategy in args.strategies:
                     accs = curve(
-                        strategy, seed, smoothing, args.rounds, pool, pool_y, test, test_y, ckpt, start_acc, work
+                        strategy,
+                        seed,
+                        smoothing,
+                        args.rounds,
+                        pool,
+                        pool_y,
+                        test,
+                        test_y,
+                        ckpt,
+                        start_acc,
+                        work,
                     )
                     results.setdefault(f"{smoothing}", {}).setdefault(strategy, []).append(accs)
-                    print(f"ls {smoothing} seed {seed} {strategy:8s} " + " ".join(f"{a:.3f}" for a in accs),
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                    print(
+                        f"ls {smoothing} seed {seed} {strategy:8s} " + " ".join(f"{a:.3f}" for a in accs),
+                        f"({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
         budgets = [START + STEP * r for r in range(args.rounds + 1)]
         print(f"\nmean test accuracy over {args.seeds} seeds ({TEST} test digits), by labels used")
         print("| label_smoothing | strategy | " + " | ".join(str(b) for b in budgets) + " |")

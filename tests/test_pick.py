@@ -161,6 +161,7 @@ def test_pick_writes_the_list_and_copies_without_touching_the_originals(cli, dat
         (["--out", "picks.txt"], "write a .csv or a .json file"),
         (["--copy-to", "{data}/square/labels"], "is inside the data"),
         (["--copy-to", "{data}"], "is inside the data"),
+        (["--copy-to", "dest", "--out", "dest/p.csv"], "is inside --copy-to"),
     ],
 )
 def test_pick_refuses_bad_input_in_one_line(cli, data, tiny_checkpoint, args, message, tmp_path):

@@ -74,6 +74,8 @@ def pick(
 
     if out is not None:
         check_list_path(out)
+        if copy_to is not None and copy_to.resolve() in out.resolve().parents:
+            raise UsageError(f"--out {shown(out)}: is inside --copy-to, which gets its own picks.csv")
     err = stderr()
     picked = run_pick(
         paths,
