@@ -118,10 +118,16 @@ def test_pick_writes_the_list_and_copies_without_touching_the_originals(cli, dat
     before = tree(data)
     out, dest = tmp_path / "picks.csv", tmp_path / "to-label"
     r = cli("pick", "--model", str(tiny_checkpoint), str(data), "--n", "27", "--out", str(out),
-            "--copy-to", str(dest), "--json")  # fmt: skip
+            "--copy-to", str(dest))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    # people's table: the hostile name is shown escaped, as data
+    assert 'evil\\n[bold]x.png"' in r.stdout and "evil\n" not in r.stdout
+    r = cli("pick", "--model", str(tiny_checkpoint), str(data), "--n", "27", "--out", str(tmp_path / "p.json"),
+            "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     picks = result["picks"]
+    assert json.loads((tmp_path / "p.json").read_text())["picks"] == picks
     assert [p["rank"] for p in picks] == list(range(1, 28)) and result["scored"] == 27
     assert [p["score"] for p in picks] == sorted((p["score"] for p in picks), reverse=True)
     with out.open(newline="", encoding="utf-8") as f:
@@ -133,15 +139,10 @@ def test_pick_writes_the_list_and_copies_without_touching_the_originals(cli, dat
     assert len(copies) == 28 and "picks.csv" in copies  # both same.png kept: ranks tell them apart
     with (dest / "picks.csv").open(newline="", encoding="utf-8") as f:
         manifest = list(csv.DictReader(f))
+    assert [row["file"] for row in manifest] == [p["file"] for p in picks]
     for row in manifest:
         assert (dest / row["copy"]).read_bytes() == Path(row["file"]).read_bytes()
     assert sum(row["copy"].endswith("-same.png") for row in manifest) == 2
-
-    # people's table: the hostile name is shown escaped, as data
-    r = cli("pick", "--model", str(tiny_checkpoint), str(data), "--n", "27", "--out", str(tmp_path / "p.json"))
-    assert r.returncode == 0, r.stderr
-    assert 'evil\\n[bold]x.png"' in r.stdout and "evil\n" not in r.stdout
-    assert json.loads((tmp_path / "p.json").read_text())["picks"] == picks
 
     # again into the same folder: an earlier pick is ours to replace; once the user adds to it, it is not
     r = cli("pick", "--model", str(tiny_checkpoint), str(data), "--n", "3", "--copy-to", str(dest))
