@@ -190,6 +190,11 @@ class _HeadInputs:
 
     def take(self) -> torch.Tensor:
         """The embeddings of the last batch (test-time augmentation: the mean of its passes)."""
+        if not self.calls:
+            raise UsageError(
+                "--strategy diverse: the model's classifier layer (its last Linear or Conv2d) did not run, "
+                "so there are no embeddings to spread over; use margin"
+            )
         out = torch.stack(self.calls).mean(dim=0) if len(self.calls) > 1 else self.calls[0]
         self.calls = []
         return torch.nn.functional.normalize(out.cpu(), dim=1)
