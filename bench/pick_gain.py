@@ -8,7 +8,7 @@ behind ``imgcls pick``), "label" them (their true digit), and go on. Reported:
 accuracy on the test set at each budget (50 .. 300 labels), mean of the
 seeds, for random, margin and diverse picking, with label_smoothing 0 and 0.1.
 
-    python bench/pick_gain.py                 # 3 seeds, ~15 min on a loaded 2-core machine
+    python bench/pick_gain.py                 # 3 seeds, ~16 min on a loaded 2-core machine
     python bench/pick_gain.py --seeds 1 --rounds 2 --smoothing 0   # a quick look
     python bench/pick_gain.py --smoothing 0 --strategies diverse --pool-factor 2
 
