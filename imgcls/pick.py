@@ -253,7 +253,11 @@ def score_files(
     seed: int = 0,
 ) -> tuple[list[Pick], list[Failure], int]:
     """Rank ``files`` by ``strategy``; the top ``n`` as picks, the files that failed, how many were scored."""
-    heads = _HeadInputs(predictor.forward) if strategy == "diverse" else None  # type: ignore[arg-type]
+    heads = None
+    if strategy == "diverse":
+        if not isinstance(predictor.forward, torch.nn.Module):
+            raise UsageError(_refusal(strategy, predictor) or "--strategy diverse needs a torch model")
+        heads = _HeadInputs(predictor.forward)
     pool = _Pool(min(len(files), POOL_FACTOR * n))
     rng = np.random.default_rng(seed)
     scores, shown_idx, shown_p, good_idx = [], [], [], []
