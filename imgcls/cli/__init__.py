@@ -19,6 +19,7 @@ from imgcls.cli import (
     evaluate,
     explain,
     export,
+    pick,
     predict,
     report,
     runs,
@@ -36,6 +37,7 @@ app.command()(summarize.models)
 app.command()(compare.compare)
 app.command()(evaluate.evaluate)
 app.command()(predict.predict)
+app.command()(pick.pick)
 app.command()(export.export)
 app.command()(explain.explain)
 app.command()(report.report)

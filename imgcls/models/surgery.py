@@ -93,13 +93,27 @@ def replace_first_conv(model: nn.Module, channels: int) -> None:
     raise UsageError("cannot find the first 3-channel convolution to adapt to the input channels")
 
 
-def replace_classifier(model: nn.Module, num_classes: int) -> None:
-    """Replace the last layer producing the class scores (Linear, or 1x1 Conv)."""
+def _last_classifier(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(parent, name, layer) of the last Linear or Conv2d: the layer producing the class scores."""
     last = None
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, (nn.Linear, nn.Conv2d)):
                 last = (parent, child_name, child)
+    return last
+
+
+def classifier_layer(model: nn.Module) -> nn.Module:
+    """The layer producing the class scores (its input is the image's embedding)."""
+    last = _last_classifier(model)
+    if last is None:
+        raise UsageError("cannot find the classifier layer (no Linear or Conv2d) of the model")
+    return last[2]
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Replace the last layer producing the class scores (Linear, or 1x1 Conv)."""
+    last = _last_classifier(model)
     if last is None:
         raise UsageError("cannot find the classifier layer to resize")
     parent, child_name, child = last
