@@ -23,10 +23,13 @@ checkpoint, and starts the rest. Ctrl-C stops the running fold as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import statistics
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +201,17 @@ def run(
     after each. ``train_fold(recipe, base_dir, out, resume)`` trains one run
     (default: in this process, or ``nproc`` processes). Returns cv.json's content."""
     train_fold = train_fold or _trainer(plan, nproc, log, progress)
+    try:
+        _run(plan, train_fold, log)
+    except KeyboardInterrupt:  # between folds (a Ctrl-C in a fold stops it as imgcls train stops)
+        raise Interrupted(
+            f"interrupted after {len(plan.doc['runs'])} of {plan.folds} folds; finished folds are kept. "
+            f"Continue with: imgcls cv --resume {plan.parent}"
+        ) from None
+    return plan.doc
+
+
+def _run(plan: Plan, train_fold: Callable[..., None], log: Log) -> None:
     done = plan.done()
     for i in range(1, plan.folds + 1):
         if i in done:
@@ -217,7 +231,6 @@ def run(
         _train_one(plan, "all", train_fold, epochs)
         plan.doc["final_run"] = {"run_dir": FINAL, "epochs": epochs}
         plan.save()
-    return plan.doc
 
 
 def _train_one(
@@ -276,7 +289,8 @@ def _trainer(plan: Plan, nproc: int | None, log: Log, progress: bool) -> Callabl
         if recipe.data.cv.fold == "all":
             args += [f"--set=train.epochs={recipe.train.epochs}", "--set=train.early_stopping=null"]
         args += [f"--resume={resume}"] if resume is not None else [f"--out={out}", "--quiet"]
-        code = launch(args, nproc)
+        with _stdout_to_stderr():
+            code = launch(args, nproc)
         if code == 130:
             raise Interrupted("interrupted")
         if code:
@@ -285,6 +299,21 @@ def _trainer(plan: Plan, nproc: int | None, log: Log, progress: bool) -> Callabl
             raise failed
 
     return launched
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While the fold's processes run, what they print to stdout (train's
+    closing lines) goes to stderr with their logs: stdout keeps cv's result alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _remove_parent(plan: Plan) -> None:

@@ -303,8 +303,15 @@ def _with_cv_groups(root: Path, runs: list[tuple[Path, dict]]) -> list[dict]:
         row["cv_parent"] = _name(parent, root)
         groups[parent]["cv_runs"].append(row)
     for parent, group in groups.items():
+        group["cv_runs"].sort(key=lambda r: _fold_order(Path(r["run"]).name))
         group.update(read_cv(parent, root, group["cv_runs"]))
     return rows
+
+
+def _fold_order(name: str) -> tuple[int, str]:
+    """fold-1, fold-2, ... fold-10, then the rest (final)."""
+    number = name.removeprefix("fold-")
+    return (int(number), "") if number.isdigit() else (1 << 30, name)
 
 
 def _name(path: Path, root: Path | None) -> str:
