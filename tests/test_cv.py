@@ -109,18 +109,22 @@ def grouped_and_plain(dup_set, tmp_path_factory):
     from conftest import invoke_cli
 
     import imgcls.cv
-    from imgcls import interrupts
+    import imgcls.training.loop
 
     mp = pytest.MonkeyPatch()
     try:
         _quick(mp)
         calls = _launch_in_process(mp)
         plain = invoke_cli("cv", str(dup_set / "r.yaml"), "--folds", "2", "--nproc", "1", "--json")
-        # Ctrl-C as fold 1 is recorded: the check before fold 2 raises it
-        real = imgcls.cv.fold_result
+        # Ctrl-C one step into fold 2: the fold stops with its state saved, as imgcls train stops
+        real, real_epoch = imgcls.cv.fold_result, imgcls.training.loop.train_one_epoch
+
+        def one_step_then_stop(run, bar, interrupted, steps_left):
+            mp.setattr(imgcls.training.loop, "train_one_epoch", real_epoch)
+            return real_epoch(run, bar, interrupted, 1)
 
         def then_ctrl_c(folder, fold):
-            interrupts._pressed[0] = True
+            mp.setattr(imgcls.training.loop, "train_one_epoch", one_step_then_stop)
             return real(folder, fold)
 
         mp.setattr(imgcls.cv, "fold_result", then_ctrl_c)
@@ -173,11 +177,16 @@ def test_nproc_launches_each_fold_as_imgcls_train(grouped_and_plain):
 def test_a_stopped_cv_resumes_at_its_first_unfinished_fold(grouped_and_plain):
     stopped, parent = grouped_and_plain["stopped"], grouped_and_plain["parent"]
     assert stopped.returncode == 130, stopped.stderr
-    assert f"imgcls cv --resume {parent}" in stopped.stderr
+    assert (
+        f"interrupted in fold 2 of 2; finished folds are kept. Continue with: imgcls cv --resume {parent}"
+        in (stopped.stderr)
+    )
     assert [r["fold"] for r in grouped_and_plain["after_stop"]["runs"]] == [1]
     assert not grouped_and_plain["after_stop"]["complete"]
-    # the resume trained fold 2 and the final run, and left fold 1 as it was
+    # the resume left fold 1 as it was, continued fold 2 from its saved step, then the final run
     assert (parent / "fold-1" / "best.safetensors").stat().st_mtime_ns == grouped_and_plain["fold1_mtime"]
+    assert f"resuming {parent / 'fold-2'} at epoch 1, step 1" in grouped_and_plain["resumed"].stderr
+    assert "fold 1/2" not in grouped_and_plain["resumed"].stderr
     assert (parent / "fold-2" / "best.safetensors").is_file()
 
 
@@ -247,7 +256,7 @@ def test_folds_are_disjoint_stratified_and_groups_stay_whole(dup_set):
     assert open_source(other).val != plain[0].val
 
 
-def test_multilabel_folds_are_iteratively_stratified_and_csv_groups_stay_whole(tmp_path):
+def test_multilabel_folds_are_iteratively_stratified_and_csv_groups_stay_whole(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     labels = [tuple(int(v) for v in row) for row in rng.random((300, 6)) < [0.5, 0.3, 0.2, 0.1, 0.05, 0.03]]
     fold = fold_of_items(labels, list("abcdef"), None, 5, 0, where="x")
@@ -270,6 +279,19 @@ def test_multilabel_folds_are_iteratively_stratified_and_csv_groups_stay_whole(t
         assert s.task == "multilabel" and len(s.train) + len(s.val) == 40
         seen.append({int(Path(p).stem) // 4 for p, _ in s.val})
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 10  # each patient in one fold
+    # and cv trains them: a multi-label run per fold, val_f1 (what its best epoch is chosen on) summarised
+    import imgcls.cv
+    from imgcls.recipe import recipe_from_dict
+
+    _quick(monkeypatch)
+    raw = {**RECIPE, "data": {"source": "csv", "path": "l.csv", "image_size": 8, "channels": 1}}
+    raw["train"] = {**RECIPE["train"], "epochs": 1, "batch_size": 8, "out": str(tmp_path / "runs")}
+    plan = imgcls.cv.start(recipe_from_dict(raw), base_dir=tmp_path, folds=2, group_by="patient")
+    doc = imgcls.cv.run(plan)
+    assert [r["fold"] for r in doc["runs"]] == [1, 2] and len(doc["summary"]["val_f1"]["values"]) == 2
+    assert (
+        yaml.safe_load((plan.fold_dir(1) / "recipe.yaml").read_text())["data"]["cv"]["group_by"] == "patient"
+    )
 
 
 @pytest.mark.parametrize(

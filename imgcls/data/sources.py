@@ -15,7 +15,10 @@ Three sources, one result (:class:`Source`):
   the source's task is ``multilabel`` and each item's label is a multi-hot
   tuple (one 0/1 per class) instead of a class index. In multi-label data a
   row may leave the label cell empty: an image with no positive label (a
-  negative for every class). An empty file name is always an error.
+  negative for every class). An empty file name is always an error. A
+  header row naming more columns (``file,label,patient,split``): the one
+  named ``split`` is the split, the others are kept per row
+  (``data.cv.group_by`` names one).
 - ``shapes``: the built-in synthetic set, written once, then read as a folder.
 
 The automatic split is stratified and seeded (``val_split``, ``split_seed``):
