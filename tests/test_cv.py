@@ -315,7 +315,9 @@ def test_bad_input_is_one_line_and_exit_2(dup_set, cli, args, message):
     if not (dup_set / "few").exists():
         write_near_duplicates(dup_set / "few", per_class=1, copies=5, classes=3)  # 3 groups
         files = sorted((dup_set / "dup").rglob("*.png"))
-        lines = ["file,label,patient"] + [f"{f.relative_to(dup_set)},{f.parent.parent.name},x" for f in files]
+        lines = ["file,label,patient,split"] + [
+            f"{f.relative_to(dup_set)},{f.parent.parent.name},x," for f in files
+        ]
         (dup_set / "l.csv").write_text("\n".join(lines) + "\n")
     runs = dup_set / "runs" / "dup"
     before = sorted(p.name for p in runs.iterdir()) if runs.exists() else []

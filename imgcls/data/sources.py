@@ -16,9 +16,9 @@ Three sources, one result (:class:`Source`):
   tuple (one 0/1 per class) instead of a class index. In multi-label data a
   row may leave the label cell empty: an image with no positive label (a
   negative for every class). An empty file name is always an error. A
-  header row naming more columns (``file,label,patient,split``): the one
-  named ``split`` is the split, the others are kept per row
-  (``data.cv.group_by`` names one).
+  header row naming 4 columns or more (``file,label,patient,split``): the
+  one named ``split`` is the split, the others are kept per row
+  (``data.cv.group_by`` names one; so may the third of 3 columns).
 - ``shapes``: the built-in synthetic set, written once, then read as a folder.
 
 The automatic split is stratified and seeded (``val_split``, ``split_seed``):
@@ -400,14 +400,17 @@ class LabelledRow:
         return tuple(dict.fromkeys(part.strip() for part in LABEL_SEPARATORS.split(self.label)))
 
 
-def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[LabelledRow]:
+def read_labelled_rows(csv_path: Path, must_exist: bool = True, keep: str | None = None) -> list[LabelledRow]:
     """Every ``file,label[,split]`` row of a CSV; an error names the CSV line.
 
     Blank lines and lines starting with ``#`` are skipped, and so is a first
     row naming its columns (``file,label``, ``path,class``, ...). Paths are
     relative to the CSV file. ``split`` is validated (val, valid and
     validation all mean ``val``). With ``must_exist``, a listed file that is
-    not there is an error; without, the decoder reports it later.
+    not there is an error; without, the decoder reports it later. A header
+    naming 4 columns or more (or 3, the third being ``keep``, a
+    ``data.cv.group_by`` column) names them all: the one named ``split`` is
+    the split, the others go to each row's ``extra``.
     """
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV file")
@@ -426,7 +429,10 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
                 if first:
                     first = False
                     if _is_header(cells):
-                        columns = cells[2:]
+                        # file,label,X: X is the split, as it always was, unless X is the column to keep
+                        columns = (
+                            cells[2:] if len(cells) > 3 or (len(cells) == 3 and cells[2] == keep) else []
+                        )
                         continue
                 rows.append(_labelled_row(cells, columns, f"{csv_path}:{line}", line, base, must_exist))
     except UnicodeDecodeError as exc:
@@ -485,7 +491,7 @@ def read_csv(
     """
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV file (check data.path)")
-    rows = read_labelled_rows(csv_path)
+    rows = read_labelled_rows(csv_path, keep=group_by)
     groups = csv_groups(csv_path, rows, group_by) if group_by is not None else {}
     several = next((r for r in rows if len(r.labels) > 1), None)
     if task == "single" and several is not None:
