@@ -239,6 +239,8 @@ def _train_one(
     """One fold (or the final run): resumed from its last checkpoint when it has one."""
     folder = plan.fold_dir(fold)
     resume = folder if (folder / ck.LAST).is_file() else None
+    if resume is None and folder.is_dir():  # a start killed before its first checkpoint: start again
+        ck.remove_unstarted_run(folder, False, ["recipe.yaml", "summary.txt", "summary.json", "run.json"])
     recipe = fold_recipe(plan.recipe, fold, epochs)
     started_empty = not plan.doc["runs"] and not any(
         (plan.fold_dir(i) / ck.LAST).is_file() for i in range(1, plan.folds + 1)
