@@ -86,6 +86,10 @@ def start(
     """Check the split (before any folder is made), then make the parent folder and its cv.json."""
     if folds < 2:
         raise UsageError(f"--folds {folds}: cross-validation needs 2 folds or more")
+    if group_by_folder is not None and group_by_folder < 1:
+        raise UsageError(
+            f"--group-by-folder {group_by_folder}: give a level of 1 or more (1: the folders right under each class)"
+        )
     if group_by is not None and group_by_folder is not None:
         raise UsageError("give one of --group-by (a CSV column) and --group-by-folder (a folder level)")
     resolved = _resolved(recipe, base_dir)
