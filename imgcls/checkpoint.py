@@ -229,16 +229,16 @@ def _model_with_weights(meta: dict, state: dict, where: str, skeleton=None):
 # --------------------------------------------------------------------------- run folders
 
 
-def new_run_dir(root: Path, name: str) -> Path:
-    """``root/name/<n>`` with n one more than the highest; created atomically."""
+def new_run_dir(root: Path, name: str, prefix: str = "") -> Path:
+    """``root/name/<prefix><n>`` with n one more than the highest; created atomically."""
     from imgcls.errors import UsageError
 
     base = root / name
     try:
         base.mkdir(parents=True, exist_ok=True)
         while True:
-            taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
-            run = base / str(max(taken, default=0) + 1)
+            taken = [int(p.name[len(prefix) :]) for p in base.iterdir() if _numbered(p.name, prefix)]
+            run = base / f"{prefix}{max(taken, default=0) + 1}"
             try:
                 run.mkdir()
                 return run
@@ -248,6 +248,10 @@ def new_run_dir(root: Path, name: str) -> Path:
         raise UsageError(
             f"{base}: cannot create the run folder here ({exc.strerror or exc}); set train.out"
         ) from None
+
+
+def _numbered(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and name[len(prefix) :].isdigit()
 
 
 def check_out_dir(path: Path, *, empty: bool = True) -> None:

@@ -1,7 +1,9 @@
 """The table of runs: every run folder under a root, read back from its files.
 
 A run folder is any folder holding ``recipe.yaml`` and ``metrics.csv``
-(``runs/<name>/<n>/``, tune trials ``runs/<study>/<trial>/``). Read from it:
+(``runs/<name>/<n>/``, tune trials ``runs/<study>/<trial>/``, the folds of
+``imgcls cv`` ``runs/<name>/cv-<n>/fold-<i>/``: those are listed below one row
+for their cross-validation, its folds' means, see :func:`read_cv`). Read from it:
 recipe.yaml (architecture), metrics.csv (epochs, wall time, img/s, best val
 metrics), summary.json (parameters), best.safetensors metadata (the best
 epoch), run.json (device, precision) and eval/metrics.json (test accuracy,
@@ -195,7 +197,7 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
     date = (
         datetime.fromtimestamp(stamp.stat().st_mtime).strftime("%Y-%m-%d %H:%M") if stamp.exists() else None
     )
-    name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+    name = _name(path, root)
     row = {
         "run": name,
         "date": date,
@@ -275,13 +277,71 @@ def list_runs(root: Path = Path("runs"), sort: str | None = None) -> list[dict]:
         close = difflib.get_close_matches(sort, COLUMNS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise UsageError(f"--sort {sort}: unknown column{hint} (choose from: {', '.join(COLUMNS)})")
-    rows = [read_run(p, root).row for p in find_runs(root)]
+    rows = _with_cv_groups(root, [(p, read_run(p, root).row) for p in find_runs(root)])
     if sort is not None:
         present = [r for r in rows if r[sort] is not None]
         missing = [r for r in rows if r[sort] is None]
         present.sort(key=lambda r: r[sort], reverse=sort in DESCENDING)
         rows = present + missing  # runs without the value last, whatever the order
+    # each cross-validation's folds (and final run) right below its row, in fold order
+    return [row for r in rows for row in (r, *r.pop("cv_runs", []))]
+
+
+def _with_cv_groups(root: Path, runs: list[tuple[Path, dict]]) -> list[dict]:
+    """The runs, with the folds of an ``imgcls cv`` folder (one holding cv.json)
+    gathered under one row for the folder (:func:`read_cv`), where its first fold was."""
+    rows: list[dict] = []
+    groups: dict[Path, dict] = {}
+    for path, row in runs:
+        parent = path.parent
+        if not (parent / "cv.json").is_file() or path == root:
+            rows.append(row)
+            continue
+        if parent not in groups:
+            groups[parent] = {"cv_runs": []}
+            rows.append(groups[parent])
+        row["cv_parent"] = _name(parent, root)
+        groups[parent]["cv_runs"].append(row)
+    for parent, group in groups.items():
+        group["cv_runs"].sort(key=lambda r: _fold_order(Path(r["run"]).name))
+        group.update(read_cv(parent, root, group["cv_runs"]))
     return rows
+
+
+def _fold_order(name: str) -> tuple[int, str]:
+    """fold-1, fold-2, ... fold-10, then the rest (final)."""
+    number = name.removeprefix("fold-")
+    return (int(number), "") if number.isdigit() else (1 << 30, name)
+
+
+def _name(path: Path, root: Path | None) -> str:
+    return str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+
+
+def read_cv(path: Path, root: Path | None, folds: list[dict]) -> dict:
+    """A cross-validation folder as a row: the folds' means (cv.json's summary),
+    their total time; arch, params and device from its first fold. ``cv``:
+    the number of folds, how many are finished, and each metric's std."""
+    problems: list[str] = []
+    doc = _read_json(path / "cv.json", problems)
+    summary = doc.get("summary") if isinstance(doc.get("summary"), dict) else {}
+    assert isinstance(summary, dict)
+
+    def stat(name: str, key: str) -> float | None:
+        value = (summary.get(name) or {}).get(key) if isinstance(summary.get(name), dict) else None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    first = folds[0] if folds else {}
+    seconds = [f["seconds"] for f in folds if f.get("seconds") is not None]
+    row: dict[str, Any] = {c: first.get(c) for c in ("date", "arch", "params", "device", "precision")}
+    row.update(run=_name(path, root), epochs=None, test_acc=None, img_per_s=None)
+    row.update({c: stat(c, "mean") for c in ("best_epoch", "val_acc", "val_loss")})
+    row["seconds"] = round(sum(seconds), 1) if seconds else None
+    runs = doc.get("runs") if isinstance(doc.get("runs"), list) else []
+    std = {name: stat(name, "std") for name in summary}
+    row["cv"] = {"folds": doc.get("folds"), "finished": len(runs or []), "std": std}
+    row["problems"] = problems
+    return {c: row.get(c) for c in COLUMNS} | {"cv": row["cv"], "problems": problems}
 
 
 def _flatten(data: Any) -> dict[str, Any]:

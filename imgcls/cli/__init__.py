@@ -15,6 +15,7 @@ from imgcls import interrupts
 from imgcls.cli import (
     cache,
     compare,
+    cv,
     data,
     evaluate,
     explain,
@@ -42,6 +43,7 @@ app.command()(export.export)
 app.command()(explain.explain)
 app.command()(report.report)
 app.command()(tune.tune)
+app.command()(cv.cv)
 app.command()(runs.runs)
 data_app.command("shapes")(data.data_shapes)
 data_app.command("check")(data.data_check)

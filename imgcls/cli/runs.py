@@ -67,15 +67,27 @@ def runs(
     if as_json:
         print(json.dumps(rows))
     elif as_csv:
-        table = csv.DictWriter(sys.stdout, [*COLUMNS, "problems"], lineterminator="\n")
+        table = csv.DictWriter(sys.stdout, [*COLUMNS, "problems"], lineterminator="\n", extrasaction="ignore")
         table.writeheader()
         table.writerows({**r, "problems": " | ".join(r["problems"])} for r in rows)
     elif not rows:
         stderr().print(f"no runs under {root}", markup=False)
     else:
-        wide_stdout().print(runs_table(rows, COLUMNS, fmt, problems=bool(bad)))
+        wide_stdout().print(runs_table([_shown(r) for r in rows], COLUMNS, fmt, problems=bool(bad)))
     if bad:
         raise PartialFailure(
             f"{len(bad)} of {len(rows)} runs {'has' if len(bad) == 1 else 'have'} files that cannot be "
             "read (listed above; the columns from those files are empty); the other runs are complete"
         )
+
+
+def _shown(row: dict) -> dict:
+    """The table's run cell: a cross-validation says so, its folds are indented below it."""
+    if row.get("cv_parent") is not None:
+        return {**row, "run": "  └ " + Path(row["run"]).name}
+    if row.get("cv") is not None:
+        return {
+            **row,
+            "run": f"{row['run']} (cv: mean of {row['cv']['finished']}/{row['cv']['folds']} folds)",
+        }
+    return row

@@ -15,7 +15,10 @@ Three sources, one result (:class:`Source`):
   the source's task is ``multilabel`` and each item's label is a multi-hot
   tuple (one 0/1 per class) instead of a class index. In multi-label data a
   row may leave the label cell empty: an image with no positive label (a
-  negative for every class). An empty file name is always an error.
+  negative for every class). An empty file name is always an error. A
+  header row naming 4 columns or more (``file,label,patient,split``): the
+  one named ``split`` is the split, the others are kept per row
+  (``data.cv.group_by`` names one; so may the third of 3 columns).
 - ``shapes``: the built-in synthetic set, written once, then read as a folder.
 
 The automatic split is stratified and seeded (``val_split``, ``split_seed``):
@@ -48,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from imgcls.data.decode import IMAGE_EXTENSIONS
+from imgcls.data.folds import csv_groups, cv_split
 from imgcls.data.progress import Task
 from imgcls.data.shapes import cache_root, shapes_dir, spec_key, write_shapes
 from imgcls.errors import DataError
@@ -73,6 +77,7 @@ class Source:
     # cache's key, without a second stat per file. May miss files (CSV).
     stats: dict[str, tuple[int, int]] = field(default_factory=dict)
     task: str = "single"  # or "multilabel": labels are multi-hot tuples
+    groups: dict[str, str] = field(default_factory=dict)  # file -> its data.cv.group_by cell (CSV)
 
     def __len__(self) -> int:
         return len(self.train) + len(self.val) + len(self.test)
@@ -82,21 +87,25 @@ def open_source(
     spec: DataSpec, base_dir: str | os.PathLike = ".", progress: Task | None = None, log=lambda message: None
 ) -> Source:
     """List the images of ``spec`` (relative paths are relative to ``base_dir``);
-    ``progress`` counts the files found; ``log`` takes warnings."""
+    ``progress`` counts the files found; ``log`` takes warnings. With
+    ``spec.cv``, train and val are one fold of a K-fold split (:func:`cv_split`)."""
     base_dir = Path(base_dir)
+    group_by = spec.cv.group_by if spec.cv is not None else None
     if spec.source == "shapes":
         if spec.path:
             out = write_shapes(resolve(spec.path, base_dir), spec.shapes)
         else:
             out = _builtin_shapes(spec.shapes, log)
-        return read_folder(out, spec.val_split, spec.split_seed, progress)
-    assert spec.path is not None  # DataSpec checks this
-    path = resolve(spec.path, base_dir)
-    if spec.source == "folder":
-        return read_folder(path, spec.val_split, spec.split_seed, progress)
-    if spec.source == "csv":
-        return read_csv(path, spec.val_split, spec.split_seed, spec.task)
-    raise DataError(f"unknown data source '{spec.source}'")
+        source = read_folder(out, spec.val_split, spec.split_seed, progress)
+    elif spec.source == "folder":
+        assert spec.path is not None  # DataSpec checks this
+        source = read_folder(resolve(spec.path, base_dir), spec.val_split, spec.split_seed, progress)
+    elif spec.source == "csv":
+        assert spec.path is not None
+        source = read_csv(resolve(spec.path, base_dir), spec.val_split, spec.split_seed, spec.task, group_by)
+    else:
+        raise DataError(f"unknown data source '{spec.source}'")
+    return cv_split(source, spec.cv, spec.split_seed, log) if spec.cv is not None else source
 
 
 def _builtin_shapes(spec, log) -> Path:
@@ -380,6 +389,7 @@ class LabelledRow:
     path: Path
     label: str
     split: str  # "train", "val", "test", or "" when the row has none
+    extra: dict[str, str] = field(default_factory=dict)  # the cells of other columns a header row names
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -390,14 +400,17 @@ class LabelledRow:
         return tuple(dict.fromkeys(part.strip() for part in LABEL_SEPARATORS.split(self.label)))
 
 
-def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[LabelledRow]:
+def read_labelled_rows(csv_path: Path, must_exist: bool = True, keep: str | None = None) -> list[LabelledRow]:
     """Every ``file,label[,split]`` row of a CSV; an error names the CSV line.
 
     Blank lines and lines starting with ``#`` are skipped, and so is a first
     row naming its columns (``file,label``, ``path,class``, ...). Paths are
     relative to the CSV file. ``split`` is validated (val, valid and
     validation all mean ``val``). With ``must_exist``, a listed file that is
-    not there is an error; without, the decoder reports it later.
+    not there is an error; without, the decoder reports it later. A header
+    naming 4 columns or more (or 3, the third being ``keep``, a
+    ``data.cv.group_by`` column) names them all: the one named ``split`` is
+    the split, the others go to each row's ``extra``.
     """
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV file")
@@ -407,6 +420,7 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             first = True
+            columns: list[str] = []  # a header's names after file and label
             for row in reader:
                 line = reader.line_num
                 cells = [c.strip() for c in row]
@@ -415,30 +429,12 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
                 if first:
                     first = False
                     if _is_header(cells):
+                        # file,label,X: X is the split, as it always was, unless X is the column to keep
+                        columns = (
+                            cells[2:] if len(cells) > 3 or (len(cells) == 3 and cells[2] == keep) else []
+                        )
                         continue
-                where = f"{csv_path}:{line}"
-                if len(cells) not in (2, 3):
-                    raise DataError(
-                        f"{where}: expected 'file,label' or 'file,label,split', got {len(cells)} columns"
-                    )
-                name, label = cells[0], cells[1]
-                split = cells[2].lower() if len(cells) == 3 else ""
-                if not name:
-                    raise DataError(f"{where}: empty file name")
-                if label and any(not part.strip() for part in LABEL_SEPARATORS.split(label)):
-                    raise DataError(
-                        f"{where}: empty label in '{label}' (several labels are separated by ';' or '|')"
-                    )
-                if split in _VAL_NAMES:
-                    split = "val"
-                if split not in ("", *SPLITS):
-                    raise DataError(f"{where}: split '{cells[2]}' is not train, val or test")
-                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                    raise DataError(f"{where}: '{name}' does not have an image file extension")
-                path = resolve(name, base)
-                if must_exist and not path.is_file():
-                    raise DataError(f"{where}: no such file '{name}' (relative to {base})")
-                rows.append(LabelledRow(line, path, label, split))
+                rows.append(_labelled_row(cells, columns, f"{csv_path}:{line}", line, base, must_exist))
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
@@ -448,15 +444,55 @@ def read_labelled_rows(csv_path: Path, must_exist: bool = True) -> list[Labelled
     return rows
 
 
-def read_csv(csv_path: Path, val_split: float, split_seed: int, task: str = "auto") -> Source:
+def _labelled_row(
+    cells: list[str], columns: list[str], where: str, line: int, base: Path, must_exist: bool
+) -> LabelledRow:
+    """One data row. Without a header naming more than two columns: ``file,label[,split]``.
+    With one (``file,label,patient,split``): a row has up to as many cells as the
+    header names, the column named ``split`` is the split, the others are ``extra``."""
+    if columns:
+        if not 2 <= len(cells) <= 2 + len(columns):
+            raise DataError(
+                f"{where}: expected the {2 + len(columns)} columns the header row names, got {len(cells)}"
+            )
+        named = dict(zip(columns, [*cells[2:], *[""] * (2 + len(columns) - len(cells))], strict=True))
+        split_column = next((c for c in columns if c.lower() == "split"), None)
+        split_cell = named.pop(split_column) if split_column is not None else ""
+    else:
+        if len(cells) not in (2, 3):
+            raise DataError(f"{where}: expected 'file,label' or 'file,label,split', got {len(cells)} columns")
+        named, split_cell = {}, cells[2] if len(cells) == 3 else ""
+    name, label = cells[0], cells[1]
+    split = split_cell.lower()
+    if not name:
+        raise DataError(f"{where}: empty file name")
+    if label and any(not part.strip() for part in LABEL_SEPARATORS.split(label)):
+        raise DataError(f"{where}: empty label in '{label}' (several labels are separated by ';' or '|')")
+    if split in _VAL_NAMES:
+        split = "val"
+    if split not in ("", *SPLITS):
+        raise DataError(f"{where}: split '{split_cell}' is not train, val or test")
+    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{where}: '{name}' does not have an image file extension")
+    path = resolve(name, base)
+    if must_exist and not path.is_file():
+        raise DataError(f"{where}: no such file '{name}' (relative to {base})")
+    return LabelledRow(line, path, label, split, named)
+
+
+def read_csv(
+    csv_path: Path, val_split: float, split_seed: int, task: str = "auto", group_by: str | None = None
+) -> Source:
     """A CSV source: rows without a split are training rows; classes come from them.
 
     ``task``: ``auto`` is multi-label when any row holds several labels,
     ``single`` refuses such rows, ``multilabel`` makes every row multi-hot.
+    ``group_by``: a column the header row names; its cells go to ``Source.groups``.
     """
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV file (check data.path)")
-    rows = read_labelled_rows(csv_path)
+    rows = read_labelled_rows(csv_path, keep=group_by)
+    groups = csv_groups(csv_path, rows, group_by) if group_by is not None else {}
     several = next((r for r in rows if len(r.labels) > 1), None)
     if task == "single" and several is not None:
         raise DataError(
@@ -467,7 +503,9 @@ def read_csv(csv_path: Path, val_split: float, split_seed: int, task: str = "aut
     unlabelled = next((r for r in rows if not r.labels), None)
     if unlabelled is not None and not multilabel:
         hint = (
-            "data.task is single" if task == "single" else "no row holds several labels, so it is single-label"
+            "data.task is single"
+            if task == "single"
+            else "no row holds several labels, so it is single-label"
         )
         raise DataError(
             f"{csv_path}:{unlabelled.line}: empty label; an image without labels (a negative for every "
@@ -497,7 +535,7 @@ def read_csv(csv_path: Path, val_split: float, split_seed: int, task: str = "aut
         split = multilabel_split if multilabel else stratified_split
         train, val = split(train, train_labels, val_split, split_seed)
     task_name = "multilabel" if multilabel else "single"
-    return Source(train_labels, train, val, out["test"], csv_path, task=task_name)
+    return Source(train_labels, train, val, out["test"], csv_path, task=task_name, groups=groups)
 
 
 def multilabel_split(items: Items, classes: list[str], val_split: float, seed: int) -> tuple[Items, Items]:

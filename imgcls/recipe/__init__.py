@@ -13,6 +13,7 @@ Errors name the file, the line and the key path::
 
 from __future__ import annotations
 
+from imgcls.recipe.cv import CVSpec
 from imgcls.recipe.loading import (
     dump_yaml,
     load_recipe,
@@ -123,6 +124,7 @@ __all__ = [
     "Windowed",
     "SqueezeExcite",
     "ChannelShuffle",
+    "CVSpec",
     "Split",
     "Add",
     "DenseBlock",

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from imgcls.recipe.cv import CVSpec
 from imgcls.recipe.types import NAME_PATTERN, Activation, Bool, Float, Int, Padding, Pair, PosInt, Strict
 
 
@@ -391,6 +392,7 @@ class DataSpec(Strict):
     resize: Literal["stretch", "center_crop", "pad"] = "stretch"
     val_split: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.2
     split_seed: Int = 0
+    cv: CVSpec | None = None  # a fold of a K-fold split instead of val_split (imgcls cv)
     cache: Literal["auto", "ram", "disk", "none"] = "auto"
     max_bad_fraction: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.01
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: classes drawn equally often
@@ -412,6 +414,12 @@ class DataSpec(Strict):
             raise ValueError(f"source '{self.source}' needs 'path'")
         if self.task == "multilabel" and self.source != "csv":
             raise ValueError("task 'multilabel' needs source 'csv' (a labels column like 'dog;cat')")
+        if (
+            self.cv is not None
+            and (self.cv.group_by is not None) != (self.source == "csv")
+            and (self.cv.group_by is not None or self.cv.group_by_folder is not None)
+        ):
+            raise ValueError("cv: group_by is for csv data (a column), group_by_folder for folder data")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) != self.channels:
