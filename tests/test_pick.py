@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import TINY_RECIPE, save_tiny_checkpoint
+from conftest import TINY_RECIPE, save_tiny_checkpoint
 
 SCORE_ATOL = 1e-4  # an export's probabilities agree with the checkpoint's to export.Tolerance.prob_atol
 
@@ -190,7 +189,7 @@ def test_pick_of_a_missing_folder_or_unreadable_files(cli, tiny_checkpoint, tmp_
 
 @pytest.fixture(scope="module")
 def torchscript(tmp_path_factory, tiny_checkpoint) -> Path:
-    from tests.conftest import invoke_cli
+    from conftest import invoke_cli
 
     path = tmp_path_factory.mktemp("export") / "model.pt"
     r = invoke_cli("export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(path), "-q")
