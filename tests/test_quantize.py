@@ -197,3 +197,17 @@ def test_multilabel_gate_uses_exact_match_and_predict_keeps_the_label_sets(runs,
     assert gate["fp32"] == pytest.approx(report["exact_match"], abs=1e-6)
     got = _predict(cli, out, _val_images(ckpt)[:6])
     assert all("labels" in rec and "label" not in rec for rec in got)  # label sets, as the checkpoint
+
+
+def test_a_run_whose_images_are_gone_is_refused_before_the_export(tiny_checkpoint, cli, tmp_path):
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    recipe = copy.deepcopy(ckpt.meta["recipe"])
+    recipe["data"].update(source="folder", path=str(tmp_path / "gone"))
+    save_checkpoint(tmp_path / "moved.safetensors", ckpt.model, {**ckpt.meta, "recipe": recipe})
+    r = cli("export", str(tmp_path / "moved.safetensors"), "--format", "onnx", "--quantize", "int8")
+    assert r.returncode == 2, r.stderr
+    assert "int8 export needs the run's images" in r.stderr and str(tmp_path / "gone") in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved.safetensors"]

@@ -50,6 +50,7 @@ STRIDE = 4  # calibration batches whose activations are held at once
 SEED = 0
 
 Log = Callable[[str], None]
+RunImages = tuple[list, list, str, str]  # calibration items, held-out items, split name, task
 
 
 @dataclass
@@ -105,7 +106,7 @@ def quantize_checked(
     out: Path,
     meta: dict,
     *,
-    calibrate: int,
+    images: RunImages,
     max_drop: float,
     force: bool,
     batch_size: int | None,
@@ -114,12 +115,14 @@ def quantize_checked(
     """Quantize the checked float32 export ``fp32_path``, gate it, and write
     the int8 file to ``out`` (only if it passes, or with ``force``).
 
+    ``images``: :func:`run_images` of the checkpoint (listed before the
+    export, so a run whose images are missing is refused before any work).
     ``batch_size``: a static export's fixed batch size (None: a free axis).
     Returns the ``quantization`` document stored in the file (gate included).
     """
     from imgcls import interrupts
 
-    train, held, split, task = _run_images(ckpt, calibrate)
+    train, held, split, task = images
     log(f"calibrating int8 on {len(train)} images of the run's training split")
     x = _inputs(ckpt.preprocessing, [p for p, _ in train])
     if x is None:
@@ -259,9 +262,10 @@ def run_gate(fp32, q_path: Path, meta: dict, held, split: str, task: str, max_dr
     return Gate(metric, split, len(kept), fp32_acc, int8_acc, drop, agree, max_drop, drop <= max_drop + 1e-9)
 
 
-def _run_images(ckpt, calibrate: int):
+def run_images(ckpt, calibrate: int) -> RunImages:
     """(calibration items, held-out items, held-out split name, task) of the
-    checkpoint's run, labels as model class indices (multi-hot rows for multi-label)."""
+    checkpoint's run, labels as model class indices (multi-hot rows for multi-label);
+    a one-line error (exit 2) when the run's images are not there."""
     from imgcls.data.sources import open_source
 
     base = ckpt.run_dir or ckpt.path.parent

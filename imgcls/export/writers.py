@@ -142,7 +142,7 @@ def export_model(
     :mod:`imgcls.export.quantize`.
     """
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.export.quantize import check_quantize_options, default_int8_out
+    from imgcls.export.quantize import check_quantize_options, default_int8_out, run_images
 
     started = time.perf_counter()
     fmt = _check_format(fmt, out, opset, batch_size)
@@ -151,6 +151,7 @@ def export_model(
     if out is None and quantize:
         out = default_int8_out(default_out(ckpt.path, fmt, ckpt.run_dir is not None))
     out = _check_out(Path(out).expanduser() if out is not None else None, fmt, ckpt, force)
+    int8_images = run_images(ckpt, calibrate_n) if quantize else None
 
     x, counts = check_batch(ckpt, images)
     model = ckpt.model.eval()
@@ -207,12 +208,12 @@ def export_model(
             )
         if exported.meta != meta:
             raise ImgclsError(f"the {fmt} export lost its metadata on reload; nothing was written")
-        if quantize:
+        if int8_images is not None:
             from imgcls.export.quantize import quantize_checked
 
             result.quantization = quantize_checked(
                 ckpt, tmp, tmp, meta,
-                calibrate=calibrate_n, max_drop=allowed_drop, force=force,
+                images=int8_images, max_drop=allowed_drop, force=force,
                 batch_size=result.batch_size, log=log,
             )  # fmt: skip
         interrupts.check()  # one swallowed while exporting: the file is not put in place
