@@ -41,9 +41,29 @@ def export(
         list[Path] | None,
         typer.Option("--image", help="An image file or folder to check the export on (repeatable)."),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="int8: ONNX Runtime static quantization (Conv, Gemm, MatMul), kept only if the "
+            "accuracy on the run's validation split drops by at most --max-drop points.",
+        ),
+    ] = None,
+    calibrate: Annotated[
+        int | None,
+        typer.Option(help="Calibrate int8 on this many of the run's training images (default 300)."),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(help="Accuracy points int8 may lose against float32 (default 1.0)."),
+    ] = None,
     force: Annotated[
         bool,
-        typer.Option("--force", help="Replace an existing file (only once the new export passed its check)."),
+        typer.Option(
+            "--force",
+            help="Replace an existing file (only once the new export passed its check); keep an int8 "
+            "export that fails its accuracy gate (with a warning).",
+        ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -64,6 +84,8 @@ def export(
         imgcls export runs/quickstart --format onnx --static-batch --batch-size 8 --opset 17
 
         imgcls export best.safetensors --out model.onnx --image photos/ --json
+
+        imgcls export runs/quickstart --format onnx --quantize int8 --calibrate 300 --max-drop 0.5
     """
 
     from imgcls.export import export_model
@@ -78,6 +100,9 @@ def export(
         force=force,
         images=image or [],
         log=log_to_stderr(quiet),
+        quantize=quantize,
+        calibrate=calibrate,
+        max_drop=max_drop,
     )
     if as_json:
         print(json.dumps(result.to_dict()))

@@ -127,13 +127,28 @@ def export_lines(result) -> list[str]:
         details.append(f"opset {result.opset}")
     if result.format != "safetensors":
         details.append("dynamic batch" if result.dynamic_batch else f"batch {result.batch_size}")
-    return [
+    lines = [
         f"wrote {result.path} ({', '.join(details)})",
-        f"matches PyTorch on {checks[0].images} images at batch size "
+        f"{'its float32 graph matches' if result.quantization else 'matches'} PyTorch on "
+        f"{checks[0].images} images at batch size "
         f"{' and '.join(str(c.batch_size) for c in checks)}: "
         f"max |logit diff| {max(c.max_logit_diff for c in checks):.2g}, "
         f"max |prob diff| {max(c.max_prob_diff for c in checks):.2g}",
     ]
+    q = result.quantization
+    if q:
+        gate = q["gate"]
+        lines.append(
+            f"int8 ({q['format']}, {q['weights']} weights, {'/'.join(q['ops'])}), calibrated on "
+            f"{q['calibration_images']} training images"
+        )
+        lines.append(
+            f"int8 gate on {gate['images']} {gate['split']} images: {gate['metric']} "
+            f"{gate['fp32']:.2%} fp32 -> {gate['int8']:.2%} int8 ({-gate['drop']:+.2f} points, "
+            f"allowed -{gate['max_drop']:g}); agrees with fp32 on {gate['agreement']:.2%}"
+            + (" (kept by --force)" if gate["forced"] else "")
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- explain

@@ -60,6 +60,7 @@ class ExportResult:
     checks: list[ParityCheck] = field(default_factory=list)
     seconds: float = 0.0
     tolerance: Tolerance = TOLERANCE
+    quantization: dict | None = None  # an int8 export: how, and its accuracy gate (export.quantize)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -123,6 +124,9 @@ def export_model(
     force: bool = False,
     images: Sequence[Path] = (),
     log: Callable[[str], None] = lambda message: None,
+    quantize: str | None = None,
+    calibrate: int | None = None,
+    max_drop: float | None = None,
 ) -> ExportResult:
     """Export the checkpoint ``target`` (file, run folder, runs/<name>) as ``fmt``.
 
@@ -131,13 +135,23 @@ def export_model(
     size). ``images`` are extra check images (files or folders). An existing
     ``out`` is replaced only with ``force``, and only once the new export
     has passed its check.
+
+    ``quantize="int8"`` (ONNX only) writes a statically quantized file,
+    calibrated on ``calibrate`` training images and kept only if its
+    accuracy drops by at most ``max_drop`` points (or with ``force``): see
+    :mod:`imgcls.export.quantize`.
     """
     from imgcls.checkpoint import load_checkpoint
+    from imgcls.export.quantize import check_quantize_options, default_int8_out, run_images
 
     started = time.perf_counter()
     fmt = _check_format(fmt, out, opset, batch_size)
+    calibrate_n, allowed_drop = check_quantize_options(fmt, quantize, calibrate, max_drop)
     ckpt = load_checkpoint(target)
+    if out is None and quantize:
+        out = default_int8_out(default_out(ckpt.path, fmt, ckpt.run_dir is not None))
     out = _check_out(Path(out).expanduser() if out is not None else None, fmt, ckpt, force)
+    int8_images = run_images(ckpt, calibrate_n) if quantize else None
 
     x, counts = check_batch(ckpt, images)
     model = ckpt.model.eval()
@@ -194,6 +208,14 @@ def export_model(
             )
         if exported.meta != meta:
             raise ImgclsError(f"the {fmt} export lost its metadata on reload; nothing was written")
+        if int8_images is not None:
+            from imgcls.export.quantize import quantize_checked
+
+            result.quantization = quantize_checked(
+                ckpt, tmp, tmp, meta,
+                images=int8_images, max_drop=allowed_drop, force=force,
+                batch_size=result.batch_size, log=log,
+            )  # fmt: skip
         interrupts.check()  # one swallowed while exporting: the file is not put in place
     result.seconds = round(time.perf_counter() - started, 3)
     return result
