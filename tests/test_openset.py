@@ -1,0 +1,320 @@
+""" "unknown": rejecting what the model has not seen (imgcls.openset, imgcls.rejection).
+
+The acceptance test: the quickstart model (trained once per session on the
+built-in shapes) is shown uniform noise and scikit-learn's digits at its own
+input size; at the threshold that keeps 95% of its validation images, most of
+them are answered ``unknown``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_checkpoint
+from datasets import write_digits
+from PIL import Image
+
+from imgcls import openset
+
+OOD_IMAGES = 100  # of each kind
+
+
+# --------------------------------------------------------------------------- scores and curves
+
+
+def test_scores_curves_and_auroc_agree_with_their_definitions():
+    torch.manual_seed(0)
+    logits = torch.randn(200, 5) * 3
+    probs = torch.softmax(logits, 1)
+    assert torch.allclose(openset.confidence(logits, "msp"), probs.max(1).values)
+    assert torch.allclose(openset.confidence(logits, "max-logit"), logits.max(1).values)
+    assert torch.allclose(openset.confidence(logits, "energy"), torch.logsumexp(logits, 1))
+    assert torch.allclose(
+        openset.confidence(logits, "energy", multilabel=True), torch.log1p(logits.exp()).sum(1), atol=1e-5
+    )
+
+    # AUROC: the share of (inside, outside) pairs ranked right, ties counting half
+    inside, outside = torch.randn(300) + 1, torch.randn(200)
+    inside[:20] = outside[:20] = 0.5
+    pairs = (inside[:, None] > outside[None, :]).double() + 0.5 * (inside[:, None] == outside[None, :])
+    assert openset.auroc(inside, outside) == pytest.approx(float(pairs.mean()), abs=1e-12)
+
+    # AURC: the mean, over coverages 1/n .. n/n, of the error rate of the n most confident
+    scores, correct = torch.rand(100), torch.rand(100) > 0.3
+    order = torch.argsort(scores, descending=True)
+    wrong = (~correct[order]).double().cumsum(0) / torch.arange(1, 101)
+    assert openset.aurc(scores, correct) == pytest.approx(float(wrong.mean()))
+    ranked = correct.float() + scores * 0.1  # every error below every right answer
+    assert openset.aurc(ranked, correct) < openset.aurc(scores, correct) < openset.aurc(-ranked, correct)
+
+    for coverage in (0.5, 0.9, 0.95, 1.0):
+        t = openset.threshold_for_coverage(scores, coverage)
+        kept = int((scores >= t).sum()) / len(scores)
+        assert coverage <= kept < coverage + 0.011  # at least the target, one image more at most
+    summary = openset.selective_summary(scores, correct, openset.threshold_for_coverage(scores, 0.9))
+    assert summary["accepted"] == 90
+
+
+def test_a_multilabel_image_is_unknown_only_without_a_label():
+    rule = openset.Rejection(0.9)
+    logits = torch.tensor([[3.0, -3.0], [0.0, 0.0], [0.0, 0.0]])
+    assert rule.unknown(logits) == [False, True, True]
+    assert rule.unknown(logits, [True, True, False], multilabel=True) == [False, False, True]
+
+
+# --------------------------------------------------------------------------- the acceptance test
+
+
+@pytest.fixture(scope="module")
+def shapes_run(quickstart_run, tmp_path_factory) -> Path:
+    """A copy of the session's quickstart run: this module writes beside its checkpoint."""
+    run = tmp_path_factory.mktemp("openset") / "run"
+    shutil.copytree(quickstart_run[0], run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def ood_folders(tmp_path_factory) -> dict[str, Path]:
+    """Uniform RGB noise and scikit-learn digits, 32x32 (the quickstart's input size)."""
+    root = tmp_path_factory.mktemp("ood")
+    rng = np.random.default_rng(0)
+    noise = root / "noise"
+    noise.mkdir()
+    for i in range(OOD_IMAGES):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(noise / f"noise{i:03d}.png")
+    digits = write_digits(root / "digits", size=32, indices=np.arange(OOD_IMAGES))
+    return {"noise": noise, "digits": digits}
+
+
+def _records(result) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def _logits(ckpt, paths: list[Path]) -> torch.Tensor:
+    from imgcls.evaluate import score_items
+
+    index = {name: i for i, name in enumerate(ckpt.classes)}
+    items = [(p, ckpt.classes[0]) for p in paths]
+    logits, _, _, files, _ = score_items(ckpt, items, index, 256, False)
+    assert len(files) == len(paths)
+    return logits
+
+
+@pytest.mark.slow
+def test_shapes_model_rejects_noise_and_digits_at_95_percent_coverage(cli, shapes_run, ood_folders):
+    suggested = cli("evaluate", str(shapes_run), "--suggest-threshold", "--coverage", "0.95", "--json")
+    assert suggested.returncode == 0, suggested.stderr
+    open_set = json.loads(suggested.stdout)["open_set"]
+    stored = json.loads((shapes_run / "best.openset.json").read_text())
+    assert open_set["threshold"] == stored["threshold"] and stored["score"] == openset.DEFAULT_SCORE
+    assert open_set["suggested"]["validation"]["coverage"] >= 0.95  # picked on the run's val split
+    assert open_set["accuracy_accepted"] >= open_set["accuracy_all"]
+    assert 0 < open_set["aurc"] < 1 - open_set["accuracy_all"]  # better than no ranking at all
+
+    for kind, folder in ood_folders.items():
+        records = _records(
+            cli("predict", str(folder), "--model", str(shapes_run), "--min-confidence", "run", "--json")
+        )
+        assert len(records) == OOD_IMAGES
+        unknown = [r for r in records if r["unknown"]]
+        assert len(unknown) > 0.8 * OOD_IMAGES, f"{kind}: only {len(unknown)} of {OOD_IMAGES} rejected"
+        assert all(r["label"] == "unknown" and r["confidence"] < stored["threshold"] for r in unknown)
+        assert all(len(r["top_k"]) == 3 for r in records)  # the probabilities are still given
+
+
+@pytest.mark.slow
+def test_every_score_separates_shapes_from_noise_and_digits(shapes_run, ood_folders):
+    """AUROC, in-distribution (the run's validation images) against each outside set."""
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.evaluate import run_split
+
+    ckpt = load_checkpoint(shapes_run)
+    items, _ = run_split(ckpt, "val")
+    inside = _logits(ckpt, [p for p, _ in items])
+    for kind, folder in ood_folders.items():
+        outside = _logits(ckpt, sorted(folder.rglob("*.png")))
+        aurocs = {
+            s: openset.auroc(openset.confidence(inside, s), openset.confidence(outside, s))
+            for s in openset.SCORES
+        }
+        print(kind, {s: round(a, 4) for s, a in aurocs.items()})  # the README's table: pytest -s
+        assert min(aurocs.values()) > 0.9, f"{kind}: {aurocs}"
+
+
+@pytest.mark.slow
+def test_an_export_rejects_the_same_images_as_its_checkpoint(cli, shapes_run, ood_folders, tmp_path):
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.evaluate import run_split
+
+    stored = json.loads((shapes_run / "best.openset.json").read_text())
+    mixed = tmp_path / "mixed"  # 20 of each kind, and 20 of the run's own validation images
+    mixed.mkdir()
+    for kind, folder in ood_folders.items():
+        for png in sorted(folder.rglob("*.png"))[:20]:
+            shutil.copy(png, mixed / f"{kind}-{png.name}")
+    for i, (png, _) in enumerate(run_split(load_checkpoint(shapes_run), "val")[0][:20]):
+        shutil.copy(png, mixed / f"shape{i:02d}{png.suffix}")
+    answers = {}
+    for name, model in (
+        ("checkpoint", shapes_run),
+        ("onnx", tmp_path / "model.onnx"),
+        ("torchscript", tmp_path / "model.pt"),
+    ):
+        if name != "checkpoint":
+            fmt = "onnx" if name == "onnx" else "torchscript"
+            exported = cli("export", str(shapes_run), "--format", fmt, "--out", str(model), "-q")
+            assert exported.returncode == 0, exported.stderr
+        cut = str(stored["threshold"])
+        records = _records(
+            cli("predict", str(mixed), "--model", str(model), "--min-confidence", cut, "--json")
+        )
+        answers[name] = {r["file"]: r["unknown"] for r in records}
+    assert 0 < sum(answers["checkpoint"].values()) < len(answers["checkpoint"])  # not vacuous
+    assert answers["onnx"] == answers["checkpoint"] == answers["torchscript"]
+    refused = cli("predict", str(mixed), "--model", str(tmp_path / "model.onnx"), "--min-confidence", "run")
+    assert refused.returncode == 2
+    assert (
+        "the threshold is stored beside a checkpoint" in refused.stderr and "Traceback" not in refused.stderr
+    )
+
+
+@pytest.mark.slow
+def test_evaluate_min_confidence_reports_coverage_accuracy_and_the_curve(cli, shapes_run, tmp_path):
+    out = tmp_path / "eval"
+    result = cli("evaluate", str(shapes_run), "--min-confidence", "0.9", "--out", str(out), "--tta")
+    assert result.returncode == 0, result.stderr
+    assert "unknown: msp below 0.9" in result.stdout and "accuracy on the accepted" in result.stdout
+    report = json.loads((out / "metrics.json").read_text())["open_set"]
+    assert report["threshold"] == 0.9 and 0 < report["coverage"] < 1
+    assert report["accepted"] == round(report["coverage"] * report["images"])
+    assert set(report["aurc_by_score"]) == set(openset.SCORES) and "tta" in report
+    rows = list(csv.DictReader(io.StringIO((out / "risk_coverage.csv").read_text())))
+    assert float(rows[-1]["coverage"]) == 1.0
+    assert float(rows[-1]["risk"]) == pytest.approx(1 - report["accuracy_all"], abs=1e-6)
+    assert (out / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- the answers, quickly
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+
+
+def test_unknown_in_the_table_json_and_csv_with_probabilities(cli, tiny, shapes_folder):
+    files = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[:3]]
+    # no untrained model is this sure: every file is unknown
+    table = cli("predict", *files, "--model", str(tiny), "--min-confidence", "0.999")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count("unknown") >= 3 and "circle 0." in table.stdout
+    assert "unknown: a file whose msp below 0.999" in table.stderr
+    records = _records(cli("predict", *files, "--model", str(tiny), "--min-confidence", "0.999", "--json"))
+    assert all(r["unknown"] and r["label"] == "unknown" and len(r["top_k"]) == 3 for r in records)
+    assert all(r["score"] == pytest.approx(r["confidence"]) for r in records)
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                cli("predict", *files, "--model", str(tiny), "--min-confidence", "0.999", "--csv").stdout
+            )
+        )
+    )
+    assert [r["unknown"] for r in rows] == ["true"] * 3 and all(r["label"] == "unknown" for r in rows)
+    assert all(r["top_label"] in {"circle", "square", "triangle"} for r in rows)
+    # none at 0, and by max-logit/energy in logit units
+    kept = _records(cli("predict", *files, "--model", str(tiny), "--min-confidence", "0", "--json"))
+    assert not any(r["unknown"] for r in kept)
+    energy = _records(
+        cli(
+            "predict", *files, "--model", str(tiny), "--min-confidence", "-1e9", "--score", "energy", "--json"
+        )
+    )
+    assert not any(r["unknown"] for r in energy)
+    plain = _records(cli("predict", *files, "--model", str(tiny), "--json"))
+    assert "unknown" not in plain[0]  # unchanged when not asked
+
+
+def test_tta_judges_the_averaged_logits(cli, tiny, shapes_folder):
+    files = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[:6]]
+    plain = _records(cli("predict", *files, "--model", str(tiny), "--json", "--tta"))
+    cut = sorted(r["confidence"] for r in plain)[3]  # between the TTA confidences: half unknown
+    records = _records(
+        cli("predict", *files, "--model", str(tiny), "--json", "--tta", "--min-confidence", str(cut))
+    )
+    assert [r["unknown"] for r in records] == [r["confidence"] < cut for r in plain]
+    assert any(r["unknown"] for r in records) and not all(r["unknown"] for r in records)
+
+
+def test_multilabel_unknown_means_no_label_and_a_low_score(cli, tmp_path, shapes_folder):
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+
+    base = load_checkpoint(save_tiny_checkpoint(tmp_path / "single.safetensors"))
+    model = tmp_path / "multi.safetensors"
+    save_checkpoint(model, base.model, {**base.meta, "task": "multilabel", "thresholds": [0.5, 0.5, 0.5]})
+    files = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[:4]]
+    for cut, expected in (("0", False), ("1", True)):
+        # --threshold 1: no label is ever on; 0.0: every label is, and a labelled image is never unknown
+        none_on = _records(
+            cli("predict", *files, "-m", str(model), "--threshold", "1", "--min-confidence", cut, "--json")
+        )
+        assert [r["unknown"] for r in none_on] == [expected] * 4
+        all_on = _records(
+            cli("predict", *files, "-m", str(model), "--threshold", "0", "--min-confidence", cut, "--json")
+        )
+        assert not any(r["unknown"] for r in all_on) and all(len(r["labels"]) == 3 for r in all_on)
+    refused = cli("evaluate", str(model), str(shapes_folder), "--min-confidence", "0.5")
+    assert refused.returncode == 2 and "for single-label models" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--min-confidence", "high"], "give a number (a probability for msp) or 'run'"),
+        (["--min-confidence", "1.5"], "the msp score is a probability: give a value in [0, 1]"),
+        (["--min-confidence", "nan"], "not a finite number"),
+        (
+            ["--min-confidence", "0.5", "--score", "entropy"],
+            "--score entropy: choose one of msp, max-logit, energy",
+        ),
+        (["--score", "energy"], "--score chooses the score that --min-confidence thresholds: give both"),
+        (["--min-confidence", "run"], "tiny.openset.json not found; pick one first: imgcls evaluate"),
+    ],
+)
+def test_bad_min_confidence_is_one_line_before_any_work(cli, tiny, shapes_folder, args, message):
+    result = cli("predict", str(shapes_folder), "--model", str(tiny), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_stored_threshold_is_for_its_checkpoint_only(cli, tiny, shapes_folder):
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+
+    suggested = cli("evaluate", str(tiny), "--suggest-threshold", "--score", "energy", "--json")
+    assert suggested.returncode == 0, suggested.stderr
+    stored = tiny.with_name("tiny.openset.json")
+    assert json.loads(stored.read_text())["score"] == "energy"
+    files = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[:2]]
+    used = cli("predict", *files, "--model", str(tiny), "--min-confidence", "run", "--json")
+    assert used.returncode == 0 and "energy below" in used.stderr
+    wrong_score = cli("predict", *files, "--model", str(tiny), "--min-confidence", "run", "--score", "msp")
+    assert wrong_score.returncode == 2 and "is for the energy score" in wrong_score.stderr
+    ckpt = load_checkpoint(tiny)  # the checkpoint changes (say, recalibrated): the threshold is stale
+    save_checkpoint(tiny, ckpt.model, {**ckpt.meta, "epoch": 1})
+    stale = cli("predict", *files, "--model", str(tiny), "--min-confidence", "run")
+    assert stale.returncode == 2 and "was picked for another version of tiny.safetensors" in stale.stderr
+    for args, message in (
+        (["--coverage", "0.9"], "add --suggest-threshold"),
+        (["--suggest-threshold", "--min-confidence", "0.5"], "not both"),
+        (["--suggest-threshold", "--coverage", "1.5"], "give a share in (0, 1]"),
+    ):
+        refused = cli("evaluate", str(tiny), *args)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
