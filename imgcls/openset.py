@@ -70,12 +70,20 @@ class Rejection:
     ) -> list[bool]:
         """Per row of ``logits``: unknown or not. Multi-label: ``labelled`` says
         which rows have at least one label on (those are never unknown)."""
-        low = (confidence(logits, self.score, multilabel) < self.threshold).tolist()
+        return self.judge(logits, labelled, multilabel)[0]
+
+    def judge(
+        self, logits: torch.Tensor, labelled: list[bool] | None = None, multilabel: bool = False
+    ) -> tuple[list[bool], list[float]]:
+        """Per row of a batch's ``logits``: (unknown or not, the score it was judged by).
+        What a server calls per batch (``labelled``: multi-label rows with a label on)."""
+        conf = confidence(logits, self.score, multilabel)
+        scores, low = conf.tolist(), (conf < self.threshold).tolist()  # compared as evaluate does
         if multilabel:
             if labelled is None:
                 raise ValueError("multi-label rejection needs which rows have a label")
-            return [bool(lo and not on) for lo, on in zip(low, labelled, strict=True)]
-        return [bool(lo) for lo in low]
+            return [lo and not on for lo, on in zip(low, labelled, strict=True)], scores
+        return low, scores
 
     def describe(self) -> str:
         return f"{self.score} below {self.threshold:.6g} ({self.source})"

@@ -238,12 +238,9 @@ def _judged(
     """Per row: unknown or not, and the score it was judged by (Nones when not asked)."""
     if rejection is None:
         return [None] * len(logits), [None] * len(logits)
-    from imgcls.openset import confidence
-
     labelled = [bool(labels) for labels in decided] if multilabel else None
-    unknown: list[bool | None] = list(rejection.unknown(logits, labelled, multilabel))
-    scores: list[float | None] = list(confidence(logits, rejection.score, multilabel).tolist())
-    return unknown, scores
+    unknown, scores = rejection.judge(logits, labelled, multilabel)
+    return list(unknown), list(scores)
 
 
 def predict(

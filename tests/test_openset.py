@@ -223,14 +223,21 @@ def test_unknown_in_the_table_json_and_csv_with_probabilities(cli, tiny, shapes_
 
 
 def test_tta_judges_the_averaged_logits(cli, tiny, shapes_folder):
-    files = [str(p) for p in sorted(shapes_folder.rglob("*.png"))[:6]]
-    plain = _records(cli("predict", *files, "--model", str(tiny), "--json", "--tta"))
-    cut = sorted(r["confidence"] for r in plain)[3]  # between the TTA confidences: half unknown
-    records = _records(
-        cli("predict", *files, "--model", str(tiny), "--json", "--tta", "--min-confidence", str(cut))
+    folder = str(shapes_folder)
+    plain = {r["file"]: r["confidence"] for r in _records(cli("predict", folder, "-m", str(tiny), "--json"))}
+    tta = {
+        r["file"]: r["confidence"]
+        for r in _records(cli("predict", folder, "-m", str(tiny), "--json", "--tta"))
+    }
+    moved = max(tta, key=lambda f: abs(tta[f] - plain[f]))  # the file the flip changes most
+    assert abs(tta[moved] - plain[moved]) > 1e-4
+    cut = (tta[moved] + plain[moved]) / 2  # the plain and the TTA answers differ for it
+    args = ("predict", folder, "-m", str(tiny), "--json", "--tta", "--min-confidence", str(cut))
+    records = {r["file"]: r for r in _records(cli(*args))}
+    assert records[moved]["unknown"] == (tta[moved] < cut) != (plain[moved] < cut)
+    assert all(
+        r["unknown"] == (tta[f] < cut) and r["score"] == pytest.approx(tta[f]) for f, r in records.items()
     )
-    assert [r["unknown"] for r in records] == [r["confidence"] < cut for r in plain]
-    assert any(r["unknown"] for r in records) and not all(r["unknown"] for r in records)
 
 
 def test_multilabel_unknown_means_no_label_and_a_low_score(cli, tmp_path, shapes_folder):
