@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgcls import interrupts
-from imgcls.checkpoint import Checkpoint
+from imgcls.checkpoint import Checkpoint, check_out_file
 from imgcls.errors import UsageError
 from imgcls.evaluate import EvalResult, run_split, score_items, write_metrics_json
 from imgcls.io import atomic_path, write_text_atomic
@@ -74,6 +74,7 @@ def suggest_threshold(
 ) -> tuple[Rejection, dict]:
     """Pick the threshold on the run's validation split; write it beside the checkpoint."""
     refuse_multilabel(ckpt)
+    check_out_file(stored_path(ckpt.path))  # a read-only run folder: one line before the work
     kind = score or DEFAULT_SCORE
     items, where = run_split(ckpt, "val")
     log(f"picking the {kind} threshold that keeps {coverage:.0%} of {where}: {len(items)} images")
