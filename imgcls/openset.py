@@ -38,8 +38,9 @@ import torch
 from imgcls.errors import CheckpointError, UsageError
 
 SCORES = ("msp", "max-logit", "energy")
-# chosen by measurement (README, "Unknown inputs"): MSP rejected the noise and the digits
-# no worse than energy or max-logit on the shapes models, and its threshold is a probability
+# chosen by measurement (README, "Unknown inputs"): on the quickstart against scikit-learn's
+# digits, AUROC msp 0.971, max-logit 0.965, energy 0.956 (90.0 / 87.5 / 80.5% rejected at the
+# threshold keeping 95% of validation); none of them rejects pixel noise (AUROC <= 0.006)
 DEFAULT_SCORE = "msp"
 STORED_SUFFIX = ".openset.json"
 STORED_FORMAT = "imgcls-openset"
