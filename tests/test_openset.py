@@ -111,7 +111,7 @@ def _logits(ckpt, paths: list[Path]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def suggested(shapes_run, tmp_path_factory) -> dict:
-    """`imgcls evaluate RUN --suggest-threshold --coverage 0.95 --tta --json`: the open_set part
+    """`imgcls evaluate RUN --suggest-threshold --coverage 0.95 --json`: the open_set part
     (and ``out``: the folder it wrote)."""
     from conftest import invoke_cli
 
@@ -122,7 +122,6 @@ def suggested(shapes_run, tmp_path_factory) -> dict:
         "--suggest-threshold",
         "--coverage",
         "0.95",
-        "--tta",
         "--out",
         str(out),
     )
@@ -138,28 +137,14 @@ def test_the_suggested_threshold_keeps_95_percent_of_validation(suggested, shape
     assert suggested["suggested"]["validation"]["coverage"] >= 0.95  # picked on the run's val split
     assert suggested["accuracy_accepted"] >= suggested["accuracy_all"]
     assert 0 < suggested["aurc"] < 1 - suggested["accuracy_all"]  # better than no ranking at all
-    assert set(suggested["aurc_by_score"]) == set(openset.SCORES) and "coverage" in suggested["tta"]
+    assert set(suggested["aurc_by_score"]) == set(openset.SCORES)
     assert (suggested["out"] / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "digits",
-        pytest.param(
-            "noise",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a known limit of logit scores (README, Unknown inputs): the quickstart calls "
-                "uniform pixel noise a 'star' at p 0.999, above every score's threshold",
-            ),
-        ),
-    ],
-)
-def test_shapes_model_rejects_most_outside_images_at_95_percent_coverage(
-    cli, kind, suggested, shapes_run, ood_folders
-):
+def test_shapes_model_rejects_most_digits_at_95_percent_coverage(cli, suggested, shapes_run, ood_folders):
+    """Pixel noise is not rejected: a known limit of logit scores, asserted in the AUROC test below."""
+    kind = "digits"
     args = ("predict", str(ood_folders[kind]), "--model", str(shapes_run), "--min-confidence", "run")
     records = _records(cli(*args, "--json"))
     assert len(records) == OOD_IMAGES
@@ -187,8 +172,8 @@ def test_auroc_of_each_score_shapes_against_digits_and_noise(shapes_run, ood_fol
         print(kind, {s: round(a, 4) for s, a in aurocs.items()})  # the README's table: pytest -s
         if kind == "digits":
             assert min(aurocs.values()) > 0.9, f"{kind}: {aurocs}"
-        else:  # pixel noise looks more like a star than the stars do (see above)
-            assert max(aurocs.values()) < 0.2, f"{kind}: {aurocs}"
+        else:  # the quickstart calls pixel noise a 'star' at p 0.999: more sure than of its own stars
+            assert max(aurocs.values()) < 0.2, f"{kind}: {aurocs}"  # README, Unknown inputs
 
 
 # --------------------------------------------------------------------------- the answers, quickly
@@ -308,12 +293,14 @@ def test_a_stored_threshold_is_for_its_checkpoint_only(cli, tiny, shapes_folder)
 
 def test_evaluate_min_confidence_reports_coverage_accuracy_and_the_curve(cli, tiny, shapes_folder, tmp_path):
     out = tmp_path / "eval"
-    result = cli("evaluate", str(tiny), str(shapes_folder), "--min-confidence", "0.36", "--out", str(out))
+    args = (str(tiny), str(shapes_folder), "--min-confidence", "0.36", "--out", str(out), "--tta")
+    result = cli("evaluate", *args)
     assert result.returncode == 0, result.stderr
     assert "unknown: msp below 0.36" in result.stdout and "accuracy on the accepted" in result.stdout
     report = json.loads((out / "metrics.json").read_text())["open_set"]
     assert report["threshold"] == 0.36 and report["images"] == 24
     assert report["accepted"] == round(report["coverage"] * 24)
+    assert "with TTA: coverage / accuracy" in result.stdout and 0 <= report["tta"]["coverage"] <= 1
     rows = list(csv.DictReader(io.StringIO((out / "risk_coverage.csv").read_text())))
     assert float(rows[-1]["coverage"]) == 1.0
     assert float(rows[-1]["risk"]) == pytest.approx(1 - report["accuracy_all"], abs=1e-6)
