@@ -94,6 +94,8 @@ class EvalResult:
     bad: list[tuple[Path, str]] = field(default_factory=list)
     out_dir: Path | None = None
     files: dict[str, str] = field(default_factory=dict)  # what was written: kind -> path
+    # (logits, TTA logits or None, targets) of the images read, for later steps (imgcls.rejection)
+    outputs: tuple | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -170,7 +172,7 @@ def evaluate(
         wrong = _mistakes(scores, targets, files, ckpt.classes)
     if tta_scores is not None:
         report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
-    result = EvalResult(ckpt.path, where, report, wrong, bad)
+    result = EvalResult(ckpt.path, where, report, wrong, bad, outputs=(scores, tta_scores, targets))
     interrupts.check()  # before the first file of the evaluation is written
     if tuned is not None:
         result.files["tuned_checkpoint"] = str(tuned.path)

@@ -26,10 +26,12 @@ from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
+from imgcls.openset import Rejection, parse_min_confidence, rejection_for
 from imgcls.predictor import Predictor, load_predictor, multilabel_labels, predict_scores
 from imgcls.text import shown
 
 Log = Callable[[str], None]
+UNKNOWN = "unknown"  # the answer for a rejected image (the flag `unknown` tells it from a class so named)
 _GLOB_CHARS = re.compile(r"[*?[]")
 
 
@@ -49,13 +51,19 @@ class Prediction:
     unsure: bool = False
     # multi-label models: every label at or above its threshold, highest first (may be empty)
     labels: list[tuple[str, float]] | None = None
+    # --min-confidence (imgcls.openset): True when rejected (label "unknown"), None when not asked
+    unknown: bool | None = None
+    score: float | None = None  # the confidence score it was judged by
 
     def to_dict(self) -> dict:
+        rejection = {} if self.unknown is None else {"unknown": self.unknown, "score": self.score}
         if self.labels is not None:
             return {
                 "file": self.file,
+                **({"label": UNKNOWN} if self.unknown else {}),
                 "labels": [{"label": label, "p": p} for label, p in self.labels],
                 "top_k": [{"label": label, "p": p} for label, p in self.top_k],
+                **rejection,
             }
         return {
             "file": self.file,
@@ -63,6 +71,7 @@ class Prediction:
             "confidence": self.confidence,
             "top_k": [{"label": label, "p": p} for label, p in self.top_k],
             "unsure": self.unsure,
+            **rejection,
         }
 
 
@@ -159,6 +168,7 @@ def predict_files(
     threshold: float | None = None,
     threads: int | None = None,
     tta: bool = False,
+    rejection: Rejection | None = None,
 ) -> Iterator[Prediction | Failure]:
     """One record per file, in input order, streamed batch by batch.
 
@@ -166,6 +176,9 @@ def predict_files(
     is at or above its threshold (the model's tuned thresholds, 0.5 by
     default; ``threshold`` replaces them all). ``tta``: logits averaged with
     the left-right flipped image (:func:`imgcls.forward.tta_logits`).
+    ``rejection``: a file whose confidence score is below its threshold is
+    answered ``unknown`` (multi-label: only when no label is on), its
+    probabilities still given (:mod:`imgcls.openset`).
     """
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
@@ -178,36 +191,56 @@ def predict_files(
         good = [r for r in results if isinstance(r, torch.Tensor)]
         probs = top_p = top_i = torch.empty(0)
         decided: list[list[tuple[str, float]]] = []
+        unknown: list[bool | None] = []
+        scores: list[float | None] = []
         if good:
-            probs = predict_scores(predictor, predictor.batch_logits(torch.stack(good), tta=tta))
+            batch = predictor.batch_logits(torch.stack(good), tta=tta)
+            probs = predict_scores(predictor, batch)
             top_p, top_i = probs.topk(k, dim=1)
             if multilabel:
                 decided = multilabel_labels(predictor, probs, threshold)
+            unknown, scores = _judged(rejection, batch, decided, multilabel)
         row = 0
         for name, result in zip(names, results, strict=True):
             if isinstance(result, DecodeError):
                 yield Failure(name, result.reason)
                 continue
             ps, idx = top_p[row].tolist(), top_i[row].tolist()
+            rejected, score = unknown[row], scores[row]
             if multilabel:
                 labels = decided[row]
                 row += 1
                 yield Prediction(
                     file=name,
-                    label=";".join(label for label, _ in labels),
+                    label=UNKNOWN if rejected else ";".join(label for label, _ in labels),
                     confidence=labels[0][1] if labels else 0.0,
                     top_k=[(classes[i], p) for i, p in zip(idx, ps, strict=True)],
                     labels=labels,
+                    unknown=rejected,
+                    score=score,
                 )
                 continue
             row += 1
             yield Prediction(
                 file=name,
-                label=classes[idx[0]],
+                label=UNKNOWN if rejected else classes[idx[0]],
                 confidence=ps[0],
                 top_k=[(classes[i], p) for i, p in zip(idx, ps, strict=True)],
                 unsure=threshold is not None and ps[0] < threshold,
+                unknown=rejected,
+                score=score,
             )
+
+
+def _judged(
+    rejection: Rejection | None, logits: torch.Tensor, decided: list, multilabel: bool
+) -> tuple[list[bool | None], list[float | None]]:
+    """Per row: unknown or not, and the score it was judged by (Nones when not asked)."""
+    if rejection is None:
+        return [None] * len(logits), [None] * len(logits)
+    labelled = [bool(labels) for labels in decided] if multilabel else None
+    unknown, scores = rejection.judge(logits, labelled, multilabel)
+    return list(unknown), list(scores)
 
 
 def predict(
@@ -223,18 +256,28 @@ def predict(
     log: Log = _stderr,
     tta: bool = False,
     null: bool = False,
+    min_confidence: str | None = None,
+    score: str | None = None,
 ) -> tuple[Predictor, Iterable[Prediction | Failure]]:
     """Resolve inputs and model; return the predictor and the record stream.
 
     Paths that match nothing come first in the stream as failures. Raises
     :class:`UsageError` when no input file was found at all. ``null``: names
     on stdin are NUL-terminated (see :func:`collect_inputs`).
+    ``min_confidence``: a threshold on ``score`` (:mod:`imgcls.openset`;
+    ``run``: the one stored beside the checkpoint) below which a file is
+    answered ``unknown``.
     """
+    parse_min_confidence(min_confidence, score)  # a bad value is one line before any work
     files, missing = collect_inputs(paths, stdin, null)
     if not files:
         detail = "; ".join(f"{shown(m.file)}: {m.error}" for m in missing[:3])
         raise UsageError(f"no input files found{f' ({detail})' if detail else ''}")
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
+    rejection = rejection_for(predictor.source, min_confidence, score)
+    if rejection is not None:
+        also = " and with no label on" if predictor.task == "multilabel" else ""
+        log(f"unknown: a file whose {rejection.describe()}{also}")
     if predictor.task == "multilabel":
         cuts = (
             "tuned thresholds"
@@ -249,7 +292,13 @@ def predict(
     def stream() -> Iterator[Prediction | Failure]:
         yield from missing
         yield from predict_files(
-            predictor, files, batch_size=batch_size, top_k=top_k, threshold=threshold, tta=tta
+            predictor,
+            files,
+            batch_size=batch_size,
+            top_k=top_k,
+            threshold=threshold,
+            tta=tta,
+            rejection=rejection,
         )
 
     return predictor, stream()

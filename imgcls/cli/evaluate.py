@@ -52,6 +52,34 @@ def evaluate(
             "write them into `<checkpoint>-tuned.safetensors` and evaluate with them.",
         ),
     ] = False,
+    min_confidence: Annotated[
+        str | None,
+        typer.Option(
+            "--min-confidence",
+            metavar="P|run",
+            help="Open set: count images whose top probability (or --score) is below P as 'unknown'; "
+            "report coverage, accuracy on the accepted, AURC and risk_coverage.csv/.png. "
+            "'run': the threshold --suggest-threshold stored.",
+        ),
+    ] = None,
+    score: Annotated[
+        str | None,
+        typer.Option(
+            "--score", metavar="msp|max-logit|energy", help="The confidence score to threshold (default msp)."
+        ),
+    ] = None,
+    suggest_threshold: Annotated[
+        bool,
+        typer.Option(
+            "--suggest-threshold",
+            help="Pick the --min-confidence that keeps --coverage of the run's validation images, "
+            "store it beside the checkpoint (predict --min-confidence run) and evaluate with it.",
+        ),
+    ] = False,
+    coverage: Annotated[
+        float | None,
+        typer.Option(help="The share of validation images --suggest-threshold keeps (default 0.95)."),
+    ] = None,
 ) -> None:
     """Accuracy, top-k, loss, per-class precision/recall/F1 and the confusion matrix.
 
@@ -69,9 +97,14 @@ def evaluate(
         imgcls evaluate runs/quickstart/1/best.safetensors ~/pets/test --misclassified wrong.csv
 
         imgcls evaluate runs/quickstart/1 labels.csv --json
+
+        imgcls evaluate runs/quickstart/1 --suggest-threshold --coverage 0.95
     """
     from imgcls.evaluate import report_renderables
+    from imgcls.rejection import check_options, open_set_renderables
     from imgcls.text import json_safe
+
+    check_options(min_confidence, score, suggest_threshold, coverage)
 
     result = evaluate_steps(
         target,
@@ -84,12 +117,13 @@ def evaluate(
         explain=explain,
         tta=tta,
         tune_thresholds=tune_thresholds,
+        open_set=(min_confidence, score, (coverage or 0.95) if suggest_threshold else None),
     )
     if as_json:
         print(json.dumps(json_safe(result.to_dict())), flush=True)
     else:
         console = stdout()
-        for renderable in report_renderables(result):
+        for renderable in report_renderables(result) + open_set_renderables(result):
             console.print(renderable)
     result.raise_if_skipped()  # exit 3 once the report is out
 
@@ -106,13 +140,17 @@ def evaluate_steps(
     explain: bool = False,
     tta: bool = False,
     tune_thresholds: bool = False,
+    open_set: tuple[str | None, str | None, float | None] = (None, None, None),
 ):
     """What `imgcls evaluate` does, step by step: thresholds (when asked), the
     metrics, the error gallery beside the confusion matrix, and the run's
-    report.html refreshed (a failure there is a warning: the metrics are written)."""
+    report.html refreshed (a failure there is a warning: the metrics are written).
+    ``open_set``: (--min-confidence, --score, the --suggest-threshold coverage or None)
+    (:mod:`imgcls.rejection`)."""
     from imgcls.checkpoint import check_out_dir, check_out_file, load_checkpoint
     from imgcls.evaluate import default_out_dir, evaluate, write_metrics_json
     from imgcls.metadata import task_of
+    from imgcls.rejection import add_open_set, resolve, suggest_threshold
     from imgcls.thresholds import tune_thresholds as tune
 
     # outputs first, as train --out: a missing or read-only folder is one line before the work
@@ -122,6 +160,14 @@ def evaluate_steps(
         check_out_file(misclassified)
     ckpt = load_checkpoint(target)
     tuned = tune(ckpt, batch_size=batch_size, log=log) if tune_thresholds else None
+    min_confidence, score, coverage = open_set
+    rejection, suggestion = None, None
+    if coverage is None:
+        rejection = resolve(ckpt, min_confidence, score)
+    else:
+        rejection, suggestion = suggest_threshold(
+            ckpt, coverage=coverage, score=score, batch_size=batch_size, log=log
+        )
     result = evaluate(
         ckpt,
         data,
@@ -133,6 +179,8 @@ def evaluate_steps(
         tta=tta,
         tuned=tuned,
     )
+    if rejection is not None:
+        add_open_set(result, rejection, suggestion, log)
     if task_of(ckpt.meta) != "multilabel":  # the gallery of the confused pairs (imgcls.explain)
         from imgcls.explain import write_error_gallery
 

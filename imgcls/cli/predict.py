@@ -63,6 +63,25 @@ def predict(
             "--tta", help="Test-time augmentation: average the logits with the left-right flipped image."
         ),
     ] = False,
+    min_confidence: Annotated[
+        str | None,
+        typer.Option(
+            "--min-confidence",
+            metavar="P|run",
+            help="Answer 'unknown' when the top probability (or the --score) is below P, the "
+            "probabilities still shown; 'run': the threshold `imgcls evaluate --suggest-threshold` "
+            "stored beside the checkpoint. Multi-label: unknown when no label is on and the score is below P.",
+        ),
+    ] = None,
+    score: Annotated[
+        str | None,
+        typer.Option(
+            "--score",
+            metavar="msp|max-logit|energy",
+            help="The confidence score --min-confidence thresholds (default msp, the top probability; "
+            "max-logit and energy are in logit units).",
+        ),
+    ] = None,
 ) -> None:
     """Top-k labels for each image file.
 
@@ -81,6 +100,8 @@ def predict(
         imgcls predict cat.jpg --arch resnet18 --pretrained
 
         find . -name '*.jpg' -print0 | imgcls predict - --null --json
+
+        imgcls predict ~/photos --model runs/quickstart/1 --min-confidence run
     """
 
     import csv
@@ -106,11 +127,14 @@ def predict(
         log=lambda message: err.print(message, markup=False),
         tta=tta,
         null=null,
+        min_confidence=min_confidence,
+        score=score,
     )
     task, k = predictor.task, max(1, min(top_k, len(predictor.classes)))
+    rejection = min_confidence is not None
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer is not None:
-        writer.writerow([*prediction_header(task, k), "error"])
+        writer.writerow([*prediction_header(task, k, rejection), "error"])
     total = failed = 0
     rows = []
     for record in records:  # streamed: each file's line is out before the next is decoded
@@ -122,7 +146,7 @@ def predict(
         if as_json:
             print(json.dumps(json_safe(record.to_dict())), flush=True)
         elif writer is not None:
-            writer.writerow(prediction_csv_row(record, task, k, is_failure))
+            writer.writerow(prediction_csv_row(record, task, k, is_failure, rejection))
             sys.stdout.flush()
         elif not is_failure:
             rows.append(record)

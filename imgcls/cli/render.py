@@ -40,27 +40,36 @@ def train_closing(summary: dict) -> str:
 # --------------------------------------------------------------------------- predict
 
 
-def prediction_header(task: str, k: int) -> list[str]:
-    """The CSV header (without the trailing ``error`` column)."""
+def prediction_header(task: str, k: int, rejection: bool = False) -> list[str]:
+    """The CSV header (without the trailing ``error`` column). ``rejection``
+    (``--min-confidence``): the ``unknown`` flag and the ``score`` it was judged by, and
+    (single label) the top class, which ``label`` no longer names for an unknown file."""
     if task == "multilabel":
         # the training CSV's own syntax (labels joined by ';'), so output can be corrected and trained on
-        return ["file", "labels", "probabilities"]
-    return ["file", "label", "confidence", "unsure"] + [
-        col for i in range(2, k + 1) for col in (f"label_{i}", f"p_{i}")
-    ]
+        return ["file", "labels", "probabilities"] + (["unknown", "score"] if rejection else [])
+    return (
+        ["file", "label", "confidence", "unsure"]
+        + (["unknown", "score", "top_label"] if rejection else [])
+        + [col for i in range(2, k + 1) for col in (f"label_{i}", f"p_{i}")]
+    )
 
 
-def prediction_csv_row(record, task: str, k: int, failed: bool) -> list[str]:
+def prediction_csv_row(record, task: str, k: int, failed: bool, rejection: bool = False) -> list[str]:
     """One CSV row, ``error`` last: a prediction's cells, or a failure's file and error."""
-    width = len(prediction_header(task, k))
+    width = len(prediction_header(task, k, rejection))
     if failed:
         return [plain(record.file), *[""] * (width - 1), plain(record.error)]
+    judged = [str(bool(record.unknown)).lower(), f"{record.score:.6f}"] if rejection else []
     if task == "multilabel":
-        return [plain(record.file), plain(record.label), ";".join(f"{p:.6f}" for _, p in record.labels), ""]
+        label = "" if record.unknown else plain(record.label)  # the labels cell stays trainable
+        probs = ";".join(f"{p:.6f}" for _, p in record.labels)
+        return [plain(record.file), label, probs, *judged, ""]
+    if rejection:
+        judged.append(plain(record.top_k[0][0]))
     extra = [v for label, p in record.top_k[1:] for v in (plain(label), f"{p:.6f}")]
     extra += [""] * (2 * (k - 1) - len(extra))
     file, label = plain(record.file), plain(record.label)
-    return [file, label, f"{record.confidence:.6f}", str(record.unsure).lower(), *extra, ""]
+    return [file, label, f"{record.confidence:.6f}", str(record.unsure).lower(), *judged, *extra, ""]
 
 
 def predictions_table(rows: list, task: str, k: int):
@@ -74,17 +83,25 @@ def predictions_table(rows: list, task: str, k: int):
         table.add_column("labels (probability)")
         for r in rows:
             labels = ", ".join(f"{shown(label)} {p:.3f}" for label, p in r.labels)
+            if r.unknown:
+                top = ", ".join(f"{shown(label)} {p:.3f}" for label, p in r.top_k)
+                table.add_row(cell(r.file), Text(f"unknown (top: {top})", style="magenta"))
+                continue
             table.add_row(cell(r.file), Text(labels) if labels else Text("(none)", style="dim"))
         return table
     table.add_column("label")
     table.add_column("p", justify="right")
-    if k > 1:
-        table.add_column(f"next {k - 1}")
+    unknowns = any(r.unknown for r in rows)
+    if k > 1 or unknowns:
+        table.add_column(f"next {k - 1}" if not unknowns else "next (unknown: the top classes)")
     table.add_column("")
     for r in rows:
-        cells = [cell(r.file), cell(r.label), f"{r.confidence:.3f}"]
-        if k > 1:
-            cells.append(Text(", ".join(f"{shown(label)} {p:.3f}" for label, p in r.top_k[1:])))
+        # an unknown file: its top class joins the others, so every probability is still shown
+        label = Text("unknown", style="magenta") if r.unknown else cell(r.label)
+        cells = [cell(r.file), label, f"{r.confidence:.3f}"]
+        rest = r.top_k if r.unknown else r.top_k[1:]
+        if k > 1 or unknowns:
+            cells.append(Text(", ".join(f"{shown(name)} {p:.3f}" for name, p in rest)))
         cells.append("[yellow]unsure[/yellow]" if r.unsure else "")
         table.add_row(*cells)
     return table
