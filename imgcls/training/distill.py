@@ -172,7 +172,7 @@ def bind_teacher(run: Any, predictor: Predictor | None) -> Teacher | None:
         predictor, spec.temperature, spec.alpha, multilabel, run.device, run.dtype, stats, order
     )
     how = "per step, on the augmented batch"
-    if run.augment is None and run.mix is None:
+    if cacheable(run):
         started = time.perf_counter()
         teacher.cache = teacher_logits(teacher, data.train.x, run.spec.batch_size * 2)
         how = f"once per image ({len(data.train.y)} images, {time.perf_counter() - started:.1f} s)"
@@ -181,6 +181,12 @@ def bind_teacher(run: Any, predictor: Predictor | None) -> Teacher | None:
         f"its logits computed {how}"
     )
     return teacher
+
+
+def cacheable(run: Any) -> bool:
+    """Whether the student sees each training image as decoded (no augmentation,
+    no mixup/cutmix): then the teacher's logits are computed once per image."""
+    return run.augment is None and run.mix is None
 
 
 def teacher_logits(teacher: Teacher, x_uint8: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -221,8 +221,9 @@ def _meta(recipe: Recipe, base_dir: Path, resume: Path | None, data) -> tuple[di
         from imgcls.data.sources import resolve
 
         resolved["data"]["path"] = str(resolve(recipe.data.path, base_dir).resolve())
-    if recipe.train.distill is not None:  # a resume reads the recipe from the run folder
-        resolved["train"]["distill"]["teacher"] = str(teacher_path(recipe.train.distill.teacher, base_dir).resolve())
+    if recipe.train.distill is not None:  # absolute: a resume reads this recipe from the run folder
+        teacher = teacher_path(recipe.train.distill.teacher, base_dir)
+        resolved["train"]["distill"]["teacher"] = str(teacher.resolve())
     if recipe.model.weights and resume is None:
         resolved["model"]["weights"] = _model_spec(recipe, base_dir, None).weights
     meta = {
