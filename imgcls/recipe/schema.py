@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from imgcls.recipe.cv import CVSpec
+from imgcls.recipe.distill import DistillSpec
 from imgcls.recipe.types import NAME_PATTERN, Activation, Bool, Float, Int, Padding, Pair, PosInt, Strict
 
 
@@ -484,6 +485,7 @@ class TrainSpec(Strict):
     deterministic: Bool = False
     early_stopping: EarlyStopping | None = None
     ema: EMASpec | None = None
+    distill: DistillSpec | None = None  # knowledge distillation: imgcls/recipe/distill.py
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto"] | Bool = "auto"

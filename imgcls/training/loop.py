@@ -337,6 +337,8 @@ def _forward_backward(
         with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
             logits = main_logits(net(xb))
             loss = run.loss(logits.float(), target)
+            if run.teacher is not None:  # train.distill: the teacher's term joins the usual loss
+                loss = run.teacher.loss(logits.float(), loss, idx, xb)
         if run.penalties:
             loss = loss + sum(a * w.abs().sum() + b * w.pow(2).sum() for w, a, b in run.penalties)
         # fp16 only: loss scaling against underflow; / K: the mean over the whole step

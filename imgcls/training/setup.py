@@ -19,6 +19,7 @@ from imgcls.models.build import build_model
 from imgcls.recipe import Recipe, dump_yaml, recipe_from_dict, recipe_to_dict
 from imgcls.tracking import check_trackers
 from imgcls.training.ddp import compiled, distribute
+from imgcls.training.distill import bind_teacher, open_teacher, teacher_path
 from imgcls.training.outputs import write_run_info, write_summary
 from imgcls.training.schedule import EMA, make_optimizer, regularized_weights
 from imgcls.training.state import Log, Run, State, load_resume_state, resumable_meta
@@ -64,6 +65,7 @@ def prepare(
     """Devices, data, model, optimizer, and (last, once all of that worked) the run folder."""
     spec = recipe.train
     device, channels_last = _runtime(recipe, group)
+    teacher = open_teacher(spec.distill, base_dir, log)  # a missing teacher fails before the data is read
     if out is not None and resume is None and group.main:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
     if resume is not None and group.main:  # before any rank reads the pair
@@ -121,6 +123,7 @@ def prepare(
         group=group,
         accumulation=spec.gradient_accumulation,
     )
+    run.teacher = bind_teacher(run, teacher)  # classes checked, logits cached: before the run folder
     finetune.set_frozen(model, finetune.frozen_at(model, recipe, state.epoch))  # a resume past unfreeze_at
     distribute(run)
     run.batches, run.forward = _batch_source(run), compiled(run)
@@ -218,6 +221,9 @@ def _meta(recipe: Recipe, base_dir: Path, resume: Path | None, data) -> tuple[di
         from imgcls.data.sources import resolve
 
         resolved["data"]["path"] = str(resolve(recipe.data.path, base_dir).resolve())
+    if recipe.train.distill is not None:  # absolute: a resume reads this recipe from the run folder
+        teacher = teacher_path(recipe.train.distill.teacher, base_dir)
+        resolved["train"]["distill"]["teacher"] = str(teacher.resolve())
     if recipe.model.weights and resume is None:
         resolved["model"]["weights"] = _model_spec(recipe, base_dir, None).weights
     meta = {

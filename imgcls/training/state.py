@@ -87,6 +87,7 @@ class Run:
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of model (several processes)
     ddp_trains: tuple = ()  # requires_grad of each parameter when ddp was built (ddp.distribute)
     accumulation: int = 1  # micro-batches per optimizer step (train.gradient_accumulation)
+    teacher: Any = None  # train.distill: imgcls.training.distill.Teacher
 
     @property
     def spec(self):
