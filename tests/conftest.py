@@ -71,8 +71,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-def save_tiny_checkpoint(path: Path, classes: list[str] | None = None) -> Path:
-    """TINY_RECIPE's untrained model (seed 0) saved at ``path``, its 3 classes named ``classes``."""
+def save_tiny_checkpoint(path: Path, classes: list[str] | None = None, task: str | None = None) -> Path:
+    """TINY_RECIPE's untrained model (seed 0) saved at ``path``, one output per
+    class of ``classes`` (default circle, square, triangle); ``task``: multilabel."""
     import torch
 
     from imgcls.checkpoint import save_checkpoint
@@ -81,13 +82,15 @@ def save_tiny_checkpoint(path: Path, classes: list[str] | None = None) -> Path:
 
     recipe = recipe_from_dict(TINY_RECIPE)
     torch.manual_seed(0)
-    model = build_model(recipe.model, recipe.input_shape(), 3)
+    classes = classes or ["circle", "square", "triangle"]
+    model = build_model(recipe.model, recipe.input_shape(), len(classes))
     save_checkpoint(
         path,
         model,
         {
             "recipe": recipe_to_dict(recipe),
-            "classes": classes or ["circle", "square", "triangle"],
+            "classes": classes,
+            **({"task": task} if task else {}),
             "input_shape": [3, 16, 16],
             "preprocessing": {
                 "image_size": [16, 16],

@@ -19,6 +19,8 @@ Settings (name: how a run switches it on)
     resume:         stopped after 3 steps, then continued (train --resume)
     tune:           imgcls tune --jobs 2, the settings in the trials' recipe
     export:         imgcls export --format torchscript, then predict --model model.pt
+    cv:             data.cv: {folds: 3, fold: 1} (one fold of imgcls cv: trains on the other two)
+    distill:        train.distill: {teacher: an untrained checkpoint with the run's classes and task}
 
 References (one setting against its plain counterpart: targeted tests)
     ddp = 1 process:            test_distributed.py::test_two_ranks_follow_one_rank_and_only_rank_0_writes
@@ -111,6 +113,33 @@ defect, item N of issue 17: its case is xfail(strict) until the fix lands.
     resume × tune:               n/a: a trial is not resumed; a stopped study is continued by rerunning it (test_tune.py::test_search_prunes_continues_and_best_yaml_retrains_to_its_value)
     resume × export:             works
     tune × export:               works
+    cv × ddp:                    equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
+    cv × freeze:                 works
+    cv × multilabel:             works (iterative stratification: test_cv.py::test_multilabel_folds_are_iteratively_stratified_and_csv_groups_stay_whole)
+    cv × class_weights:          works
+    cv × balanced:               works
+    cv × ema:                    works
+    cv × accumulation:           works
+    cv × stream:                 works
+    cv × bf16:                   works
+    cv × tta:                    works
+    cv × resume:                 works (and imgcls cv --resume: test_cv.py::test_a_stopped_cv_resumes_at_its_first_unfinished_fold)
+    cv × tune:                   works (a trial trains one fold; cross-validate the best: imgcls cv runs/STUDY/best.yaml)
+    cv × export:                 works
+    cv × distill:                works
+    distill × ddp:               equals 1 process: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
+    distill × freeze:            works
+    distill × multilabel:        works (KL on each label's softened sigmoid: test_distill.py::test_multilabel_distills_on_sigmoids)
+    distill × class_weights:     works
+    distill × balanced:          works
+    distill × ema:               works
+    distill × accumulation:      works (cached = per-step teacher with micro-batches: test_distill.py::test_cached_and_per_step_teacher_logits_train_the_same_student)
+    distill × stream:            works
+    distill × bf16:              works
+    distill × tta:               works
+    distill × resume:            equals uninterrupted: test_distill.py::test_a_resumed_distilled_run_equals_the_uninterrupted_one
+    distill × tune:              works
+    distill × export:            works
 
 Known defects met here (issue 17 items; each case xfail(strict) until its fix lands)
     none (item 3, tune --jobs 2 finishing 2 trials for --trials 1, was fixed: test_interactions.py::test_tune_jobs_finishes_exactly_the_trials_asked)
@@ -138,7 +167,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RECIPE, invoke_cli
+from conftest import TINY_RECIPE, invoke_cli, save_tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -235,11 +264,11 @@ def covering_rows() -> list[frozenset]:
 # the settings combined in each real-process run (tune: in the trials' recipe)
 DDP_RUNS = [
     frozenset({"ddp", "multilabel", "freeze", "ema", "accumulation", "bf16", "resume", "tta", "export"}),
-    frozenset({"ddp", "class_weights", "balanced", "stream"}),
+    frozenset({"ddp", "class_weights", "balanced", "stream", "cv", "distill"}),
 ]
 TUNE_RUNS = [
     frozenset({"tune", "multilabel", "freeze", "ema", "accumulation", "bf16", "tta", "export"}),
-    frozenset({"tune", "class_weights", "balanced", "stream"}),
+    frozenset({"tune", "class_weights", "balanced", "stream", "cv", "distill"}),
 ]
 
 
@@ -247,7 +276,7 @@ TUNE_RUNS = [
 
 
 def test_the_table_names_every_pair_once_and_its_references_exist():
-    assert len(SETTINGS) == len(set(SETTINGS)) == 13
+    assert len(SETTINGS) == len(set(SETTINGS)) == 15
     assert set(PAIRS) == {frozenset(p) for p in itertools.combinations(SETTINGS, 2)}
     for pair, result in PAIRS.items():
         if result.kind == "equals":
@@ -277,11 +306,17 @@ def test_every_pair_that_runs_is_covered_by_some_run():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The multi-label CSV (24 images, 4 classes) and images for predict."""
-    from test_multilabel import write_multilabel
+    from test_multilabel import KINDS, write_multilabel
 
     root = tmp_path_factory.mktemp("multilabel")
     labels = write_multilabel(root, 24)
-    return {"multilabel_csv": labels, "multilabel_images": sorted((root / "img").glob("*.png"))[:3]}
+    teachers = tmp_path_factory.mktemp("teachers")
+    return {
+        "multilabel_csv": labels,
+        "multilabel_images": sorted((root / "img").glob("*.png"))[:3],
+        "teacher": save_tiny_checkpoint(teachers / "single.safetensors"),
+        "teacher_ml": save_tiny_checkpoint(teachers / "ml.safetensors", sorted(KINDS), task="multilabel"),
+    }
 
 
 def recipe_dict(on: set[str], data: dict, out: Path) -> dict:
@@ -305,6 +340,10 @@ def recipe_dict(on: set[str], data: dict, out: Path) -> dict:
         raw["data"]["cache"] = "disk"
     if "bf16" in on:
         raw["train"]["precision"] = "bf16"
+    if "cv" in on:
+        raw["data"]["cv"] = {"folds": 3, "fold": 1}
+    if "distill" in on:
+        raw["train"]["distill"] = {"teacher": str(data["teacher_ml" if "multilabel" in on else "teacher"])}
     return raw
 
 
@@ -401,6 +440,8 @@ def check_run(on: set[str], run: Path, log: str, seen: dict | None) -> list[str]
     if log:  # the log of a process run is rank 0's stderr; tune trials log nothing
         expect("freeze", "frozen (backbone)" in log and "until epoch 1" in log, "the log says nothing frozen")
         expect("resume", "resuming " in log, "the log shows no resume")
+        expect("distill", "distill: teacher " in log, "the log names no teacher")
+        expect("cv", "data.cv: fold 1 of 3 validates" in log, "the log names no fold")
     if seen is not None:  # spied in this process
         expect("class_weights", seen["weighted_loss"] > 0, "the loss never got class weights")
         expect("balanced", seen["balanced_epochs"] >= 2, "the balanced sampler drew no epoch")

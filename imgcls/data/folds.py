@@ -157,6 +157,7 @@ def cv_split(source: Any, cv: CVSpec, seed: int, log: Callable[[str], None] = la
     fold = fold_array(source, cv, seed, log).tolist()
     val = [item for item, f in zip(pool, fold, strict=True) if f == cv.fold - 1]
     train = [item for item, f in zip(pool, fold, strict=True) if f != cv.fold - 1]
+    log(f"data.cv: fold {cv.fold} of {cv.folds} validates ({len(val)} images), the other folds train ({len(train)})")
     return replace(source, train=train, val=val)
 
 
