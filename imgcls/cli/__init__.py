@@ -14,6 +14,7 @@ import sys
 from imgcls import interrupts
 from imgcls.cli import (
     cache,
+    calibrate,
     compare,
     data,
     evaluate,
@@ -37,6 +38,7 @@ app.command()(compare.compare)
 app.command()(evaluate.evaluate)
 app.command()(predict.predict)
 app.command()(export.export)
+app.command()(calibrate.calibrate)
 app.command()(explain.explain)
 app.command()(report.report)
 app.command()(tune.tune)
