@@ -45,7 +45,10 @@ import torch.nn.functional as F
 from imgcls.io import atomic_path
 
 N_BINS = 15
-FIT_RANGE = (0.05, 20.0)  # a fitted temperature is kept in this range (a perfectly separated set pulls T to 0)
+FIT_RANGE = (
+    0.05,
+    20.0,
+)  # a fitted temperature is kept in this range (a perfectly separated set pulls T to 0)
 Temperature = float | Sequence[float]
 
 
@@ -60,7 +63,9 @@ def scale(logits: torch.Tensor, temperature: Temperature | None) -> torch.Tensor
     return logits / torch.tensor(list(temperature), dtype=logits.dtype, device=logits.device)
 
 
-def probabilities(logits: torch.Tensor, multilabel: bool, temperature: Temperature | None = None) -> torch.Tensor:
+def probabilities(
+    logits: torch.Tensor, multilabel: bool, temperature: Temperature | None = None
+) -> torch.Tensor:
     """Calibrated probabilities: softmax over classes, or a sigmoid per class (multi-label)."""
     z = scale(logits, temperature)
     return torch.sigmoid(z) if multilabel else torch.softmax(z, dim=1)
@@ -97,7 +102,11 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: boo
                 return F.cross_entropy(z / log_t.exp(), y)
 
         optimizer = torch.optim.LBFGS(
-            [log_t], lr=1.0, max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+            [log_t],
+            lr=1.0,
+            max_iter=200,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
             tolerance_change=1e-12,
         )
 
@@ -176,13 +185,17 @@ def calibration_report(
     return {
         "temperature": temperature if temperature is not None else 1.0,
         "n_bins": N_BINS,
-        "brier": "mean over pairs of (p - y)^2" if multilabel else "sklearn multiclass: mean of sum_k (p_k - y_k)^2",
+        "brier": "mean over pairs of (p - y)^2"
+        if multilabel
+        else "sklearn multiclass: mean of sum_k (p_k - y_k)^2",
         "before": calibration_metrics(logits, targets, multilabel, None),
         "after": calibration_metrics(logits, targets, multilabel, temperature),
     }
 
 
-def fitted(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, fitted_on: str) -> tuple[dict, dict]:
+def fitted(
+    logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, fitted_on: str
+) -> tuple[dict, dict]:
     """Fit a temperature on (``logits``, ``targets``): the checkpoint's ``calibration``
     metadata (the temperature, where it was fitted, ECE and NLL before and after)
     and the full :func:`calibration_report`."""
@@ -266,10 +279,25 @@ def save_reliability_png(path: Path, report: dict, title: str) -> None:
         m = report[when]
         full = [b for b in m["bins"] if b["count"]]
         lows = [b["low"] for b in full]
-        ax.bar(lows, [b["accuracy"] for b in full], width=width, align="edge", color="#4c72b0",
-               edgecolor="white", label="accuracy")
-        ax.bar(lows, [b["confidence"] - b["accuracy"] for b in full], bottom=[b["accuracy"] for b in full],
-               width=width, align="edge", color="#dd8452", alpha=0.45, label="gap")
+        ax.bar(
+            lows,
+            [b["accuracy"] for b in full],
+            width=width,
+            align="edge",
+            color="#4c72b0",
+            edgecolor="white",
+            label="accuracy",
+        )
+        ax.bar(
+            lows,
+            [b["confidence"] - b["accuracy"] for b in full],
+            bottom=[b["accuracy"] for b in full],
+            width=width,
+            align="edge",
+            color="#dd8452",
+            alpha=0.45,
+            label="gap",
+        )
         ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -284,10 +312,10 @@ def save_reliability_png(path: Path, report: dict, title: str) -> None:
         fig.savefig(tmp, format="png", dpi=80)
 
 
-def reliability_png(folder: Path, report: dict, title: str) -> str:
-    """``folder/reliability.png`` (:func:`save_reliability_png`); its path."""
+def reliability_png(folder: Path, report: dict, checkpoint: Path, data: str) -> str:
+    """``folder/reliability.png`` (:func:`save_reliability_png`) of ``checkpoint`` on ``data``; its path."""
     path = Path(folder) / "reliability.png"
-    save_reliability_png(path, report, title)
+    save_reliability_png(path, report, f"{Path(checkpoint).name} on {data}")
     return str(path)
 
 
@@ -299,7 +327,11 @@ def calibration_table(report: dict):
     table.add_column("", style="bold")
     table.add_column("before (T = 1)", justify="right")
     table.add_column("after", justify="right")
-    for key, name in (("ece", f"ECE ({report['n_bins']} bins)"), ("mce", "MCE"), ("nll", "NLL"), ("brier", "Brier")):
+    for key, name in (
+        ("ece", f"ECE ({report['n_bins']} bins)"),
+        ("mce", "MCE"),
+        ("nll", "NLL"),
+        ("brier", "Brier"),
+    ):
         table.add_row(name, f"{report['before'][key]:.4f}", f"{report['after'][key]:.4f}")
     return table
-

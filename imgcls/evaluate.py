@@ -29,9 +29,8 @@ are passed in as ``tuned``.
 logits averaged with the flipped image (:func:`imgcls.forward.tta_logits`);
 the report keeps the plain numbers and adds the TTA ones under ``tta``.
 
-Probabilities (and the loss) are the calibrated ones: logits / the stored
-temperature. ``calibration`` holds ECE, MCE, NLL and Brier before (T = 1) and
-after, and ``reliability.png`` draws both (:mod:`imgcls.calibration`).
+Probabilities and the loss are calibrated (logits / the stored temperature);
+``calibration`` and ``reliability.png``: before and after (:mod:`imgcls.calibration`).
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ class TunedThresholds:
     split: str  # where they were tuned, in words (as EvalResult.data says it)
 
 
-FILES = ("tuned_checkpoint", "confusion_png", "reliability_png", "errors_png", "misclassified_csv", "metrics_json")
+FILES = ("tuned_checkpoint", "confusion_png", "errors_png", "misclassified_csv", "metrics_json")
 
 
 def _file_order(kind: str) -> int:
@@ -168,7 +167,7 @@ def evaluate(
     if not files:
         raise DataError(f"{where}: none of the {len(items)} images could be read")
     raw, temperature = scores, temperature_of(ckpt.meta)  # every probability below is calibrated
-    scores, tta_scores = scale(raw, temperature), None if tta_scores is None else scale(tta_scores, temperature)
+    scores = scale(raw, temperature)
     if multilabel:
         report = multilabel_report(torch.sigmoid(scores), targets, ckpt.classes, thresholds)
         wrong = _multilabel_mistakes(torch.sigmoid(scores), targets, files, ckpt.classes, thresholds)
@@ -176,7 +175,7 @@ def evaluate(
         report = classification_report(scores, targets, ckpt.classes, top_k=top_k)
         wrong = _mistakes(scores, targets, files, ckpt.classes)
     if tta_scores is not None:
-        report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
+        report["tta"] = tta_summary(scale(tta_scores, temperature), targets, ckpt.classes, top_k, thresholds)
     report["calibration"] = calibration_report(raw, targets, multilabel, temperature)
     result = EvalResult(ckpt.path, where, report, wrong, bad)
     interrupts.check()  # before the first file of the evaluation is written
@@ -187,7 +186,7 @@ def evaluate(
         png = out_dir / "confusion.png"
         save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
         result.files["confusion_png"] = str(png)
-    result.files["reliability_png"] = reliability_png(out_dir, report["calibration"], f"{ckpt.path.name} on {where}")
+    result.files["reliability_png"] = reliability_png(out_dir, report["calibration"], ckpt.path, where)
     if misclassified is not None:
         write_misclassified(Path(misclassified), wrong)
         result.files["misclassified_csv"] = str(misclassified)

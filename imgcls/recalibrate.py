@@ -82,7 +82,9 @@ def recalibrate(
     interrupts.check()  # nothing written yet
     store_calibration(paths, stored)
     log(f"{calibration.describe(stored['temperature'])}; wrote it into {', '.join(p.name for p in paths)}")
-    exports = sorted(p.name for p in ckpt.path.parent.glob("*") if p.suffix in (".onnx", ".pt", ".ts") and p.name != RESUME)
+    exports = sorted(
+        p.name for p in ckpt.path.parent.glob("*") if p.suffix in (".onnx", ".pt", ".ts") and p.name != RESUME
+    )
     if exports:
         log(f"note: {', '.join(exports)} still carry the temperature they were exported with; export again")
     return CalibrateResult(ckpt.path, where, stored, report, ckpt.meta.get("calibration"), paths, bad)

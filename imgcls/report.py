@@ -313,11 +313,10 @@ def _calibration(run_dir: Path, evaluation: dict | None) -> list[str]:
     cal = (evaluation or {}).get("calibration")
     if cal:
         with _reading(run_dir / "eval" / "metrics.json"):
-            rows = [
-                [name, cal["before"][key], cal["after"][key]]
-                for key, name in (("ece", f"ECE ({cal['n_bins']} bins)"), ("mce", "MCE"), ("nll", "NLL"), ("brier", "Brier"))
-            ]
-            parts.append(_table(["metric", "before (T = 1)", "after"], rows, element_id="calibration", sortable=False))
+            names = {"ece": f"ECE ({cal['n_bins']} bins)", "mce": "MCE", "nll": "NLL", "brier": "Brier"}
+            rows = [[name, cal["before"][key], cal["after"][key]] for key, name in names.items()]
+            header = ["metric", "before (T = 1)", "after"]
+            parts.append(_table(header, rows, element_id="calibration", sortable=False))
     png = run_dir / "eval" / "reliability.png"
     if cal and png.is_file():
         parts.append(_png(png, "reliability diagram, before and after calibration", "reliability"))

@@ -54,5 +54,7 @@ def calibrate(
         console = stdout()
         console.print(calibration_table(result.report))
         console.print(one_line(summary_line(result.stored)), markup=False, highlight=False)
-        console.print(f"written: {', '.join(shown(p) for p in result.written)}", markup=False, highlight=False)
+        console.print(
+            f"written: {', '.join(shown(p) for p in result.written)}", markup=False, highlight=False
+        )
     result.raise_if_skipped()
