@@ -72,9 +72,13 @@ def probabilities(
 
 
 def _nll(z: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Mean cross-entropy (multi-label: binary cross-entropy per label) of logits ``z``,
+    written out in elementary ops: torch's fused losses enter an OpenMP region
+    even for a handful of rows, which on a busy machine costs ~10 ms a call
+    (measured: 48 ms for one forward and backward of 6 rows, 0.3 ms this way)."""
     if multilabel:
-        return F.binary_cross_entropy_with_logits(z, targets)
-    return F.cross_entropy(z, targets)
+        return (z.clamp(min=0) - targets * z + torch.log1p(torch.exp(-z.abs()))).mean()
+    return (z.logsumexp(1) - z.gather(1, targets[:, None]).squeeze(1)).mean()
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> float | list[float]:
@@ -93,21 +97,21 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: boo
             zf, yf = z[:, fit], y[:, fit]
 
             def loss() -> torch.Tensor:
-                return F.binary_cross_entropy_with_logits(zf / log_t[fit].exp(), yf)
+                return _nll(zf / log_t[fit].exp(), yf, True)
         else:
             y = targets.detach().to("cpu", torch.int64).clone()
             log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
 
             def loss() -> torch.Tensor:
-                return F.cross_entropy(z / log_t.exp(), y)
+                return _nll(z / log_t.exp(), y, False)
 
-        optimizer = torch.optim.LBFGS(
+        optimizer = torch.optim.LBFGS(  # one to a few dozen unknowns: converged in ~10 iterations
             [log_t],
             lr=1.0,
-            max_iter=200,
+            max_iter=50,
             line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9,
-            tolerance_change=1e-12,
+            tolerance_grad=1e-7,
+            tolerance_change=1e-10,
         )
 
         def closure() -> torch.Tensor:
@@ -126,9 +130,8 @@ def _confidences(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool):
     if multilabel:
         probs = torch.sigmoid(logits)
         return probs, probs.flatten(), targets.double().flatten()
-    probs = torch.softmax(logits, dim=1)
-    conf, pred = probs.max(1)
-    return probs, conf, (pred == targets).double()
+    probs = (logits - logits.logsumexp(1, keepdim=True)).exp()  # softmax (see _nll on fused kernels)
+    return probs, probs.amax(1), (probs.argmax(1) == targets).double()
 
 
 def reliability_bins(conf: torch.Tensor, outcome: torch.Tensor, n_bins: int = N_BINS) -> list[dict]:

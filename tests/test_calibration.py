@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -111,32 +112,50 @@ def test_thresholds_move_with_the_temperature_and_decide_the_same():
 # --------------------------------------------------------------------------- metadata is input
 
 
-@pytest.mark.parametrize(
-    "calibration, message",
-    [
-        ({"temperature": -1.0}, "calibration.temperature: -1.0 is not a finite temperature"),
-        ({"temperature": 0}, "calibration.temperature: 0 is not a finite temperature"),
-        ({"temperature": float("nan")}, "calibration.temperature: nan is not a finite temperature"),
-        ({"temperature": 1e9}, "calibration.temperature: 1000000000.0 is not a finite temperature"),
-        ({"temperature": "2"}, "calibration.temperature: '2' is not a finite temperature"),
-        ({"temperature": [1.0, 1.0, 1.0]}, "one per class is for multi-label models only"),
-        ([2.0], "calibration: [2.0] is not a mapping"),
-        ({"temperature": 2.0, "ece_after": -0.5}, "calibration.ece_after: -0.5 is not a finite number"),
-    ],
-)
-def test_a_bad_stored_temperature_is_one_line_naming_the_file(
-    calibration, message, tmp_path, cli, shapes_folder
-):
-    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+BAD = [
+    ({"temperature": -1.0}, "calibration.temperature: -1.0 is not a finite temperature in 0.001..1000"),
+    ({"temperature": 0}, "calibration.temperature: 0 is not a finite temperature"),
+    ({"temperature": float("nan")}, "calibration.temperature: nan is not a finite temperature"),
+    ({"temperature": 1e9}, "calibration.temperature: 1000000000.0 is not a finite temperature"),
+    ({"temperature": "2"}, "calibration.temperature: '2' is not a finite temperature"),
+    ({"temperature": True}, "calibration.temperature: True is not a finite temperature"),
+    (
+        {"temperature": [1.0, 1.0, 1.0]},
+        "calibration.temperature: one per class is for multi-label models only",
+    ),
+    ([2.0], "calibration: [2.0] is not a mapping"),
+    ({"temperature": 2.0, "ece_after": -0.5}, "calibration.ece_after: -0.5 is not a finite number >= 0"),
+    ({"temperature": 2.0, "fitted_on": 3}, "calibration.fitted_on: 3 is not text"),
+]
 
-    good = save_tiny_checkpoint(tmp_path / "good.safetensors")
-    ckpt = load_checkpoint(good)
+
+def test_a_bad_stored_temperature_is_one_line_naming_the_file(tmp_path, cli, shapes_folder):
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+    from imgcls.errors import CheckpointError
+    from imgcls.metadata import parse_checkpoint_meta, parse_export_meta
+
+    ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "good.safetensors"))
+    meta = {**ckpt.meta, "calibration": {"temperature": 2.0}}
+    parse_checkpoint_meta(json.dumps(meta), "ok")
+    for calibration, message in BAD:
+        raw = json.dumps({**meta, "calibration": calibration})
+        with pytest.raises(CheckpointError) as caught:
+            parse_checkpoint_meta(raw, "x.safetensors")
+        assert str(caught.value).startswith(f"x.safetensors: {message}")
+    multi = {**meta, "task": "multilabel", "format": "imgcls-export"}
+    for t, message in (
+        ([1.0, 2.0], "temperature: 2 values, not one per class (3)"),
+        ([1.0, -2.0, 1.0], "temperature[1]: -2.0"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(f"m.onnx: calibration.{message}")):
+            parse_export_meta(json.dumps({**multi, "calibration": {"temperature": t}}), "m.onnx")
+    # through the command: exit 2, one line naming the file, nothing else
     bad = tmp_path / "bad.safetensors"
-    save_checkpoint(bad, ckpt.model, {**ckpt.meta, "calibration": calibration})
+    save_checkpoint(bad, ckpt.model, {**ckpt.meta, "calibration": {"temperature": -1.0}})
     r = cli("predict", str(next(shapes_folder.rglob("*.png"))), "--model", str(bad))
     assert r.returncode == 2, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert str(bad) in r.stderr and message in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bad}: {BAD[0][1]}" in lines[0], r.stderr
 
 
 def test_a_checkpoint_without_calibration_predicts_at_temperature_1(tiny_checkpoint):
