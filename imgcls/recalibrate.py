@@ -20,7 +20,7 @@ from pathlib import Path
 
 from imgcls import calibration, interrupts
 from imgcls.checkpoint import BEST, LAST, RESUME, load_checkpoint, store_calibration
-from imgcls.errors import DataError, PartialFailure
+from imgcls.errors import DataError, PartialFailure, UsageError
 from imgcls.evaluate import class_index, labelled_items, run_split, score_items
 from imgcls.metadata import task_of
 
@@ -66,6 +66,11 @@ def recalibrate(
     """Fit the temperature of ``target``'s kept weights on ``data`` and store it."""
     ckpt = load_checkpoint(target)
     multilabel = task_of(ckpt.meta) == "multilabel"
+    if data is None and ckpt.recipe.data.val_split == 0:
+        raise UsageError(
+            f"{ckpt.path}: the run has no validation split (data.val_split is 0); "
+            "give labelled images: imgcls calibrate RUN --data DIR"
+        )
     items, where = labelled_items(ckpt, data) if data is not None else run_split(ckpt, "val")
     several = next((label for _, label in items if isinstance(label, tuple)), None)
     if several is not None and not multilabel:

@@ -211,7 +211,7 @@ def test_train_stores_the_temperature_of_the_kept_weights_in_best_and_last(run):
     assert line.startswith(f"calibration: T = {best['temperature']:.3g} fitted on the run's validation split")
 
 
-def test_a_run_without_a_validation_split_says_it_is_not_calibrated(tmp_path):
+def test_a_run_without_a_validation_split_says_it_is_not_calibrated(tmp_path, cli):
     from imgcls.checkpoint import read_meta
     from imgcls.cli.render import train_closing, train_summary
     from imgcls.recipe import recipe_from_dict
@@ -223,6 +223,8 @@ def test_a_run_without_a_validation_split_says_it_is_not_calibrated(tmp_path):
     stored = read_meta(result.run_dir / "best.safetensors")["calibration"]
     assert stored["temperature"] == 1.0 and stored["fitted_on"] is None
     assert "no validation split: not calibrated (T = 1)" in train_closing(train_summary(result))
+    r = cli("calibrate", str(result.run_dir))  # nothing to fit on: say how to give data
+    assert r.returncode == 2 and "no validation split" in r.stderr and "--data DIR" in r.stderr, r.stderr
 
 
 def test_calibrate_refits_on_other_data_and_keeps_the_weights(run, shapes_folder, tmp_path, cli):
