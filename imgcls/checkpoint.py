@@ -54,6 +54,41 @@ def read_meta(path: Path) -> dict:
     return parse_checkpoint_meta(header["imgcls"], str(path))
 
 
+def store_calibration(paths: list[Path], calibration: dict) -> None:
+    """``calibration`` (:mod:`imgcls.calibration`) into the metadata of each
+    checkpoint in ``paths``; its tensors (and any other header entry) are
+    copied byte for byte. Tuned multi-label thresholds move with the new
+    temperature, so every decision stays what it was. All files are written
+    under temporary names first, then renamed (one bad file: none changes)."""
+    from safetensors.torch import load_file, save_file
+
+    from imgcls.calibration import carry_thresholds
+    from imgcls.metadata import check_calibration, temperature_of
+
+    with contextlib.ExitStack() as renames:
+        for path in paths:
+            header = _header(path)
+            meta = read_meta(path)
+            new = {**meta, "calibration": calibration}
+            if meta.get("thresholds"):
+                new["thresholds"] = carry_thresholds(
+                    meta["thresholds"], temperature_of(meta), temperature_of(new)
+                )
+            check_calibration(new, str(path))
+            tmp = renames.enter_context(atomic_path(path))
+            save_file(load_file(str(path)), str(tmp), metadata={**header, "imgcls": json.dumps(new)})
+
+
+def _header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a safetensors file, read from its header only."""
     from safetensors import safe_open

@@ -28,6 +28,9 @@ are passed in as ``tuned``.
 ``tta``: the metrics are computed twice, on the plain logits and on the
 logits averaged with the flipped image (:func:`imgcls.forward.tta_logits`);
 the report keeps the plain numbers and adds the TTA ones under ``tta``.
+
+Probabilities and the loss are calibrated (logits / the stored temperature);
+``calibration`` and ``reliability.png``: before and after (:mod:`imgcls.calibration`).
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ from typing import Any
 import torch
 
 from imgcls import interrupts
+from imgcls.calibration import calibration_report, calibration_table, reliability_png, scale
 from imgcls.checkpoint import Checkpoint, load_checkpoint
 from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import read_labelled_rows, scan_class_folders
 from imgcls.errors import DataError, PartialFailure
 from imgcls.forward import logits, model_input, tta_logits
 from imgcls.io import atomic_path, write_text_atomic
-from imgcls.metadata import task_of, thresholds_of
+from imgcls.metadata import task_of, temperature_of, thresholds_of
 from imgcls.metrics import (
     classification_report,
     multilabel_decisions,
@@ -164,6 +168,8 @@ def evaluate(
         log(f"warning: skipped {len(bad) - MAX_LOGGED_BAD} more unreadable images")
     if not files:
         raise DataError(f"{where}: none of the {len(items)} images could be read")
+    raw, temperature = scores, temperature_of(ckpt.meta)  # every probability below is calibrated
+    scores, tta_scores = scale(raw, temperature), None if tta_scores is None else scale(tta_scores, temperature)
     if multilabel:
         report = multilabel_report(torch.sigmoid(scores), targets, ckpt.classes, thresholds)
         wrong = _multilabel_mistakes(torch.sigmoid(scores), targets, files, ckpt.classes, thresholds)
@@ -172,6 +178,7 @@ def evaluate(
         wrong = _mistakes(scores, targets, files, ckpt.classes)
     if tta_scores is not None:
         report["tta"] = tta_summary(tta_scores, targets, ckpt.classes, top_k, thresholds)
+    report["calibration"] = calibration_report(raw, targets, multilabel, temperature)
     result = EvalResult(ckpt.path, where, report, wrong, bad, outputs=(scores, tta_scores, targets))
     interrupts.check()  # before the first file of the evaluation is written
     if tuned is not None:
@@ -181,6 +188,7 @@ def evaluate(
         png = out_dir / "confusion.png"
         save_confusion_png(png, report["confusion"], ckpt.classes, f"{ckpt.path.name} on {where}")
         result.files["confusion_png"] = str(png)
+    result.files["reliability_png"] = reliability_png(out_dir, report["calibration"], ckpt.path, where)
     if misclassified is not None:
         write_misclassified(Path(misclassified), wrong)
         result.files["misclassified_csv"] = str(misclassified)
@@ -515,7 +523,7 @@ def report_renderables(result: EvalResult) -> list:
         for p in r["confused_pairs"]:
             pairs.add_row(cell(p["true"]), cell(p["predicted"]), str(p["count"]), f"{p['share']:.1%}")
         out.append(pairs)
-    return out
+    return [*out, calibration_table(r["calibration"])] if "calibration" in r else out
 
 
 def _summary_table(result: EvalResult, kind: str):
@@ -576,4 +584,4 @@ def _multilabel_renderables(result: EvalResult) -> list:
             "-" if row["ap"] is None else f"{row['ap']:.4f}",
             str(row["support"]),
         )
-    return [summary, per]
+    return [summary, per, *([calibration_table(r["calibration"])] if "calibration" in r else [])]

@@ -69,6 +69,7 @@ def check_common(meta: dict, where: str) -> None:
     task and per-class thresholds."""
     check_classes(meta.get("classes"), where)
     check_task(meta, where)
+    check_calibration(meta, where)
     pre: Any = meta.get("preprocessing")
     check_preprocessing(pre, where)
     shape = meta.get("input_shape")
@@ -108,6 +109,52 @@ def thresholds_of(meta: dict) -> list[float]:
     """The per-class decision thresholds of a multi-label model (0.5 unless tuned)."""
     stored = meta.get("thresholds")
     return [float(t) for t in stored] if stored else [0.5] * len(meta["classes"])
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # outside, logits / T over- or underflow
+
+
+def check_calibration(meta: dict, where: str) -> None:
+    """``calibration`` (absent in older files: T = 1) is a mapping whose
+    ``temperature`` is a finite number in 1e-3..1e3, or for a multi-label
+    model one such number per class (:mod:`imgcls.calibration`)."""
+    cal = meta.get("calibration")
+    if cal is None:
+        return
+    key = "calibration"
+    if not isinstance(cal, dict):
+        raise CheckpointError(f"{where}: {key}: {cal!r} is not a mapping")
+    t: Any = cal.get("temperature")
+    per_class = isinstance(t, list)
+    if per_class:
+        classes = meta.get("classes") or []
+        if task_of(meta) != "multilabel":
+            raise CheckpointError(f"{where}: {key}.temperature: one per class is for multi-label models only")
+        if len(t) != len(classes):
+            raise CheckpointError(
+                f"{where}: {key}.temperature: {len(t)} values, not one per class ({len(classes)})"
+            )
+    for i, v in enumerate(t if per_class else [t]):
+        at = f"{key}.temperature" + (f"[{i}]" if per_class else "")
+        if not (_is_number(v) and math.isfinite(v) and MIN_TEMPERATURE <= v <= MAX_TEMPERATURE):
+            raise CheckpointError(
+                f"{where}: {at}: {v!r} is not a finite temperature in {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}"
+            )
+    for name in ("ece_before", "ece_after", "nll_before", "nll_after"):
+        v = cal.get(name)
+        if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
+            raise CheckpointError(f"{where}: {key}.{name}: {v!r} is not a finite number >= 0")
+    fitted_on = cal.get("fitted_on")
+    if fitted_on is not None and not isinstance(fitted_on, str):
+        raise CheckpointError(f"{where}: {key}.fitted_on: {fitted_on!r} is not text")
+
+
+def temperature_of(meta: dict) -> float | list[float]:
+    """The stored temperature (checked by :func:`check_calibration`); 1 when
+    there is none (a checkpoint from before calibration, or one never fitted)."""
+    cal = meta.get("calibration") or {}
+    t = cal.get("temperature", 1.0)
+    return [float(v) for v in t] if isinstance(t, list) else float(t)
 
 
 def check_classes(classes: object, where: str) -> None:

@@ -22,6 +22,7 @@ from typing import TextIO
 import torch
 
 from imgcls import interrupts
+from imgcls.calibration import scale
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
@@ -199,7 +200,8 @@ def predict_files(
             top_p, top_i = probs.topk(k, dim=1)
             if multilabel:
                 decided = multilabel_labels(predictor, probs, threshold)
-            unknown, scores = _judged(rejection, batch, decided, multilabel)
+            # judged on the calibrated logits, as evaluate picks its threshold on them
+            unknown, scores = _judged(rejection, scale(batch, predictor.temperature), decided, multilabel)
         row = 0
         for name, result in zip(names, results, strict=True):
             if isinstance(result, DecodeError):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from imgcls.calibration import Temperature, probabilities
 from imgcls.errors import CheckpointError, UsageError
 from imgcls.forward import Forward, logits, model_input, tta_logits
 
@@ -35,6 +36,8 @@ class Predictor:
     source: str  # what was loaded, for the log
     task: str = "single"  # or "multilabel": a sigmoid per class, a label on at its threshold
     thresholds: list[float] | None = None  # multi-label: per class (0.5 unless tuned)
+    temperature: Temperature = 1.0  # calibration: logits / T before softmax (one T per class: multi-label)
+    calibration: dict | None = None  # the stored calibration document (imgcls.calibration), if any
 
     def batch_logits(self, x_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
         """A decoded uint8 batch through the model (with test-time augmentation when ``tta``)."""
@@ -43,10 +46,16 @@ class Predictor:
 
 
 def _task_fields(meta: dict) -> dict:
-    from imgcls.metadata import task_of, thresholds_of
+    """Task, thresholds and calibration from checked metadata (no calibration: T = 1)."""
+    from imgcls.metadata import task_of, temperature_of, thresholds_of
 
     task = task_of(meta)
-    return {"task": task, "thresholds": thresholds_of(meta) if task == "multilabel" else None}
+    return {
+        "task": task,
+        "thresholds": thresholds_of(meta) if task == "multilabel" else None,
+        "temperature": temperature_of(meta),
+        "calibration": meta.get("calibration"),
+    }
 
 
 def load_predictor(
@@ -138,11 +147,11 @@ def load_pretrained(arch: str, log: Log = _stderr) -> Predictor:
 
 
 def predict_scores(predictor: Predictor, logits_: torch.Tensor) -> torch.Tensor:
-    """Logits -> probabilities: softmax over classes (single label), or one
-    sigmoid per class (multi-label: each label on its own)."""
-    if predictor.task == "multilabel":
-        return torch.sigmoid(logits_)
-    return torch.softmax(logits_, dim=1)
+    """Logits -> calibrated probabilities: the logits divided by the model's
+    temperature (:mod:`imgcls.calibration`; 1 when it has none), then softmax
+    over classes (single label), or one sigmoid per class (multi-label: each
+    label on its own). Every command that shows a probability comes here."""
+    return probabilities(logits_, predictor.task == "multilabel", predictor.temperature)
 
 
 def multilabel_labels(

@@ -196,6 +196,7 @@ def build_report(run: str | os.PathLike) -> str:
     parts += _final_metrics(run_dir, evaluation, history)
     parts += _training(run_dir, history)
     parts += _evaluation(run_dir, evaluation)
+    parts += _calibration(run_dir, evaluation)
     parts += _explanations(run_dir)
     parts += _data_check(run_dir, _read_json(run_dir / "data-check.json"))
     parts += _model(run_dir, _read_json(run_dir / "summary.json"))
@@ -293,6 +294,33 @@ def _evaluation(run_dir: Path, evaluation: dict | None) -> list[str]:
     if gallery.is_file():
         parts.append("<h2>Mistakes</h2>" + _png(gallery, "misclassified images", "gallery"))
     return parts
+
+
+def _calibration(run_dir: Path, evaluation: dict | None) -> list[str]:
+    """The stored temperature (best.safetensors), and evaluate's ECE / MCE / NLL /
+    Brier before and after with its reliability diagram."""
+    from imgcls.calibration import summary_line
+    from imgcls.checkpoint import BEST, read_meta
+    from imgcls.errors import CheckpointError
+
+    parts = []
+    try:
+        stored = read_meta(run_dir / BEST).get("calibration") if (run_dir / BEST).is_file() else None
+    except CheckpointError:
+        stored = None  # the checkpoint's own problems are said by the commands that load it
+    if stored is not None:
+        parts.append(f"<p id=temperature>{_e(summary_line(stored))}</p>")
+    cal = (evaluation or {}).get("calibration")
+    if cal:
+        with _reading(run_dir / "eval" / "metrics.json"):
+            names = {"ece": f"ECE ({cal['n_bins']} bins)", "mce": "MCE", "nll": "NLL", "brier": "Brier"}
+            rows = [[name, cal["before"][key], cal["after"][key]] for key, name in names.items()]
+            header = ["metric", "before (T = 1)", "after"]
+            parts.append(_table(header, rows, element_id="calibration", sortable=False))
+    png = run_dir / "eval" / "reliability.png"
+    if cal and png.is_file():
+        parts.append(_png(png, "reliability diagram, before and after calibration", "reliability"))
+    return ["<h2>Calibration</h2>", *parts] if parts else []
 
 
 def _explanations(run_dir: Path) -> list[str]:

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from imgcls import interrupts
+from imgcls.calibration import scale
 from imgcls.checkpoint import Checkpoint, save_checkpoint
 from imgcls.errors import UsageError
 from imgcls.evaluate import TunedThresholds, run_split, score_items
-from imgcls.metadata import task_of
+from imgcls.metadata import task_of, temperature_of
 from imgcls.metrics import f1_optimal_thresholds
 
 Log = Callable[[str], None]
@@ -34,7 +35,8 @@ def tune_thresholds(ckpt: Checkpoint, *, batch_size: int, log: Log) -> TunedThre
     log(f"tuning thresholds on {where}: {len(items)} images")
     index = {name: i for i, name in enumerate(ckpt.classes)}
     scores, _, targets, _, _ = score_items(ckpt, items, index, batch_size, True)
-    thresholds = f1_optimal_thresholds(torch.sigmoid(scores), targets)
+    # on the calibrated probabilities, which predict compares with them
+    thresholds = f1_optimal_thresholds(torch.sigmoid(scale(scores, temperature_of(ckpt.meta))), targets)
     interrupts.check()  # a Ctrl-C that compiled code swallowed: nothing written yet
     tuned = tuned_path(ckpt.path)
     save_checkpoint(tuned, ckpt.model, {**ckpt.meta, "thresholds": thresholds})

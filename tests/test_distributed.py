@@ -254,6 +254,28 @@ def test_sharded_validation_equals_one_process_on_the_same_weights(dist):
 
 
 @pytest.mark.slow
+def test_two_ranks_fit_the_temperature_of_one_process(dist):
+    """Rank 0 fits the temperature at the end on the whole validation split
+    (imgcls.calibration): the 2-rank run's equals the one-process run's (their
+    weights agree to 1e-5), and the Ctrl-C'd, resumed and restarted run's is
+    the uninterrupted 2-rank run's exactly (bit-identical weights)."""
+    from imgcls.checkpoint import BEST, LAST, read_meta
+
+    def stored(run: Path) -> dict:
+        best, last = (read_meta(run / name)["calibration"] for name in (BEST, LAST))
+        assert best == last
+        return best
+
+    one, two, resumed = stored(dist["reference"].run_dir), stored(dist["whole"]), stored(dist["stopped"])
+    assert one == dist["reference"].calibration
+    assert one["fitted_on"] == "the run's validation split (9 images)"
+    assert two["temperature"] == pytest.approx(one["temperature"], rel=1e-3)
+    assert two["ece_after"] == pytest.approx(one["ece_after"], abs=1e-3)
+    assert resumed == two
+    assert json.loads(dist["whole_result"].stdout)["calibration"] == two  # rank 0 reports it
+
+
+@pytest.mark.slow
 def test_resume_across_world_sizes(dist):
     """2 processes -> 1 (on a copy of the whole run: other tests read it), and
     2 -> 2 mid-epoch (the Ctrl-C'd run, above): the state is the global

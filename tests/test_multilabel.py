@@ -256,6 +256,25 @@ def test_tune_predict_and_export_keep_multilabel_semantics(trained, cli, tmp_pat
     assert sum(len(labels) >= 2 for labels in decided[0]) >= 4  # most images: several labels
 
 
+@pytest.mark.slow
+def test_a_multilabel_run_gets_a_temperature_per_class(trained, tmp_path):
+    """imgcls.calibration: train fits one temperature per class on the sigmoid
+    BCE of the validation split; evaluate reports the calibration with it."""
+    from imgcls.checkpoint import read_meta
+    from imgcls.evaluate import evaluate
+
+    run = trained["multi"].run_dir
+    stored = read_meta(run / "best.safetensors")["calibration"]
+    t = stored["temperature"]
+    assert isinstance(t, list) and len(t) == len(KINDS) and all(0.05 <= v <= 20 for v in t)
+    assert stored == trained["multi"].calibration and stored["nll_after"] <= stored["nll_before"]
+    result = evaluate(run, log=lambda m: None, out=tmp_path / "eval")
+    cal = result.report["calibration"]
+    assert cal["temperature"] == t and (tmp_path / "eval" / "reliability.png").is_file()
+    assert cal["after"]["nll"] <= cal["before"]["nll"]  # on the split it was fitted on
+    assert cal["after"]["nll"] == pytest.approx(stored["nll_after"], abs=1e-5)
+
+
 def test_predict_csv_lists_the_labels(tiny_multilabel_checkpoint, shapes_folder, cli):
     image = next(shapes_folder.rglob("*.png"))
     r = cli("predict", str(image), "--model", str(tiny_multilabel_checkpoint), "--csv", "--threshold", "0")

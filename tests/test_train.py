@@ -72,6 +72,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, stop_after):
     assert same_weights(whole.run_dir / "last.safetensors", parts.run_dir / "last.safetensors")
     assert same_weights(whole.run_dir / "best.safetensors", parts.run_dir / "best.safetensors")
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in parts.history]
+    # the temperature fitted at the end (imgcls.calibration): that of the uninterrupted run
+    assert parts.calibration == whole.calibration and whole.calibration["fitted_on"] is not None
 
 
 def test_a_save_cut_off_between_its_two_files_resumes_from_the_pair_before(tmp_path, monkeypatch, cli):

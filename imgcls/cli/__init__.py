@@ -14,6 +14,7 @@ import sys
 from imgcls import interrupts
 from imgcls.cli import (
     cache,
+    calibrate,
     compare,
     cv,
     data,
@@ -40,6 +41,7 @@ app.command()(evaluate.evaluate)
 app.command()(predict.predict)
 app.command()(pick.pick)
 app.command()(export.export)
+app.command()(calibrate.calibrate)
 app.command()(explain.explain)
 app.command()(report.report)
 app.command()(tune.tune)

@@ -23,6 +23,7 @@ def train_summary(result) -> dict:
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         **{k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1") if k in best},
+        **({"calibration": result.calibration} if getattr(result, "calibration", None) else {}),
     }
 
 
@@ -34,6 +35,10 @@ def train_closing(summary: dict) -> str:
         text += f", val_loss {summary['val_loss']:.4f}"
     elif "val_acc" in summary:
         text += f": val_acc {summary['val_acc']:.4f}, val_loss {summary['val_loss']:.4f}"
+    if "calibration" in summary:
+        from imgcls.calibration import summary_line
+
+        text += f"\n{summary_line(summary['calibration'])}"
     return f"{text}\nrun folder: {summary['run_dir']}"
 
 

@@ -362,8 +362,10 @@ def label_errors(ckpt, good: list[tuple[Item, dict]], log: Log) -> list[dict]:
     """The confident-learning rule of the module docstring, on the model's probabilities."""
     import torch
 
+    from imgcls.calibration import probabilities
     from imgcls.data.decode import load_image
     from imgcls.forward import tensor_logits
+    from imgcls.metadata import temperature_of
 
     classes = ckpt.classes
     index = {c: i for i, c in enumerate(classes)}
@@ -379,9 +381,10 @@ def label_errors(ckpt, good: list[tuple[Item, dict]], log: Log) -> list[dict]:
             pool.map(lambda it: load_image(it[0].path, pre["channels"], size, pre["resize"]), known)
         )
     x = torch.stack(pixels)
+    temperature = temperature_of(ckpt.meta)  # the calibrated probabilities, as predict shows them
     probs = torch.cat(
         [
-            torch.softmax(s, 1)
+            probabilities(s, False, temperature)
             for _, s in tensor_logits(ckpt.model, x, pre["mean"], pre["std"], batch_size=256)
         ]
     )

@@ -2,7 +2,9 @@
 ``.onnx`` / ``.pt`` / ``.ts`` / exported ``.safetensors`` file.
 
 The file carries what a consumer needs to feed it: class names in index
-order, input shape, channels, mean/std and resize policy, as one JSON
+order, input shape, channels, mean/std and resize policy, the calibration
+temperature (applied by :func:`imgcls.predictor.predict_scores`, never folded
+into the graph, whose output stays the raw logits), as one JSON
 document under the key ``imgcls``: in ONNX ``metadata_props``, in
 TorchScript the extra file ``imgcls.json``, in safetensors the header
 metadata (``imgcls.export``, beside the checkpoint's own ``imgcls`` key).
@@ -49,8 +51,9 @@ def export_meta(ckpt, batch_size: int | None = None) -> dict:
         "output": OUTPUT_NAME,
         "batch_size": batch_size,
         "model": ckpt.meta.get("recipe", {}).get("model"),
-        # multi-label models keep their semantics in the file: sigmoid per class, tuned thresholds
-        **{k: ckpt.meta[k] for k in ("task", "thresholds") if ckpt.meta.get(k) is not None},
+        # multi-label models keep their semantics in the file: sigmoid per class, tuned thresholds;
+        # the calibration temperature travels as metadata: the graph's output stays the logits
+        **{k: ckpt.meta[k] for k in ("task", "thresholds", "calibration") if ckpt.meta.get(k) is not None},
     }
 
 
@@ -205,7 +208,7 @@ def _load_safetensors(path: Path) -> ExportedModel:
     else:
         meta = parse_export_meta(raw, str(path))
         ckpt = load_checkpoint(path)
-        for key in ("classes", "preprocessing", "input_shape", "task", "thresholds"):
+        for key in ("classes", "preprocessing", "input_shape", "task", "thresholds", "calibration"):
             if meta.get(key) != ckpt.meta.get(key):
                 raise CheckpointError(
                     f"{path}: {key}: the export metadata ({META_KEY}.export) and the checkpoint's "

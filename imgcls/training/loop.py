@@ -49,7 +49,7 @@ from imgcls.training.progress import epoch_line
 from imgcls.training.schedule import lr_at
 from imgcls.training.setup import prepare
 from imgcls.training.state import Log, Run, State, record_epoch, save_last
-from imgcls.training.validation import diverged, epoch_row, finite
+from imgcls.training.validation import calibrate, diverged, epoch_row, finite
 
 
 class EpochSums:
@@ -94,6 +94,7 @@ class TrainResult:
     best_epoch: int
     best: dict
     stopped_early: bool
+    calibration: dict | None = None  # what best/last store (imgcls.calibration); rank 0 only
 
 
 def train(
@@ -212,8 +213,10 @@ def _finish(run: Run, stopped_early: bool) -> TrainResult:
     run is done and saved)."""
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    calibrated = None
     if run.group.main:
         try:
+            calibrated = _calibrate(run)
             if state.history:
                 _plot(run.run_dir, state.history)
             try:
@@ -227,7 +230,20 @@ def _finish(run: Run, stopped_early: bool) -> TrainResult:
                 f"Ctrl-C: the run had finished and is saved; its curves and report were skipped "
                 f"(imgcls report {run.run_dir} writes the report)"
             )
-    return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early)
+    return TrainResult(run.run_dir, state.history, state.best_epoch, best, stopped_early, calibrated)
+
+
+def _calibrate(run: Run) -> dict | None:
+    """The temperature of the kept weights, stored in best and last (a failure
+    is a warning: the run is saved, and ``imgcls calibrate`` fits it later)."""
+    try:
+        return calibrate(run)
+    except KeyboardInterrupt:
+        run.log(f"Ctrl-C: the temperature was not fitted (imgcls calibrate {run.run_dir} fits it)")
+        raise
+    except Exception as exc:
+        run.log(f"warning: could not calibrate ({exc}); imgcls calibrate {run.run_dir} fits it")
+        return None
 
 
 def train_one_epoch(

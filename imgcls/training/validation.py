@@ -134,6 +134,30 @@ def _validate_multilabel(run: Run, model: nn.Module) -> dict:
     return {"loss": float(loss), "acc": float(exact), "f1": multilabel_f1(predicted, target > 0.5)["macro"]}
 
 
+def calibrate(run: Run) -> dict:
+    """At the end of a run (rank 0): fit the temperature on the validation
+    logits of the kept weights (best.safetensors, read back: under DDP, and
+    after a resume, they are the weights an uninterrupted one-process run
+    keeps) over the whole validation split, and store it in best and last
+    (:func:`imgcls.checkpoint.store_calibration`). No validation split: T = 1,
+    said so in the metadata. Returns the stored ``calibration`` document."""
+    from imgcls import calibration
+    from imgcls.checkpoint import BEST, LAST, load_checkpoint, store_calibration
+
+    multilabel = run.task == "multilabel"
+    y = run.data.val.y
+    if not len(y):
+        stored = calibration.uncalibrated(len(run.data.classes), multilabel)
+    else:
+        model = load_checkpoint(run.run_dir / BEST).model.to(run.device)
+        with torch.no_grad():
+            scores = torch.cat([z.float().cpu() for _, z in _val_logits(run, model, run.data.val.x)])
+        fitted_on = f"the run's validation split ({len(y)} images)"
+        stored, _ = calibration.fitted(scores, y, multilabel, fitted_on)
+    store_calibration([run.run_dir / BEST, run.run_dir / LAST], stored)
+    return stored
+
+
 def diverged(what: str, epoch: int, step: int | None = None, steps: int = 0) -> Diverged:
     where = (
         f"at epoch {epoch + 1}, step {step + 1}/{steps}" if step is not None else f"after epoch {epoch + 1}"
