@@ -22,6 +22,7 @@ from imgcls.cli import (
     predict,
     report,
     runs,
+    serve,
     summarize,
     train,
     tune,
@@ -37,6 +38,7 @@ app.command()(compare.compare)
 app.command()(evaluate.evaluate)
 app.command()(predict.predict)
 app.command()(export.export)
+app.command()(serve.serve)
 app.command()(explain.explain)
 app.command()(report.report)
 app.command()(tune.tune)
