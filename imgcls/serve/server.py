@@ -52,6 +52,7 @@ def serve(served: ServedModel, options: ServeOptions, binding: Binding, log: Log
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((binding.host, binding.port))
+        sock.listen(2048)  # connections wait in the backlog from now on, while uvicorn starts
     except OSError as exc:
         sock.close()
         raise UsageError(
