@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -85,7 +84,9 @@ def same_answer(served: dict, offline: dict) -> None:
     for field in ("top_k", "labels"):
         if field in offline:
             assert [t["label"] for t in served[field]] == [t["label"] for t in offline[field]]
-            assert [t["p"] for t in served[field]] == pytest.approx([t["p"] for t in offline[field]], abs=1e-6)
+            assert [t["p"] for t in served[field]] == pytest.approx(
+                [t["p"] for t in offline[field]], abs=1e-6
+            )
 
 
 def write_onnx(checkpoint: Path, path: Path) -> Path:
@@ -97,8 +98,7 @@ def write_onnx(checkpoint: Path, path: Path) -> Path:
     import torch
 
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.export.runtime import export_meta
-    from imgcls.export.runtime import META_KEY
+    from imgcls.export.runtime import META_KEY, export_meta
 
     ckpt = load_checkpoint(checkpoint)
     buffer = io.BytesIO()
@@ -130,7 +130,9 @@ def server(checkpoint):
 KEY = {"X-API-Key": "s3cret"}
 
 
-def test_served_answers_equal_predict_for_a_checkpoint_and_an_onnx_export(checkpoint, shapes_folder, tmp_path):
+def test_served_answers_equal_predict_for_a_checkpoint_and_an_onnx_export(
+    checkpoint, shapes_folder, tmp_path
+):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     onnx = write_onnx(checkpoint, tmp_path / "tiny.onnx")
     files = images(shapes_folder)
@@ -165,7 +167,12 @@ def _bomb_png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bad_input_is_a_4xx_json_error_and_the_server_goes_on(server, shapes_folder):
@@ -203,7 +210,9 @@ def test_api_key_is_required_except_for_health_and_the_page(server, shapes_folde
     assert httpx.get(f"{server}/healthz").status_code == 200
     assert httpx.get(f"{server}/").status_code == 200
     ok = httpx.post(
-        f"{server}/v1/predict", content=body, headers={"Content-Type": "image/png", "Authorization": "Bearer s3cret"}
+        f"{server}/v1/predict",
+        content=body,
+        headers={"Content-Type": "image/png", "Authorization": "Bearer s3cret"},
     )
     assert ok.status_code == 200
 
@@ -224,10 +233,14 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, shapes_folder):
 
     async def burst(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as client:
-            return list(await asyncio.gather(*(
-                client.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"})
-                for _ in range(6)
-            )))
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"})
+                        for _ in range(6)
+                    )
+                )
+            )
 
     with running(app) as url:
         answers = asyncio.run(burst(url))
@@ -235,7 +248,10 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, shapes_folder):
         assert codes.count(200) == 2 and codes.count(503) == 4, codes
         busy = next(r for r in answers if r.status_code == 503)
         assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]
-        assert httpx.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"}).status_code == 200
+        assert (
+            httpx.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"}).status_code
+            == 200
+        )
 
 
 def test_two_apps_in_one_process_count_apart(checkpoint, shapes_folder):
@@ -244,7 +260,10 @@ def test_two_apps_in_one_process_count_apart(checkpoint, shapes_folder):
     first, second = served_app(checkpoint), served_app(checkpoint)
     body = images(shapes_folder)[0].read_bytes()
     with running(first) as url:
-        assert httpx.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"}).status_code == 200
+        assert (
+            httpx.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"}).status_code
+            == 200
+        )
     assert b'status="200"} 1.0' in generate_latest(first.state.metrics.registry)
     assert b"imgcls_requests_total{" not in generate_latest(second.state.metrics.registry)
 
@@ -328,7 +347,7 @@ def test_page_shows_the_label_of_an_uploaded_image_and_class_names_as_text(shape
     """A class name that is markup shows as text, and nothing of it runs."""
     from playwright.sync_api import sync_playwright
 
-    hostile = '<img src=x onerror="document.title=\'pwned\'">'
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
     model = save_tiny_checkpoint(tmp_path / "hostile.safetensors", classes=[hostile, "square", "triangle"])
     image = images(shapes_folder)[0]
     with running(served_app(model)) as url:

@@ -73,7 +73,11 @@ def serve(
         bool, typer.Option("--tta", help="Test-time augmentation, as predict --tta (two forward passes).")
     ] = False,
     read_timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds a request body may take to arrive (408 past it).")
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds a request's headers, and then its body, may take to arrive (408 / closed past it).",
+        ),
     ] = 30.0,
     drain: Annotated[
         float, typer.Option(min=0, help="On SIGTERM / Ctrl-C: seconds to let requests in flight finish.")
@@ -121,4 +125,4 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         log(f"warning: --host {host} without --api-key: anyone who can reach this address can use the model")
     served = ServedModel.load(model, tta=tta, log=log)
-    run_server(served, options, Binding(host, port, access_log, drain), log)
+    run_server(served, options, Binding(host, port, access_log, drain, header_timeout_s=read_timeout), log)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -72,6 +75,7 @@ class ServeOptions:
     top_k: int = 3
     read_timeout: float = 30.0  # seconds for a request body to arrive
     retry_after: int = 1  # seconds, told to clients turned away with 503
+    decoders: int | None = None  # images decoded at once (default: one per core)
 
 
 class Metrics:
@@ -160,6 +164,9 @@ def create_app(served: ServedModel, options: ServeOptions | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app):
+        # decodes at once: one per core, so a burst of large images holds at most
+        # that many decoded at a time (memory), and threads do not fight for the cores
+        app.state.decoders = anyio.CapacityLimiter(opts.decoders or os.cpu_count() or 1)
         batcher.start()
         try:
             yield
@@ -254,7 +261,7 @@ async def images_of(
         return [(name, served.decode(data, name or "upload")) for name, data in uploads]
 
     try:
-        return await run_in_threadpool(decode_all)
+        return await anyio.to_thread.run_sync(decode_all, limiter=request.app.state.decoders)
     except DecodeError as exc:
         raise BadUpload(422, str(exc)) from None
 

@@ -9,6 +9,7 @@ again. A SIGTERM then only records that the server was asked to stop (exit
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,51 @@ class Binding:
     access_log: bool = True
     drain_s: float = 30.0
     keep_alive_s: float = 5.0
+    header_timeout_s: float = 30.0  # a request line and headers must arrive within this
+
+
+def header_deadline(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all
+    arrived ``seconds`` after it opened or after its last answer: uvicorn alone waits for
+    them forever, so slow-header clients (slowloris) would pile up until file descriptors run out."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _waiting(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._waiting():
+                self._arm()
+            super().data_received(data)
+            if not self._waiting():
+                self._disarm()  # the headers are in: the body has the app's own deadline
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self._waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def serve(served: ServedModel, options: ServeOptions, binding: Binding, log: Log) -> None:
@@ -45,6 +91,7 @@ def serve(served: ServedModel, options: ServeOptions, binding: Binding, log: Log
         timeout_graceful_shutdown=int(binding.drain_s),
         server_header=False,
         lifespan="on",
+        http=header_deadline(binding.header_timeout_s),
     )
     server = uvicorn.Server(config)
     family = socket.AF_INET6 if ":" in binding.host else socket.AF_INET
