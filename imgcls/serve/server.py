@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imgcls import interrupts
 from imgcls.errors import UsageError
 from imgcls.serve.app import ServeOptions, create_app
 from imgcls.serve.model import ServedModel
@@ -93,7 +94,13 @@ def serve(served: ServedModel, options: ServeOptions, binding: Binding, log: Log
         lifespan="on",
         http=header_deadline(binding.header_timeout_s),
     )
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if interrupts.pressed():  # a Ctrl-C before uvicorn took the signal (swallowed on its way): stop
+                self.should_exit = True
+
+    server = Server(config)
     family = socket.AF_INET6 if ":" in binding.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -118,6 +125,7 @@ def serve(served: ServedModel, options: ServeOptions, binding: Binding, log: Log
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
+    interrupts.check()  # the Ctrl-C that stopped it, or one that came before uvicorn listened
     if not server.started and not terminated[0]:
         raise UsageError("the server did not start (see the log above)")
     log("stopped" + (" (SIGTERM): requests in flight were answered" if terminated[0] else ""))
