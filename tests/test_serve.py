@@ -53,11 +53,11 @@ def running(app):
         sock.close()
 
 
-def served_app(model: Path, **options):
+def served_app(model: Path, tta: bool = False, **options):
     from imgcls.serve.app import ServeOptions, create_app
     from imgcls.serve.model import ServedModel
 
-    return create_app(ServedModel.load(str(model)), ServeOptions(**options))
+    return create_app(ServedModel.load(str(model), tta=tta), ServeOptions(**options))
 
 
 def png_bytes(path: Path) -> bytes:
@@ -130,17 +130,30 @@ def server(checkpoint):
 KEY = {"X-API-Key": "s3cret"}
 
 
-def test_served_answers_equal_predict_for_a_checkpoint_and_an_onnx_export(
-    checkpoint, shapes_folder, tmp_path
-):
+def write_torchscript(checkpoint: Path, path: Path) -> Path:
+    import torch
+
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.export.runtime import export_meta
+    from imgcls.export.writers import write_torchscript as write
+
+    ckpt = load_checkpoint(checkpoint)
+    write(ckpt.model, path, export_meta(ckpt), torch.zeros(2, 3, 16, 16), True, 2)
+    return path
+
+
+def test_served_answers_equal_predict_for_a_checkpoint_and_its_exports(checkpoint, shapes_folder, tmp_path):
+    """Checkpoint, ONNX and TorchScript, and the checkpoint with --tta: served = `imgcls predict`."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     onnx = write_onnx(checkpoint, tmp_path / "tiny.onnx")
+    script = write_torchscript(checkpoint, tmp_path / "tiny.pt")
     files = images(shapes_folder)
-    for model in (checkpoint, onnx):
-        offline = predict_json(model, files)
-        with running(served_app(model)) as url:
+    formats = {checkpoint: "checkpoint", onnx: "onnx", script: "torchscript"}
+    for model, tta in ((checkpoint, False), (onnx, False), (script, False), (checkpoint, True)):
+        offline = predict_json(model, files, *(["--tta"] if tta else []))
+        with running(served_app(model, tta=tta)) as url:
             info = httpx.get(f"{url}/v1/model").json()
-            assert info["format"] == ("onnx" if model == onnx else "checkpoint")
+            assert info["format"] == formats[model] and info["tta"] == tta
             for file, expected in zip(files, offline, strict=True):
                 got = httpx.post(
                     f"{url}/v1/predict", content=file.read_bytes(), headers={"Content-Type": "image/png"}

@@ -83,6 +83,10 @@ def serve(
         float, typer.Option(min=0, help="On SIGTERM / Ctrl-C: seconds to let requests in flight finish.")
     ] = 30.0,
     access_log: Annotated[bool, typer.Option(help="Log each request on stderr.")] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="torch threads for the model (default: torch's, one per core)."),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, a page at /, docs at /docs.
 
@@ -124,5 +128,9 @@ def serve(
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         log(f"warning: --host {host} without --api-key: anyone who can reach this address can use the model")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # this process is the server's own: its one model thread
     served = ServedModel.load(model, tta=tta, log=log)
     run_server(served, options, Binding(host, port, access_log, drain, header_timeout_s=read_timeout), log)
