@@ -87,7 +87,9 @@ def decode_image(path: str | os.PathLike, channels: int, min_side: int | None = 
         raise DecodeError(path, "is a folder, not an image") from None
 
 
-def decode_bytes(data: bytes, channels: int, min_side: int | None = None, name: str = "upload") -> Image.Image:
+def decode_bytes(
+    data: bytes, channels: int, min_side: int | None = None, name: str = "upload"
+) -> Image.Image:
     """:func:`decode_image` on bytes already in memory (an HTTP upload): the same
     format allowlist, size cap, bomb limit, truncation check and mode mapping,
     and no file is opened or written. ``name`` is only the label in errors."""
@@ -97,7 +99,9 @@ def decode_bytes(data: bytes, channels: int, min_side: int | None = None, name: 
         raise DecodeError(name, "empty, no image data")
     cap = max_file_bytes()
     if cap is not None and len(data) > cap:
-        raise DecodeError(name, f"refused, {len(data)} bytes is more than an image within the bomb limit can hold")
+        raise DecodeError(
+            name, f"refused, {len(data)} bytes is more than an image within the bomb limit can hold"
+        )
     return _decode_open(io.BytesIO(data), name, channels, min_side)
 
 

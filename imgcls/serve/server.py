@@ -94,6 +94,7 @@ def serve(served: ServedModel, options: ServeOptions, binding: Binding, log: Log
         lifespan="on",
         http=header_deadline(binding.header_timeout_s),
     )
+
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
