@@ -238,7 +238,7 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, shapes_folder):
     real = served.probabilities
 
     def slow(batch):
-        time.sleep(0.4)
+        time.sleep(0.25)
         return real(batch)
 
     served.probabilities = slow
