@@ -32,13 +32,19 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @contextlib.contextmanager
-def running(app):
-    """``app`` served by uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
+def running(app, header_timeout: float = 30.0):
+    """``app`` served by uvicorn in a thread on a free 127.0.0.1 port, with `imgcls serve`'s
+    header deadline; yields the base URL."""
     import uvicorn
+
+    from imgcls.serve.server import header_deadline
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", http=header_deadline(header_timeout)
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -261,6 +267,32 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, shapes_folder):
         assert codes.count(200) == 2 and codes.count(503) == 4, codes
         busy = next(r for r in answers if r.status_code == 503)
         assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]
+        assert (
+            httpx.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"}).status_code
+            == 200
+        )
+
+
+def test_slow_headers_are_cut_off_and_a_slow_body_gets_408(checkpoint, shapes_folder):
+    """Slowloris: uvicorn alone waits for headers forever; imgcls serve closes the connection."""
+    body = images(shapes_folder)[0].read_bytes()
+    with running(served_app(checkpoint, read_timeout=0.5), header_timeout=0.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow_headers = socket.create_connection(("127.0.0.1", port))
+        slow_headers.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+        slow_headers.settimeout(5)
+        assert slow_headers.recv(100) == b""  # closed by the server, well before 5 s
+        slow_body = socket.create_connection(("127.0.0.1", port))
+        slow_body.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        slow_body.settimeout(5)
+        answer = slow_body.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        slow_headers.close()
+        slow_body.close()
         assert (
             httpx.post(f"{url}/v1/predict", content=body, headers={"Content-Type": "image/png"}).status_code
             == 200
