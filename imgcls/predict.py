@@ -22,13 +22,13 @@ from typing import TextIO
 import torch
 
 from imgcls import interrupts
-from imgcls.calibration import scale
+from imgcls.calibration import probabilities, scale
 from imgcls.data.decode import IMAGE_EXTENSIONS, DecodeError
 from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
 from imgcls.openset import Rejection, parse_min_confidence, rejection_for
-from imgcls.predictor import Predictor, load_predictor, multilabel_labels, predict_scores
+from imgcls.predictor import Predictor, load_predictor, multilabel_labels
 from imgcls.text import shown
 
 Log = Callable[[str], None]
@@ -181,57 +181,77 @@ def predict_files(
     answered ``unknown`` (multi-label: only when no label is on), its
     probabilities still given (:mod:`imgcls.openset`).
     """
-    classes = predictor.classes
-    k = max(1, min(top_k, len(classes)))
-    multilabel = predictor.task == "multilabel"
     done = 0
     for results in decoded_batches(files, predictor.preprocessing, batch_size, threads):
         interrupts.check()  # a Ctrl-C that compiled code swallowed: no more records
         names = [str(p) for p in files[done : done + len(results)]]
         done += len(results)
         good = [r for r in results if isinstance(r, torch.Tensor)]
-        probs = top_p = top_i = torch.empty(0)
-        decided: list[list[tuple[str, float]]] = []
-        unknown: list[bool | None] = []
-        scores: list[float | None] = []
+        records: list[Prediction] = []
         if good:
-            batch = predictor.batch_logits(torch.stack(good), tta=tta)
-            probs = predict_scores(predictor, batch)
-            top_p, top_i = probs.topk(k, dim=1)
-            if multilabel:
-                decided = multilabel_labels(predictor, probs, threshold)
-            # judged on the calibrated logits, as evaluate picks its threshold on them
-            unknown, scores = _judged(rejection, scale(batch, predictor.temperature), decided, multilabel)
-        row = 0
+            logits_ = calibrated_logits(predictor, torch.stack(good), tta=tta)
+            readable = [n for n, r in zip(names, results, strict=True) if isinstance(r, torch.Tensor)]
+            records = prediction_records(predictor, logits_, readable, top_k, threshold, rejection)
+        answers = iter(records)
         for name, result in zip(names, results, strict=True):
-            if isinstance(result, DecodeError):
-                yield Failure(name, result.reason)
-                continue
-            ps, idx = top_p[row].tolist(), top_i[row].tolist()
-            rejected, score = unknown[row], scores[row]
-            if multilabel:
-                labels = decided[row]
-                row += 1
-                yield Prediction(
-                    file=name,
-                    label=UNKNOWN if rejected else ";".join(label for label, _ in labels),
-                    confidence=labels[0][1] if labels else 0.0,
-                    top_k=[(classes[i], p) for i, p in zip(idx, ps, strict=True)],
+            yield Failure(name, result.reason) if isinstance(result, DecodeError) else next(answers)
+
+
+def calibrated_logits(predictor: Predictor, x_uint8: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+    """A batch's logits divided by the model's temperature: what probabilities and the
+    open-set scores are computed from (evaluate picks its thresholds on the same)."""
+    return scale(predictor.batch_logits(x_uint8, tta=tta), predictor.temperature)
+
+
+def prediction_records(
+    predictor: Predictor,
+    logits_: torch.Tensor,
+    names: Sequence[str],
+    top_k: int = 3,
+    threshold: float | None = None,
+    rejection: Rejection | None = None,
+) -> list[Prediction]:
+    """One record per row of ``logits_`` (:func:`calibrated_logits`): top-k,
+    multi-label labels, ``unknown``. The one place an answer is built: predict
+    and the server both come here."""
+    classes, multilabel = predictor.classes, predictor.task == "multilabel"
+    k = max(1, min(top_k, len(classes)))
+    probs = probabilities(logits_, multilabel)
+    top_p, top_i = probs.topk(k, dim=1)
+    decided = multilabel_labels(predictor, probs, threshold) if multilabel else []
+    unknown, scores = _judged(rejection, logits_, decided, multilabel)
+    out = []
+    for row, name in enumerate(names):
+        top = [(classes[i], p) for i, p in zip(top_i[row].tolist(), top_p[row].tolist(), strict=True)]
+        rejected, score = unknown[row], scores[row]
+        if multilabel:
+            labels = decided[row]
+            label = ";".join(label for label, _ in labels)
+            out.append(
+                Prediction(
+                    name,
+                    UNKNOWN if rejected else label,
+                    labels[0][1] if labels else 0.0,
+                    top,
                     labels=labels,
                     unknown=rejected,
                     score=score,
                 )
-                continue
-            row += 1
-            yield Prediction(
-                file=name,
-                label=UNKNOWN if rejected else classes[idx[0]],
-                confidence=ps[0],
-                top_k=[(classes[i], p) for i, p in zip(idx, ps, strict=True)],
-                unsure=threshold is not None and ps[0] < threshold,
-                unknown=rejected,
-                score=score,
             )
+        else:
+            unsure = threshold is not None and top[0][1] < threshold
+            out.append(
+                Prediction(
+                    name,
+                    UNKNOWN if rejected else top[0][0],
+                    top[0][1],
+                    top,
+                    unsure=unsure,
+                    unknown=rejected,
+                    score=score,
+                )
+            )
+    return out
 
 
 def _judged(

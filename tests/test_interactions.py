@@ -150,6 +150,7 @@ pair below is shown by the targeted test it names)
     unknown:        imgcls predict / evaluate --min-confidence
     int8:           imgcls export --format onnx --quantize int8 (and its accuracy gate)
     pick:           imgcls pick --model RUN (margin, entropy, least-confidence, diverse)
+    serve:          imgcls serve MODEL, POST /v1/predict
 
 Feature pairs. Calibration meets every setting of the table in every run:
 check_run asks each run's best.safetensors for a fitted temperature.
@@ -162,6 +163,11 @@ check_run asks each run's best.safetensors for a fitted temperature.
     unknown × export:            equals checkpoint: test_openset.py::test_an_export_rejects_the_same_images_as_its_checkpoint
     int8 × multilabel:           works (the gate on exact match): test_quantize.py::test_multilabel_gate_uses_exact_match_and_predict_keeps_the_label_sets
     int8 × tta:                  works: test_quantize.py::test_int8_export_passes_the_gate_and_predicts_like_fp32
+    serve × multilabel:          equals predict: test_serve.py::test_multilabel_checkpoint_answers_its_labels_over_thresholds
+    serve × export:              equals predict (checkpoint, ONNX, TorchScript): test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
+    serve × tta:                 equals predict --tta: test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
+    serve × unknown:             equals predict --min-confidence: test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
+    serve × calibration:         equals predict (one path: predict.calibrated_logits, predict.prediction_records): test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
     pick × multilabel:           works (the label closest to its threshold; least-confidence refused): test_pick.py::test_pick_on_a_multilabel_model
     pick × export:               equals checkpoint (diverse refused: an export has no embeddings): test_pick.py::test_pick_from_an_export_equals_the_checkpoints
     pick × tta:                  equals mean with the mirror: test_pick.py::test_pick_with_tta_scores_the_mean_of_plain_and_mirrored_logits
@@ -253,7 +259,7 @@ FEATURE_PAIRS = _pairs(__doc__, "Feature pairs")
 # the pairs issues 19 and 21 asked for by name
 ASKED = [
     *(("calibration", s) for s in ("resume", "ddp")),
-    *(("int8", "multilabel"),),
+    *(("int8", "multilabel"), ("serve", "multilabel"), ("serve", "export")),
     *((f, s) for f in ("cv", "distill", "pick") for s in ("ddp", "multilabel", "resume", "tune")),
 ]
 PROCESS_SETTINGS = {"ddp", "tune"}  # need real processes: the slow runs below

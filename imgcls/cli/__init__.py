@@ -25,6 +25,7 @@ from imgcls.cli import (
     predict,
     report,
     runs,
+    serve,
     summarize,
     train,
     tune,
@@ -42,6 +43,7 @@ app.command()(predict.predict)
 app.command()(pick.pick)
 app.command()(export.export)
 app.command()(calibrate.calibrate)
+app.command()(serve.serve)
 app.command()(explain.explain)
 app.command()(report.report)
 app.command()(tune.tune)

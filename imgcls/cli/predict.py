@@ -11,6 +11,27 @@ import typer
 from imgcls.cli.app import command, stderr, stdout
 from imgcls.cli.render import prediction_csv_row, prediction_header, predictions_table
 
+# --min-confidence and --score: predict and serve take the same two options
+MinConfidence = Annotated[
+    str | None,
+    typer.Option(
+        "--min-confidence",
+        metavar="P|run",
+        help="Answer 'unknown' when the top probability (or the --score) is below P, the "
+        "probabilities still shown; 'run': the threshold `imgcls evaluate --suggest-threshold` "
+        "stored beside the checkpoint. Multi-label: unknown when no label is on and the score is below P.",
+    ),
+]
+Score = Annotated[
+    str | None,
+    typer.Option(
+        "--score",
+        metavar="msp|max-logit|energy",
+        help="The confidence score --min-confidence thresholds (default msp, the top probability; "
+        "max-logit and energy are in logit units).",
+    ),
+]
+
 
 @command
 def predict(
@@ -63,25 +84,8 @@ def predict(
             "--tta", help="Test-time augmentation: average the logits with the left-right flipped image."
         ),
     ] = False,
-    min_confidence: Annotated[
-        str | None,
-        typer.Option(
-            "--min-confidence",
-            metavar="P|run",
-            help="Answer 'unknown' when the top probability (or the --score) is below P, the "
-            "probabilities still shown; 'run': the threshold `imgcls evaluate --suggest-threshold` "
-            "stored beside the checkpoint. Multi-label: unknown when no label is on and the score is below P.",
-        ),
-    ] = None,
-    score: Annotated[
-        str | None,
-        typer.Option(
-            "--score",
-            metavar="msp|max-logit|energy",
-            help="The confidence score --min-confidence thresholds (default msp, the top probability; "
-            "max-logit and energy are in logit units).",
-        ),
-    ] = None,
+    min_confidence: MinConfidence = None,
+    score: Score = None,
 ) -> None:
     """Top-k labels for each image file.
 

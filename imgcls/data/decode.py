@@ -22,6 +22,7 @@ so a photo is seen identically everywhere. The rules:
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -78,10 +79,39 @@ def decode_image(path: str | os.PathLike, channels: int, min_side: int | None = 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
     try:
+        with open_image_file(path) as fh:
+            return _decode_open(fh, path, channels, min_side)
+    except FileNotFoundError:
+        raise DecodeError(path, "no such file") from None
+    except IsADirectoryError:
+        raise DecodeError(path, "is a folder, not an image") from None
+
+
+def decode_bytes(
+    data: bytes, channels: int, min_side: int | None = None, name: str = "upload"
+) -> Image.Image:
+    """:func:`decode_image` on bytes already in memory (an HTTP upload): the same
+    format allowlist, size cap, bomb limit, truncation check and mode mapping,
+    and no file is opened or written. ``name`` is only the label in errors."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    if not data:
+        raise DecodeError(name, "empty, no image data")
+    cap = max_file_bytes()
+    if cap is not None and len(data) > cap:
+        raise DecodeError(
+            name, f"refused, {len(data)} bytes is more than an image within the bomb limit can hold"
+        )
+    return _decode_open(io.BytesIO(data), name, channels, min_side)
+
+
+def _decode_open(fh: BinaryIO, path: str | os.PathLike, channels: int, min_side: int | None) -> Image.Image:
+    """Decode the open image ``fh`` (``path`` names it in errors)."""
+    try:
         # Above MAX_IMAGE_PIXELS Pillow warns (an error here: see the filter
         # at the top) and above twice that raises; _check_pixels covers
         # images Pillow sizes only after opening.
-        with open_image_file(path) as fh, Image.open(fh, formats=FORMATS) as im:
+        with Image.open(fh, formats=FORMATS) as im:
             _check_pixels(path, im.size)
             if min_side and im.format == "JPEG":
                 im.draft(im.mode, (min_side, min_side))
@@ -95,10 +125,6 @@ def decode_image(path: str | os.PathLike, channels: int, min_side: int | None = 
                 image = im
     except DecodeError:
         raise
-    except FileNotFoundError:
-        raise DecodeError(path, "no such file") from None
-    except IsADirectoryError:
-        raise DecodeError(path, "is a folder, not an image") from None
     except UnidentifiedImageError:
         raise DecodeError(path, f"not a supported image (formats: {', '.join(FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

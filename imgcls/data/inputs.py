@@ -16,20 +16,39 @@ from pathlib import Path
 
 import torch
 
-from imgcls.data.decode import DecodeError, decode_image, decode_workers, image_to_tensor, load_image
+from imgcls.data.decode import (
+    DecodeError,
+    decode_bytes,
+    decode_image,
+    decode_workers,
+    image_to_tensor,
+    resize_image,
+)
 
 
 def load_input(path: str | os.PathLike, preprocessing: dict) -> torch.Tensor:
     """One file as uint8 (C, H, W), decoded and resized as ``preprocessing`` says."""
+    return _prepared(lambda channels, min_side: decode_image(path, channels, min_side), preprocessing)
+
+
+def load_input_bytes(data: bytes, preprocessing: dict, name: str = "upload") -> torch.Tensor:
+    """:func:`load_input` on an image already in memory (an HTTP upload): the
+    same decode (:func:`imgcls.data.decode.decode_bytes`) and resize; no file is opened."""
+    return _prepared(lambda channels, min_side: decode_bytes(data, channels, min_side, name), preprocessing)
+
+
+def _prepared(decode, preprocessing: dict) -> torch.Tensor:
+    """``decode(channels, min_side)`` resized as ``preprocessing`` says, as uint8 (C, H, W)."""
     channels = int(preprocessing["channels"])
     size = tuple(preprocessing["image_size"])
     if preprocessing.get("resize_to"):
-        im = decode_image(path, channels)
+        im = decode(channels, None)
         im = _resize_shorter(
             im, int(preprocessing["resize_to"]), preprocessing.get("interpolation", "bilinear")
         )
         return image_to_tensor(_center_crop(im, size))
-    return load_image(path, channels, size, preprocessing["resize"])
+    im = decode(channels, max(size))
+    return image_to_tensor(resize_image(im, size, preprocessing["resize"]))
 
 
 def _resize_shorter(im, size: int, interpolation: str):

@@ -1,0 +1,150 @@
+"""`imgcls serve` under N concurrent clients against `imgcls predict`'s offline throughput.
+
+Writes JPEGs (built-in shapes) and a small untrained checkpoint (as
+bench/predict_throughput.py does), or takes --model, then in the same run:
+
+- offline: predict_files (the path of `imgcls predict`), batch 64, images/s;
+- one forward: the model alone on one decoded image (median), the yardstick
+  for the latency at concurrency 1 (goal: p50 <= one forward + 5 ms);
+- served: a real `imgcls serve` process on a free port, and N async httpx
+  clients (N = 1, 8, 32) each posting one JPEG at a time: p50, p99, images/s
+  (goal at 32: >= 0.8x offline).
+
+The clients run in this process and the server in another: on a machine with
+few cores they compete for the same CPUs, as the server and its callers would.
+
+    python bench/serve_throughput.py [--images 256] [--size 64] [--requests 400] [--model M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict_throughput import best_rates, make_checkpoint, make_jpegs  # noqa: E402
+
+
+def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgcls", "serve", str(model), "--port", "0", "--no-access-log", *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = ""
+    while "serving" not in line:
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        if not line:
+            raise SystemExit("the server did not start")
+    port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[list[float], float]:
+    """``total`` requests from ``concurrency`` clients; (latencies in s, wall time)."""
+    import httpx
+
+    latencies: list[float] = []
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def one_client() -> None:
+            for i in counter:
+                t = time.perf_counter()
+                r = await client.post(
+                    f"{url}/v1/predict",
+                    content=bodies[i % len(bodies)],
+                    headers={"Content-Type": "image/jpeg"},
+                )
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    raise SystemExit(f"HTTP {r.status_code}: {r.text}")
+
+        for _ in range(concurrency):  # warm-up: a connection per client
+            await client.get(f"{url}/healthz")
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", help="serve this model (run folder, checkpoint, export) instead")
+    ap.add_argument("--serve-args", default="", help="extra `imgcls serve` options, e.g. '--max-wait-ms 2'")
+    args = ap.parse_args()
+
+    from imgcls.data.inputs import load_input
+    from imgcls.predict import load_predictor, predict_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        files = make_jpegs(folder, args.images, args.size)
+        model = Path(args.model) if args.model else folder / "bench.safetensors"
+        if not args.model:
+            make_checkpoint(model, args.size)
+        predictor = load_predictor(model, log=lambda m: None)
+
+        def offline() -> None:
+            for _ in predict_files(predictor, files, batch_size=64):
+                pass
+
+        x = load_input(files[0], predictor.preprocessing)[None]
+        times = []
+        with torch.inference_mode():
+            for _ in range(50):
+                t = time.perf_counter()
+                predictor.batch_logits(x)
+                times.append(time.perf_counter() - t)
+        forward_ms = statistics.median(times) * 1000
+
+        bodies = [f.read_bytes() for f in files]
+        proc, url = start_server(model, args.serve_args.split())
+        try:
+            rows = []
+            # the machine's load drifts: offline is measured again before and after each level,
+            # and each level is compared with the mean of the two measurements around it
+            offline_rates = [best_rates({"offline": offline}, len(files), args.repeat)["offline"]]
+            for c in (1, 8, 32):
+                asyncio.run(load(url, bodies, c, min(50, args.requests)))  # warm-up
+                lat, wall = asyncio.run(load(url, bodies, c, args.requests))
+                offline_rates.append(best_rates({"offline": offline}, len(files), args.repeat)["offline"])
+                lat.sort()
+                around = (offline_rates[-2] + offline_rates[-1]) / 2
+                rows.append(
+                    (c, lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000, len(lat) / wall, around)
+                )
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    print(
+        f"{len(files)} JPEGs {args.size}x{args.size}, model {model.name}, torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}"
+    )
+    print(f"offline (imgcls predict path, batch 64): {', '.join(f'{r:.0f}' for r in offline_rates)} images/s")
+    print(f"one forward pass, batch 1:                {forward_ms:8.2f} ms")
+    print(f"{'clients':>8} {'p50 ms':>8} {'p99 ms':>8} {'img/s':>8} {'offline':>8} {'x offline':>10}")
+    for c, p50, p99, rate, around in rows:
+        print(f"{c:>8} {p50:8.2f} {p99:8.2f} {rate:8.0f} {around:8.0f} {rate / around:10.2f}")
+    print(
+        f"goals: at 32 clients {rows[2][3] / rows[2][4]:.2f}x offline (goal >= 0.8); "
+        f"at 1 client p50 {rows[0][1]:.2f} ms vs one forward + 5 ms = {forward_ms + 5:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
