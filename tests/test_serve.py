@@ -124,8 +124,14 @@ def write_onnx(checkpoint: Path, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint) -> Path:
-    return tiny_checkpoint
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint with a temperature (T = 0.25: its probabilities far from
+    the raw softmax), so every answer below also checks the calibration is applied."""
+    from imgcls.checkpoint import store_calibration
+
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("served") / "tiny.safetensors")
+    store_calibration([path], {"temperature": 0.25, "fitted_on": "a test"})
+    return path
 
 
 @pytest.fixture(scope="module")
