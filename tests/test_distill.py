@@ -371,16 +371,5 @@ def test_tune_sets_the_teacher_and_searches_temperature_and_alpha(teacher, shape
     assert 0 <= distill["alpha"] <= 1 and distill["alpha"] != 0.5
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("IMGCLS_TEST_DDP"),
-    reason="two real processes (~10 s of CPU): over this file's share of the suite; IMGCLS_TEST_DDP=1 runs it",
-)
-def test_two_ranks_equal_one_process(students, shapes_folder, teacher, tmp_path, cli):
-    """DDP: each rank takes its rows of the cached logits (the cache: the whole set on every rank)."""
-    recipe = tmp_path / "student.yaml"
-    recipe.write_text(yaml.safe_dump(_student(shapes_folder, teacher["run"], tmp_path / "runs")))
-    result = cli("train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "two"))
-    assert result.returncode == 0, result.stderr
-    assert "2 processes, 2 images each per batch" in result.stderr
-    _assert_same_weights(students["cached"], tmp_path / "two", rtol=1e-5, atol=1e-6)
+# distill × ddp (2 ranks equal 1 process, the cached logits taken by rows) is a run of the
+# interaction matrix: test_interactions.py::test_ddp_with_class_weights_and_balanced_sampler
