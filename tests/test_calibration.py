@@ -173,7 +173,7 @@ def test_a_checkpoint_without_calibration_predicts_at_temperature_1(tiny_checkpo
 def _recipe(out: Path, **data) -> dict:
     raw = copy.deepcopy(TINY_RECIPE)
     raw["data"].update(data)
-    raw["train"] = {"epochs": 2, "batch_size": 8, "threads": 1, "optimizer": {"name": "adam", "lr": 0.01}}
+    raw["train"] = {"epochs": 2, "batch_size": 8, "optimizer": {"name": "adam", "lr": 0.01}}
     raw["train"]["out"] = str(out)
     return raw
 
