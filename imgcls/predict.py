@@ -27,6 +27,7 @@ from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
 from imgcls.openset import Rejection, parse_min_confidence, rejection_for
+from imgcls.openset_features import HeadInputs, refuse_export, with_statistics
 from imgcls.predictor import Predictor, load_predictor, multilabel_labels, predict_scores
 from imgcls.text import shown
 
@@ -178,8 +179,33 @@ def predict_files(
     the left-right flipped image (:func:`imgcls.forward.tta_logits`).
     ``rejection``: a file whose confidence score is below its threshold is
     answered ``unknown`` (multi-label: only when no label is on), its
-    probabilities still given (:mod:`imgcls.openset`).
+    probabilities still given (:mod:`imgcls.openset`; a feature score reads
+    the classifier layer's input while the model runs).
     """
+    if (
+        rejection is not None
+        and rejection.scorer is not None
+        and isinstance(predictor.forward, torch.nn.Module)
+    ):
+        with HeadInputs(predictor.forward) as heads:
+            yield from _records(
+                predictor, files, batch_size, top_k, threshold, threads, tta, rejection, heads
+            )
+    else:
+        yield from _records(predictor, files, batch_size, top_k, threshold, threads, tta, rejection, None)
+
+
+def _records(
+    predictor: Predictor,
+    files: Sequence[Path],
+    batch_size: int,
+    top_k: int,
+    threshold: float | None,
+    threads: int | None,
+    tta: bool,
+    rejection: Rejection | None,
+    heads: HeadInputs | None,
+) -> Iterator[Prediction | Failure]:
     classes = predictor.classes
     k = max(1, min(top_k, len(classes)))
     multilabel = predictor.task == "multilabel"
@@ -199,7 +225,8 @@ def predict_files(
             top_p, top_i = probs.topk(k, dim=1)
             if multilabel:
                 decided = multilabel_labels(predictor, probs, threshold)
-            unknown, scores = _judged(rejection, batch, decided, multilabel)
+            features = heads.take() if heads is not None else None
+            unknown, scores = _judged(rejection, batch, decided, multilabel, features)
         row = 0
         for name, result in zip(names, results, strict=True):
             if isinstance(result, DecodeError):
@@ -233,13 +260,17 @@ def predict_files(
 
 
 def _judged(
-    rejection: Rejection | None, logits: torch.Tensor, decided: list, multilabel: bool
+    rejection: Rejection | None,
+    logits: torch.Tensor,
+    decided: list,
+    multilabel: bool,
+    features: torch.Tensor | None = None,
 ) -> tuple[list[bool | None], list[float | None]]:
     """Per row: unknown or not, and the score it was judged by (Nones when not asked)."""
     if rejection is None:
         return [None] * len(logits), [None] * len(logits)
     labelled = [bool(labels) for labels in decided] if multilabel else None
-    unknown, scores = rejection.judge(logits, labelled, multilabel)
+    unknown, scores = rejection.judge(logits, labelled, multilabel, features)
     return list(unknown), list(scores)
 
 
@@ -274,7 +305,10 @@ def predict(
         detail = "; ".join(f"{shown(m.file)}: {m.error}" for m in missing[:3])
         raise UsageError(f"no input files found{f' ({detail})' if detail else ''}")
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
-    rejection = rejection_for(predictor.source, min_confidence, score)
+    refuse_export(predictor.forward, predictor.source, score)  # a feature score: checkpoints only
+    rejection = with_statistics(
+        rejection_for(predictor.source, min_confidence, score), predictor.forward, predictor.source
+    )
     if rejection is not None:
         also = " and with no label on" if predictor.task == "multilabel" else ""
         log(f"unknown: a file whose {rejection.describe()}{also}")

@@ -65,7 +65,10 @@ def evaluate(
     score: Annotated[
         str | None,
         typer.Option(
-            "--score", metavar="msp|max-logit|energy", help="The confidence score to threshold (default msp)."
+            "--score",
+            metavar="msp|max-logit|energy|knn",
+            help="The confidence score to threshold (default: msp for --min-confidence P; knn, the distance "
+            "to the training images' features, for --suggest-threshold). knn: checkpoints only.",
         ),
     ] = None,
     suggest_threshold: Annotated[
@@ -180,7 +183,7 @@ def evaluate_steps(
         tuned=tuned,
     )
     if rejection is not None:
-        add_open_set(result, rejection, suggestion, log)
+        add_open_set(result, rejection, suggestion, log, (ckpt, data, batch_size))
     if task_of(ckpt.meta) != "multilabel":  # the gallery of the confused pairs (imgcls.explain)
         from imgcls.explain import write_error_gallery
 

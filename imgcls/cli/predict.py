@@ -77,9 +77,10 @@ def predict(
         str | None,
         typer.Option(
             "--score",
-            metavar="msp|max-logit|energy",
+            metavar="msp|max-logit|energy|knn",
             help="The confidence score --min-confidence thresholds (default msp, the top probability; "
-            "max-logit and energy are in logit units).",
+            "max-logit and energy are in logit units; knn: minus the distance to the training images' "
+            "features, fitted by `imgcls evaluate --suggest-threshold`, checkpoints only).",
         ),
     ] = None,
 ) -> None:
