@@ -3,7 +3,7 @@
 ``--suggest-threshold [--coverage 0.95] [--score S]``: before the metrics,
 the threshold that keeps that share of the run's validation images, written
 beside the checkpoint (``best.openset.json``: ``predict --min-confidence run``
-reads it) and then evaluated with. The default score, ``knn``
+reads it) and then evaluated with. The default score, ``mahalanobis``
 (:mod:`imgcls.openset_features`), first fits its statistics on the run's
 training split and writes them beside the checkpoint too
 (``best.openset.safetensors``).
@@ -47,7 +47,7 @@ from imgcls.openset import (
     stored_rejection,
     threshold_for_coverage,
 )
-from imgcls.openset_features import HeadInputs, fit_knn, load_statistics, save_statistics, stats_path
+from imgcls.openset_features import HeadInputs, fit_mahalanobis, load_statistics, save_statistics, stats_path
 
 Log = Callable[[str], None]
 
@@ -89,7 +89,8 @@ def suggest_threshold(
         check_out_file(stats_path(ckpt.path))
         train, on = _train_split(ckpt)
         log(f"fitting the {kind} statistics on {on}: {len(train)} images")
-        scorer, fitted = fit_knn(feature_pass(ckpt, train, batch_size)[1]), on
+        _, train_features, train_targets, _ = feature_pass(ckpt, train, batch_size)
+        scorer, fitted = fit_mahalanobis(train_features, train_targets), on
     items, where = run_split(ckpt, "val")
     log(f"picking the {kind} threshold that keeps {coverage:.0%} of {where}: {len(items)} images")
     logits, features, targets, files = feature_pass(ckpt, items, batch_size)

@@ -66,9 +66,10 @@ def evaluate(
         str | None,
         typer.Option(
             "--score",
-            metavar="msp|max-logit|energy|knn",
-            help="The confidence score to threshold (default: msp for --min-confidence P; knn, the distance "
-            "to the training images' features, for --suggest-threshold). knn: checkpoints only.",
+            metavar="msp|max-logit|energy|mahalanobis",
+            help="The confidence score to threshold (default: msp for --min-confidence P; for "
+            "--suggest-threshold, mahalanobis: the distance to the training images' features, fitted on "
+            "the run's training split; checkpoints only).",
         ),
     ] = None,
     suggest_threshold: Annotated[
