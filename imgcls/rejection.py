@@ -111,6 +111,8 @@ def suggest_threshold(
         f"wrote {path} (predict --min-confidence run uses it)"
     )
     suggestion = {"coverage_target": coverage, "split": where, "file": str(path), "validation": kept}
+    if scorer is not None:  # the validation pass, for add_open_set when it evaluates the same split
+        suggestion["outputs"] = (logits, features, targets)
     return rejection, suggestion
 
 
@@ -159,17 +161,22 @@ def add_open_set(
 ) -> None:
     """The accepted images' coverage and accuracy, AURC and the risk-coverage curve,
     into ``result`` (``open_set``), its files, and metrics.json. A feature score:
-    ``evaluated`` (the checkpoint, the data, the batch size) gives its features,
-    from one more pass over the images (without TTA)."""
+    its features come from the pass that picked the threshold when the same split
+    is evaluated, else from one more pass over ``evaluated`` (the checkpoint, the
+    data, the batch size), without TTA."""
     assert result.outputs is not None, "evaluate() keeps its outputs for this step"
     logits, tta_logits, targets = result.outputs
     features = None
+    again = suggestion.pop("outputs", None) if suggestion is not None else None  # not for the JSON
     if rejection.score in FEATURE_SCORES:
-        if evaluated is None:
-            raise ValueError("a feature score needs the checkpoint and data that were evaluated")
-        ckpt, data, batch_size = evaluated
-        logits, features, targets, _ = feature_pass(ckpt, labelled_items(ckpt, data)[0], batch_size)
         tta_logits = None
+        if again is not None and suggestion is not None and suggestion["split"] == result.data:
+            logits, features, targets = again  # the images the threshold was picked on, in that order
+        elif evaluated is not None:
+            ckpt, data, batch_size = evaluated
+            logits, features, targets, _ = feature_pass(ckpt, labelled_items(ckpt, data)[0], batch_size)
+        else:
+            raise ValueError("a feature score needs the checkpoint and data that were evaluated")
     report = selective_report(logits, targets, rejection, features)
     curve = report.pop("curve")
     if tta_logits is not None:
