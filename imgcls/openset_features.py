@@ -154,12 +154,19 @@ def load_statistics(checkpoint: Path) -> MahalanobisStatistics:
     return MahalanobisStatistics(means.double(), precision.double())
 
 
-def with_statistics(rejection: Rejection | None, model: object, source: str) -> Rejection | None:
+def with_statistics(
+    rejection: Rejection | None, model: object, source: str, multilabel: bool = False
+) -> Rejection | None:
     """``rejection`` with the feature statistics its score needs (unchanged for a logit
     score). ``model``: what predicts (a torch model, or an export: refused)."""
     if rejection is None or rejection.score not in FEATURE_SCORES:
         return rejection
     refuse_export(model, source, rejection.score)
+    if multilabel:
+        raise UsageError(
+            f"--score {rejection.score} is for single-label models (a mean per class); "
+            "for a multi-label model give msp, max-logit or energy"
+        )
     return rejection.scored_by(load_statistics(Path(source)))
 
 

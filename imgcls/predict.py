@@ -307,7 +307,10 @@ def predict(
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
     refuse_export(predictor.forward, predictor.source, score)  # a feature score: checkpoints only
     rejection = with_statistics(
-        rejection_for(predictor.source, min_confidence, score), predictor.forward, predictor.source
+        rejection_for(predictor.source, min_confidence, score),
+        predictor.forward,
+        predictor.source,
+        multilabel=predictor.task == "multilabel",
     )
     if rejection is not None:
         also = " and with no label on" if predictor.task == "multilabel" else ""

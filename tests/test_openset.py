@@ -283,6 +283,8 @@ def test_multilabel_unknown_means_no_label_and_a_low_score(cli, tmp_path, shapes
         assert not any(r["unknown"] for r in all_on) and all(len(r["labels"]) == 3 for r in all_on)
     refused = cli("evaluate", str(model), str(shapes_folder), "--min-confidence", "0.5")
     assert refused.returncode == 2 and "for single-label models" in refused.stderr
+    refused = cli("predict", *files, "-m", str(model), "--min-confidence", "-5", "--score", "mahalanobis")
+    assert refused.returncode == 2 and "--score mahalanobis is for single-label models" in refused.stderr
 
 
 @pytest.mark.parametrize(
