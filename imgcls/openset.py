@@ -29,7 +29,9 @@ run`` uses it (:func:`stored_rejection`). The evaluation side
 (:func:`selective_report`): coverage and accuracy of the accepted images, the
 risk-coverage curve and its area (AURC), AUROC between two score sets.
 
-Serving a batch: ``Rejection.unknown(logits, labelled)`` gives the mask.
+Serving a batch: ``Rejection.unknown(logits, labelled)`` gives the mask (a
+feature score also needs ``features=``, the batch's classifier-layer inputs,
+which :class:`imgcls.openset_features.HeadInputs` records while the model runs).
 """
 
 from __future__ import annotations

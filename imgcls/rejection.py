@@ -90,10 +90,11 @@ def suggest_threshold(
         train, on = _train_split(ckpt)
         log(f"fitting the {kind} statistics on {on}: {len(train)} images")
         _, train_features, train_targets, _ = feature_pass(ckpt, train, batch_size)
+        assert train_features is not None, "feature_pass records them by default"
         scorer, fitted = fit_mahalanobis(train_features, train_targets), on
     items, where = run_split(ckpt, "val")
     log(f"picking the {kind} threshold that keeps {coverage:.0%} of {where}: {len(items)} images")
-    logits, features, targets, files = feature_pass(ckpt, items, batch_size)
+    logits, features, targets, files = feature_pass(ckpt, items, batch_size, scorer is not None)
     if not files:
         raise UsageError(f"{where}: none of the {len(items)} images could be read")
     scores = Rejection(0.0, kind, scorer=scorer).scores(logits, features)
@@ -142,14 +143,19 @@ def _train_split(ckpt: Checkpoint) -> tuple[Items, str]:
     return [(p, source.classes[label]) for p, label in source.train], f"the run's train split ({source.root})"
 
 
-def feature_pass(ckpt: Checkpoint, items: Items, batch_size: int):
+def feature_pass(
+    ckpt: Checkpoint, items: Items, batch_size: int, features: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[Path]]:
     """(logits, features, targets, files read) of ``items``: one pass of the checkpoint's
-    model, the classifier layer's input recorded (:class:`HeadInputs`)."""
+    model, the classifier layer's input recorded (:class:`HeadInputs`; None unless ``features``)."""
     index = {name: i for i, name in enumerate(ckpt.classes)}
+    if not features:
+        logits, _, targets, files, _ = score_items(ckpt, items, index, batch_size, False)
+        return logits, None, targets, files
     with HeadInputs(ckpt.model) as heads:
         logits, _, targets, files, _ = score_items(ckpt, items, index, batch_size, False)
-        features = torch.cat(heads.calls) if heads.calls else torch.empty(0, 0)
-    return logits, features, targets, files
+        found = torch.cat(heads.calls) if heads.calls else torch.empty(0, 0)
+    return logits, found, targets, files
 
 
 def add_open_set(
