@@ -28,6 +28,7 @@ from imgcls.data.inputs import decoded_batches
 from imgcls.data.sources import images_under
 from imgcls.errors import UsageError
 from imgcls.openset import Rejection, parse_min_confidence, rejection_for
+from imgcls.openset_features import HeadInputs, refuse_export, with_statistics
 from imgcls.predictor import Predictor, load_predictor, multilabel_labels
 from imgcls.text import shown
 
@@ -179,8 +180,33 @@ def predict_files(
     the left-right flipped image (:func:`imgcls.forward.tta_logits`).
     ``rejection``: a file whose confidence score is below its threshold is
     answered ``unknown`` (multi-label: only when no label is on), its
-    probabilities still given (:mod:`imgcls.openset`).
+    probabilities still given (:mod:`imgcls.openset`; a feature score reads
+    the classifier layer's input while the model runs).
     """
+    if (
+        rejection is not None
+        and rejection.scorer is not None
+        and isinstance(predictor.forward, torch.nn.Module)
+    ):
+        with HeadInputs(predictor.forward) as heads:
+            yield from _records(
+                predictor, files, batch_size, top_k, threshold, threads, tta, rejection, heads
+            )
+    else:
+        yield from _records(predictor, files, batch_size, top_k, threshold, threads, tta, rejection, None)
+
+
+def _records(
+    predictor: Predictor,
+    files: Sequence[Path],
+    batch_size: int,
+    top_k: int,
+    threshold: float | None,
+    threads: int | None,
+    tta: bool,
+    rejection: Rejection | None,
+    heads: HeadInputs | None,
+) -> Iterator[Prediction | Failure]:
     done = 0
     for results in decoded_batches(files, predictor.preprocessing, batch_size, threads):
         interrupts.check()  # a Ctrl-C that compiled code swallowed: no more records
@@ -191,7 +217,8 @@ def predict_files(
         if good:
             logits_ = calibrated_logits(predictor, torch.stack(good), tta=tta)
             readable = [n for n, r in zip(names, results, strict=True) if isinstance(r, torch.Tensor)]
-            records = prediction_records(predictor, logits_, readable, top_k, threshold, rejection)
+            features = heads.take() if heads is not None else None
+            records = prediction_records(predictor, logits_, readable, top_k, threshold, rejection, features)
         answers = iter(records)
         for name, result in zip(names, results, strict=True):
             yield Failure(name, result.reason) if isinstance(result, DecodeError) else next(answers)
@@ -210,16 +237,18 @@ def prediction_records(
     top_k: int = 3,
     threshold: float | None = None,
     rejection: Rejection | None = None,
+    features: torch.Tensor | None = None,
 ) -> list[Prediction]:
     """One record per row of ``logits_`` (:func:`calibrated_logits`): top-k,
-    multi-label labels, ``unknown``. The one place an answer is built: predict
-    and the server both come here."""
+    multi-label labels, ``unknown`` (``features``: the classifier layer's input,
+    for a feature score). The one place an answer is built: predict and the
+    server both come here."""
     classes, multilabel = predictor.classes, predictor.task == "multilabel"
     k = max(1, min(top_k, len(classes)))
     probs = probabilities(logits_, multilabel)
     top_p, top_i = probs.topk(k, dim=1)
     decided = multilabel_labels(predictor, probs, threshold) if multilabel else []
-    unknown, scores = _judged(rejection, logits_, decided, multilabel)
+    unknown, scores = _judged(rejection, logits_, decided, multilabel, features)
     out = []
     for row, name in enumerate(names):
         top = [(classes[i], p) for i, p in zip(top_i[row].tolist(), top_p[row].tolist(), strict=True)]
@@ -255,14 +284,36 @@ def prediction_records(
 
 
 def _judged(
-    rejection: Rejection | None, logits: torch.Tensor, decided: list, multilabel: bool
+    rejection: Rejection | None,
+    logits: torch.Tensor,
+    decided: list,
+    multilabel: bool,
+    features: torch.Tensor | None = None,
 ) -> tuple[list[bool | None], list[float | None]]:
     """Per row: unknown or not, and the score it was judged by (Nones when not asked)."""
     if rejection is None:
         return [None] * len(logits), [None] * len(logits)
     labelled = [bool(labels) for labels in decided] if multilabel else None
-    unknown, scores = rejection.judge(logits, labelled, multilabel)
+    unknown, scores = rejection.judge(logits, labelled, multilabel, features)
     return list(unknown), list(scores)
+
+
+def rejection_of(
+    predictor: Predictor, min_confidence: str | None, score: str | None, log: Log
+) -> Rejection | None:
+    """``--min-confidence`` / ``--score`` for a loaded model (predict and serve):
+    None when not asked; a feature score needs a checkpoint and its fitted statistics."""
+    refuse_export(predictor.forward, predictor.source, score)  # a feature score: checkpoints only
+    rejection = with_statistics(
+        rejection_for(predictor.source, min_confidence, score),
+        predictor.forward,
+        predictor.source,
+        multilabel=predictor.task == "multilabel",
+    )
+    if rejection is not None:
+        also = " and with no label on" if predictor.task == "multilabel" else ""
+        log(f"unknown: a file whose {rejection.describe()}{also}")
+    return rejection
 
 
 def predict(
@@ -296,10 +347,7 @@ def predict(
         detail = "; ".join(f"{shown(m.file)}: {m.error}" for m in missing[:3])
         raise UsageError(f"no input files found{f' ({detail})' if detail else ''}")
     predictor: Predictor = load_predictor(model, arch=arch, pretrained=pretrained, log=log)
-    rejection = rejection_for(predictor.source, min_confidence, score)
-    if rejection is not None:
-        also = " and with no label on" if predictor.task == "multilabel" else ""
-        log(f"unknown: a file whose {rejection.describe()}{also}")
+    rejection = rejection_of(predictor, min_confidence, score, log)
     if predictor.task == "multilabel":
         cuts = (
             "tuned thresholds"

@@ -3,7 +3,10 @@
 ``--suggest-threshold [--coverage 0.95] [--score S]``: before the metrics,
 the threshold that keeps that share of the run's validation images, written
 beside the checkpoint (``best.openset.json``: ``predict --min-confidence run``
-reads it) and then evaluated with.
+reads it) and then evaluated with. The default score, ``mahalanobis``
+(:mod:`imgcls.openset_features`), first fits its statistics on the run's
+training split and writes them beside the checkpoint too
+(``best.openset.safetensors``).
 
 ``--min-confidence P|run``: after the metrics, coverage and accuracy of the
 images the threshold accepts, the AURC of every score, and the risk-coverage
@@ -19,19 +22,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from imgcls import interrupts
 from imgcls.checkpoint import Checkpoint, check_out_file
 from imgcls.errors import UsageError
-from imgcls.evaluate import EvalResult, run_split, score_items, write_metrics_json
+from imgcls.evaluate import EvalResult, Items, labelled_items, run_split, score_items, write_metrics_json
 from imgcls.io import atomic_path, write_text_atomic
 from imgcls.metadata import task_of
 from imgcls.openset import (
     DEFAULT_SCORE,
+    FEATURE_SCORES,
+    SUGGEST_SCORE,
     Rejection,
-    confidence,
     parse_min_confidence,
     selective_report,
     selective_summary,
@@ -40,6 +47,7 @@ from imgcls.openset import (
     stored_rejection,
     threshold_for_coverage,
 )
+from imgcls.openset_features import HeadInputs, fit_mahalanobis, load_statistics, save_statistics, stats_path
 
 Log = Callable[[str], None]
 
@@ -75,17 +83,26 @@ def suggest_threshold(
     """Pick the threshold on the run's validation split; write it beside the checkpoint."""
     refuse_multilabel(ckpt)
     check_out_file(stored_path(ckpt.path))  # a read-only run folder: one line before the work
-    kind = score or DEFAULT_SCORE
+    kind = score or SUGGEST_SCORE
+    scorer, fitted = None, None
+    if kind in FEATURE_SCORES:
+        check_out_file(stats_path(ckpt.path))
+        train, on = _train_split(ckpt)
+        log(f"fitting the {kind} statistics on {on}: {len(train)} images")
+        _, train_features, train_targets, _ = feature_pass(ckpt, train, batch_size)
+        assert train_features is not None, "feature_pass records them by default"
+        scorer, fitted = fit_mahalanobis(train_features, train_targets), on
     items, where = run_split(ckpt, "val")
     log(f"picking the {kind} threshold that keeps {coverage:.0%} of {where}: {len(items)} images")
-    index = {name: i for i, name in enumerate(ckpt.classes)}
-    logits, _, targets, files, _ = score_items(ckpt, items, index, batch_size, False)
+    logits, features, targets, files = feature_pass(ckpt, items, batch_size, scorer is not None)
     if not files:
         raise UsageError(f"{where}: none of the {len(items)} images could be read")
-    scores = confidence(logits, kind)
-    rejection = Rejection(threshold_for_coverage(scores, coverage), kind, "--suggest-threshold")
+    scores = Rejection(0.0, kind, scorer=scorer).scores(logits, features)
+    rejection = Rejection(threshold_for_coverage(scores, coverage), kind, "--suggest-threshold", scorer)
     kept = selective_summary(scores, logits.argmax(1) == targets, rejection.threshold)
     interrupts.check()  # nothing written yet
+    if scorer is not None and fitted is not None:  # the statistics first: the threshold is for them
+        log(f"wrote {save_statistics(ckpt.path, scorer, fitted)} (the training images' features)")
     path = stored_path(ckpt.path)
     record = stored_record(ckpt.path, rejection, coverage, where, len(files))
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
@@ -95,6 +112,8 @@ def suggest_threshold(
         f"wrote {path} (predict --min-confidence run uses it)"
     )
     suggestion = {"coverage_target": coverage, "split": where, "file": str(path), "validation": kept}
+    if scorer is not None:  # the validation pass, for add_open_set when it evaluates the same split
+        suggestion["outputs"] = (logits, features, targets)
     return rejection, suggestion
 
 
@@ -104,17 +123,67 @@ def resolve(ckpt: Checkpoint, min_confidence: str | None, score: str | None) -> 
     if number is None and stored is None:
         return None
     refuse_multilabel(ckpt)
-    if number is not None:
-        return Rejection(number, score or DEFAULT_SCORE)
-    return stored_rejection(ckpt.path, score)
+    rejection = (
+        Rejection(number, score or DEFAULT_SCORE)
+        if number is not None
+        else stored_rejection(ckpt.path, score)
+    )
+    if rejection.score in FEATURE_SCORES:
+        return rejection.scored_by(load_statistics(ckpt.path))
+    return rejection
 
 
-def add_open_set(result: EvalResult, rejection: Rejection, suggestion: dict | None, log: Log) -> None:
+def _train_split(ckpt: Checkpoint) -> tuple[Items, str]:
+    """The run's training images (what a feature score's statistics are fitted on)."""
+    from imgcls.data.sources import open_source
+
+    source = open_source(ckpt.recipe.data, ckpt.run_dir or ckpt.path.parent)
+    if not source.train:
+        raise UsageError(f"{ckpt.path}: the run has no training images to fit the feature statistics on")
+    return [(p, source.classes[label]) for p, label in source.train], f"the run's train split ({source.root})"
+
+
+def feature_pass(
+    ckpt: Checkpoint, items: Items, batch_size: int, features: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[Path]]:
+    """(logits, features, targets, files read) of ``items``: one pass of the checkpoint's
+    model, the classifier layer's input recorded (:class:`HeadInputs`; None unless ``features``)."""
+    index = {name: i for i, name in enumerate(ckpt.classes)}
+    if not features:
+        logits, _, targets, files, _ = score_items(ckpt, items, index, batch_size, False)
+        return logits, None, targets, files
+    with HeadInputs(ckpt.model) as heads:
+        logits, _, targets, files, _ = score_items(ckpt, items, index, batch_size, False)
+        found = torch.cat(heads.calls) if heads.calls else torch.empty(0, 0)
+    return logits, found, targets, files
+
+
+def add_open_set(
+    result: EvalResult,
+    rejection: Rejection,
+    suggestion: dict | None,
+    log: Log,
+    evaluated: tuple[Checkpoint, str | os.PathLike | None, int] | None = None,
+) -> None:
     """The accepted images' coverage and accuracy, AURC and the risk-coverage curve,
-    into ``result`` (``open_set``), its files, and metrics.json."""
+    into ``result`` (``open_set``), its files, and metrics.json. A feature score:
+    its features come from the pass that picked the threshold when the same split
+    is evaluated, else from one more pass over ``evaluated`` (the checkpoint, the
+    data, the batch size), without TTA."""
     assert result.outputs is not None, "evaluate() keeps its outputs for this step"
     logits, tta_logits, targets = result.outputs
-    report = selective_report(logits, targets, rejection)
+    features = None
+    again = suggestion.pop("outputs", None) if suggestion is not None else None  # not for the JSON
+    if rejection.score in FEATURE_SCORES:
+        tta_logits = None
+        if again is not None and suggestion is not None and suggestion["split"] == result.data:
+            logits, features, targets = again  # the images the threshold was picked on, in that order
+        elif evaluated is not None:
+            ckpt, data, batch_size = evaluated
+            logits, features, targets, _ = feature_pass(ckpt, labelled_items(ckpt, data)[0], batch_size)
+        else:
+            raise ValueError("a feature score needs the checkpoint and data that were evaluated")
+    report = selective_report(logits, targets, rejection, features)
     curve = report.pop("curve")
     if tta_logits is not None:
         tta = selective_report(tta_logits, targets, rejection)

@@ -160,13 +160,13 @@ check_run asks each run's best.safetensors for a fitted temperature.
     calibration × export:        works (T in the export's metadata, parity unchanged): test_calibration.py::test_an_export_carries_the_temperature_and_still_passes_its_parity_check
     unknown × multilabel:        works (unknown: no label on and a low score): test_openset.py::test_multilabel_unknown_means_no_label_and_a_low_score
     unknown × tta:               works (judged on the averaged logits): test_openset.py::test_tta_judges_the_averaged_logits
-    unknown × export:            equals checkpoint: test_openset.py::test_an_export_rejects_the_same_images_as_its_checkpoint
+    unknown × export:            equals checkpoint (logit scores; mahalanobis refused: an export gives no features): test_openset.py::test_an_export_rejects_the_same_images_as_its_checkpoint
     int8 × multilabel:           works (the gate on exact match): test_quantize.py::test_multilabel_gate_uses_exact_match_and_predict_keeps_the_label_sets
     int8 × tta:                  works: test_quantize.py::test_int8_export_passes_the_gate_and_predicts_like_fp32
     serve × multilabel:          equals predict: test_serve.py::test_multilabel_checkpoint_answers_its_labels_over_thresholds
     serve × export:              equals predict (checkpoint, ONNX, TorchScript): test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
     serve × tta:                 equals predict --tta: test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
-    serve × unknown:             equals predict --min-confidence: test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
+    serve × unknown:             equals predict --min-confidence (msp on an export; the stored mahalanobis score on a checkpoint): test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports test_openset.py::test_serve_answers_unknown_as_predict_does_with_the_stored_feature_score
     serve × calibration:         equals predict (one path: predict.calibrated_logits, predict.prediction_records): test_serve.py::test_served_answers_equal_predict_for_a_checkpoint_and_its_exports
     pick × multilabel:           works (the label closest to its threshold; least-confidence refused): test_pick.py::test_pick_on_a_multilabel_model
     pick × export:               equals checkpoint (diverse refused: an export has no embeddings): test_pick.py::test_pick_from_an_export_equals_the_checkpoints

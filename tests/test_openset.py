@@ -1,9 +1,12 @@
-""" "unknown": rejecting what the model has not seen (imgcls.openset, imgcls.rejection).
+""" "unknown": rejecting what the model has not seen (imgcls.openset, imgcls.openset_features,
+imgcls.rejection).
 
 The acceptance test: the quickstart model (trained once per session on the
 built-in shapes) is shown uniform noise and scikit-learn's digits at its own
-input size; at the threshold that keeps 95% of its validation images, most of
-them are answered ``unknown``.
+input size; at the threshold that keeps 95% of its validation images (the
+default score of --suggest-threshold, mahalanobis on the classifier layer's
+input),
+most of them are answered ``unknown``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from conftest import save_tiny_checkpoint
 from datasets import write_digits
 from PIL import Image
 
-from imgcls import openset
+from imgcls import openset, openset_features
 
 OOD_IMAGES = 100  # of each kind
 
@@ -62,6 +65,35 @@ def test_scores_curves_and_auroc_agree_with_their_definitions():
     assert summary["accepted"] == 90
 
 
+def test_mahalanobis_score_is_the_smallest_distance_to_a_class_mean_and_reads_the_head():
+    from collections import OrderedDict
+
+    from imgcls.models.surgery import classifier_layer
+
+    torch.manual_seed(0)
+    targets = torch.arange(120) % 3
+    train = torch.randn(120, 6) * torch.tensor([1.0, 2, 3, 1, 1, 0.5]) + targets[:, None] * 3
+    queries = torch.randn(30, 6) * 4
+    stats = openset_features.fit_mahalanobis(train, targets)
+    x, t, q = train.double().numpy(), targets.numpy(), queries.double().numpy()
+    means = np.stack([x[t == c].mean(0) for c in range(3)])
+    precision = np.linalg.inv(np.cov((x - means[t]).T, bias=True))  # one covariance, shared
+    expected = np.stack([np.einsum("nd,de,ne->n", q - m, precision, q - m) for m in means]).min(0)
+    assert np.allclose(-stats.confidence(queries).numpy(), expected, rtol=1e-8)
+    cut = float(stats.confidence(queries).sort().values[15])  # 15 of the 30 below it
+    rule = openset.Rejection(cut, "mahalanobis", scorer=stats)
+    assert sum(rule.unknown(torch.zeros(30, 3), features=queries)) == 15
+    # the features are the head's input, not that of the last conv of a nested block (resnet's fc)
+    net = torch.nn.Sequential(
+        OrderedDict(
+            block=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)),
+            flat=torch.nn.Flatten(),
+            fc=torch.nn.Linear(4, 2),
+        )
+    )
+    assert classifier_layer(net) is net.fc
+
+
 def test_a_multilabel_image_is_unknown_only_without_a_label():
     rule = openset.Rejection(0.9)
     logits = torch.tensor([[3.0, -3.0], [0.0, 0.0], [0.0, 0.0]])
@@ -99,16 +131,6 @@ def _records(result) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
-def _logits(ckpt, paths: list[Path]) -> torch.Tensor:
-    from imgcls.evaluate import score_items
-
-    index = {name: i for i, name in enumerate(ckpt.classes)}
-    items = [(p, ckpt.classes[0]) for p in paths]
-    logits, _, _, files, _ = score_items(ckpt, items, index, 256, False)
-    assert len(files) == len(paths)
-    return logits
-
-
 @pytest.fixture(scope="module")
 def suggested(shapes_run, tmp_path_factory) -> dict:
     """`imgcls evaluate RUN --suggest-threshold --coverage 0.95 --json`: the open_set part
@@ -124,6 +146,8 @@ def suggested(shapes_run, tmp_path_factory) -> dict:
         "0.95",
         "--out",
         str(out),
+        "--batch-size",
+        "256",
     )
     result = invoke_cli(*args, "--json")
     assert result.returncode == 0, result.stderr
@@ -133,47 +157,86 @@ def suggested(shapes_run, tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_the_suggested_threshold_keeps_95_percent_of_validation(suggested, shapes_run):
     stored = json.loads((shapes_run / "best.openset.json").read_text())
-    assert suggested["threshold"] == stored["threshold"] and stored["score"] == openset.DEFAULT_SCORE
+    assert stored["score"] == openset.SUGGEST_SCORE == "mahalanobis"
+    assert suggested["threshold"] == stored["threshold"]
+    assert (shapes_run / "best.openset.safetensors").is_file()  # the training features, fitted once
     assert suggested["suggested"]["validation"]["coverage"] >= 0.95  # picked on the run's val split
-    assert suggested["accuracy_accepted"] >= suggested["accuracy_all"]
+    assert suggested["accuracy_accepted"] >= suggested["accuracy_all"] - 0.005
     assert 0 < suggested["aurc"] < 1 - suggested["accuracy_all"]  # better than no ranking at all
-    assert set(suggested["aurc_by_score"]) == set(openset.SCORES)
+    assert set(suggested["aurc_by_score"]) == {*openset.SCORES, "mahalanobis"}
     assert (suggested["out"] / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_shapes_model_rejects_most_digits_at_95_percent_coverage(cli, suggested, shapes_run, ood_folders):
-    """Pixel noise is not rejected: a known limit of logit scores, asserted in the AUROC test below."""
-    kind = "digits"
-    args = ("predict", str(ood_folders[kind]), "--model", str(shapes_run), "--min-confidence", "run")
-    records = _records(cli(*args, "--json"))
-    assert len(records) == OOD_IMAGES
-    unknown = [r for r in records if r["unknown"]]
-    assert all(r["label"] == "unknown" and r["confidence"] < suggested["threshold"] for r in unknown)
-    assert all(len(r["top_k"]) == 3 for r in records)  # the probabilities are still given
-    assert len(unknown) > 0.8 * OOD_IMAGES, f"{kind}: only {len(unknown)} of {OOD_IMAGES} rejected"
+def test_shapes_model_rejects_most_noise_and_digits_at_95_percent_coverage(
+    cli, suggested, shapes_run, ood_folders
+):
+    """The issue's acceptance: the threshold keeping 95% of validation (mahalanobis) rejects most of each."""
+    for kind, folder in ood_folders.items():
+        args = ("predict", str(folder), "--model", str(shapes_run), "--min-confidence", "run")
+        result = cli(*args, "--json")
+        assert "unknown: a file whose mahalanobis below" in result.stderr
+        records = _records(result)
+        assert len(records) == OOD_IMAGES
+        unknown = [r for r in records if r["unknown"]]
+        assert all(r["label"] == "unknown" and r["score"] < suggested["threshold"] for r in unknown)
+        assert all(len(r["top_k"]) == 3 for r in records)  # the probabilities are still given
+        print(kind, f"{len(unknown)} of {OOD_IMAGES} rejected")  # the README's table: pytest -s
+        least = 0.95 if kind == "noise" else 0.7  # measured: 100 and 81 of 100 (README, Unknown inputs)
+        assert len(unknown) > least * OOD_IMAGES, f"{kind}: only {len(unknown)} of {OOD_IMAGES} rejected"
 
 
 @pytest.mark.slow
-def test_auroc_of_each_score_shapes_against_digits_and_noise(shapes_run, ood_folders):
+def test_serve_answers_unknown_as_predict_does_with_the_stored_feature_score(
+    cli, suggested, shapes_run, ood_folders
+):
+    """serve --min-confidence run: the classifier layer's input read in the server's model
+    thread, each image judged as predict judges it (mahalanobis, the stored statistics)."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import httpx
+    from test_serve import running, served_app
+
+    files = sorted(ood_folders["digits"].rglob("*.png"))[:8] + sorted(ood_folders["noise"].glob("*.png"))[:2]
+    args = ("predict", *map(str, files), "--model", str(shapes_run), "--min-confidence", "run", "--json")
+    offline = _records(cli(*args))
+    assert 0 < sum(r["unknown"] for r in offline) < len(files)
+    with running(served_app(shapes_run, min_confidence="run")) as url:
+        for file, want in zip(files, offline, strict=True):
+            r = httpx.post(
+                f"{url}/v1/predict", content=file.read_bytes(), headers={"Content-Type": "image/png"}
+            )
+            got = r.json()
+            assert (got["label"], got["unknown"]) == (want["label"], want["unknown"]), got
+            assert got["score"] == pytest.approx(want["score"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_auroc_of_each_score_shapes_against_digits_and_noise(suggested, shapes_run, ood_folders):
     """AUROC, in-distribution (the run's validation images) against each outside set."""
     from imgcls.checkpoint import load_checkpoint
     from imgcls.evaluate import run_split
+    from imgcls.rejection import feature_pass
 
     ckpt = load_checkpoint(shapes_run)
-    items, _ = run_split(ckpt, "val")
-    inside = _logits(ckpt, [p for p, _ in items])
+    fitted = openset_features.load_statistics(ckpt.path)  # what --suggest-threshold fitted
+
+    def scores(paths: list[Path]) -> dict[str, torch.Tensor]:
+        logits, features, _, files = feature_pass(ckpt, [(p, ckpt.classes[0]) for p in paths], 256)
+        assert len(files) == len(paths)
+        logit_scores = {s: openset.confidence(logits, s) for s in openset.SCORES}
+        return {**logit_scores, "mahalanobis": fitted.confidence(features)}
+
+    inside = scores([p for p, _ in run_split(ckpt, "val")[0]])
     for kind, folder in ood_folders.items():
-        outside = _logits(ckpt, sorted(folder.rglob("*.png")))
-        aurocs = {
-            s: openset.auroc(openset.confidence(inside, s), openset.confidence(outside, s))
-            for s in openset.SCORES
-        }
+        outside = scores(sorted(folder.rglob("*.png")))
+        aurocs = {s: openset.auroc(inside[s], outside[s]) for s in inside}
         print(kind, {s: round(a, 4) for s, a in aurocs.items()})  # the README's table: pytest -s
+        assert aurocs["mahalanobis"] > 0.95, f"{kind}: {aurocs}"
+        logit = [aurocs[s] for s in openset.SCORES]
         if kind == "digits":
-            assert min(aurocs.values()) > 0.9, f"{kind}: {aurocs}"
+            assert min(logit) > 0.9, f"{kind}: {aurocs}"
         else:  # the quickstart calls pixel noise a 'star' at p 0.999: more sure than of its own stars
-            assert max(aurocs.values()) < 0.2, f"{kind}: {aurocs}"  # README, Unknown inputs
+            assert max(logit) < 0.2, f"{kind}: {aurocs}"  # README, Unknown inputs
 
 
 # --------------------------------------------------------------------------- the answers, quickly
@@ -244,6 +307,8 @@ def test_multilabel_unknown_means_no_label_and_a_low_score(cli, tmp_path, shapes
         assert not any(r["unknown"] for r in all_on) and all(len(r["labels"]) == 3 for r in all_on)
     refused = cli("evaluate", str(model), str(shapes_folder), "--min-confidence", "0.5")
     assert refused.returncode == 2 and "for single-label models" in refused.stderr
+    refused = cli("predict", *files, "-m", str(model), "--min-confidence", "-5", "--score", "mahalanobis")
+    assert refused.returncode == 2 and "--score mahalanobis is for single-label models" in refused.stderr
 
 
 @pytest.mark.parametrize(
@@ -254,7 +319,7 @@ def test_multilabel_unknown_means_no_label_and_a_low_score(cli, tmp_path, shapes
         (["--min-confidence", "nan"], "not a finite number"),
         (
             ["--min-confidence", "0.5", "--score", "entropy"],
-            "--score entropy: choose one of msp, max-logit, energy",
+            "--score entropy: choose one of msp, max-logit, energy, mahalanobis",
         ),
         (["--score", "energy"], "--score chooses the score that --min-confidence thresholds: give both"),
         (["--min-confidence", "run"], "tiny.openset.json not found; pick one first: imgcls evaluate"),
@@ -278,10 +343,28 @@ def test_a_stored_threshold_is_for_its_checkpoint_only(cli, tiny, shapes_folder)
     assert used.returncode == 0 and "energy below" in used.stderr
     wrong_score = cli("predict", *files, "--model", str(tiny), "--min-confidence", "run", "--score", "msp")
     assert wrong_score.returncode == 2 and "is for the energy score" in wrong_score.stderr
+    # mahalanobis, the default: its statistics (safetensors: no pickle) beside it
+    default = cli("evaluate", str(tiny), "--suggest-threshold", "--json")
+    assert default.returncode == 0, default.stderr
+    assert "fitting the mahalanobis statistics on the run's train split" in default.stderr
+    assert json.loads(default.stdout)["open_set"]["score"] == "mahalanobis"
+    assert json.loads(stored.read_text())["score"] == "mahalanobis"
+    from safetensors import safe_open
+
+    with safe_open(str(tiny.with_name("tiny.openset.safetensors")), framework="pt") as f:
+        assert f.metadata()["sha256"] == openset.file_digest(tiny)
+        assert f.get_tensor("means").shape == (3, 8)  # 3 classes, the head's 8 inputs
+    used = cli("predict", *files, "--model", str(tiny), "--min-confidence", "run", "--json")
+    assert used.returncode == 0 and "mahalanobis below" in used.stderr
+    assert all(
+        r["unknown"] == (r["score"] < json.loads(stored.read_text())["threshold"]) for r in _records(used)
+    )
     ckpt = load_checkpoint(tiny)  # the checkpoint changes (say, recalibrated): the threshold is stale
     save_checkpoint(tiny, ckpt.model, {**ckpt.meta, "epoch": 1})
     stale = cli("predict", *files, "--model", str(tiny), "--min-confidence", "run")
     assert stale.returncode == 2 and "was picked for another version of tiny.safetensors" in stale.stderr
+    stale = cli("predict", *files, "--model", str(tiny), "--min-confidence", "-5", "--score", "mahalanobis")
+    assert stale.returncode == 2 and "was fitted for another version of tiny.safetensors" in stale.stderr
     for args, message in (
         (["--coverage", "0.9"], "add --suggest-threshold"),
         (["--suggest-threshold", "--min-confidence", "0.5"], "not both"),
@@ -329,3 +412,19 @@ def test_an_export_rejects_the_same_images_as_its_checkpoint(cli, tiny, shapes_f
     assert answers[".onnx"] == answers[".safetensors"]
     refused = cli("predict", str(shapes_folder), "--model", str(onnx), "--min-confidence", "run")
     assert refused.returncode == 2 and "the threshold is stored beside a checkpoint" in refused.stderr
+    # the feature score: an export gives no features (one line, before any work)
+    for value in ("run", "-0.5"):
+        args = (
+            "predict",
+            str(shapes_folder),
+            "--model",
+            str(onnx),
+            "--min-confidence",
+            value,
+            "--score",
+            "mahalanobis",
+        )
+        refused = cli(*args)
+        assert refused.returncode == 2, refused.stderr
+        assert "--score mahalanobis needs the model's features, which an exported model" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and not refused.stdout

@@ -65,7 +65,11 @@ def evaluate(
     score: Annotated[
         str | None,
         typer.Option(
-            "--score", metavar="msp|max-logit|energy", help="The confidence score to threshold (default msp)."
+            "--score",
+            metavar="msp|max-logit|energy|mahalanobis",
+            help="The confidence score to threshold (default: msp for --min-confidence P; for "
+            "--suggest-threshold, mahalanobis: the distance to the training images' features, fitted on "
+            "the run's training split; checkpoints only).",
         ),
     ] = None,
     suggest_threshold: Annotated[
@@ -180,7 +184,7 @@ def evaluate_steps(
         tuned=tuned,
     )
     if rejection is not None:
-        add_open_set(result, rejection, suggestion, log)
+        add_open_set(result, rejection, suggestion, log, (ckpt, data, batch_size))
     if task_of(ckpt.meta) != "multilabel":  # the gallery of the confused pairs (imgcls.explain)
         from imgcls.explain import write_error_gallery
 

@@ -26,9 +26,10 @@ Score = Annotated[
     str | None,
     typer.Option(
         "--score",
-        metavar="msp|max-logit|energy",
+        metavar="msp|max-logit|energy|mahalanobis",
         help="The confidence score --min-confidence thresholds (default msp, the top probability; "
-        "max-logit and energy are in logit units).",
+        "max-logit and energy are in logit units; mahalanobis: minus the distance to the training images' "
+        "features, fitted by `imgcls evaluate --suggest-threshold`, checkpoints only).",
     ),
 ]
 

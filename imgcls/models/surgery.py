@@ -94,13 +94,19 @@ def replace_first_conv(model: nn.Module, channels: int) -> None:
 
 
 def _last_classifier(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
-    """(parent, name, layer) of the last Linear or Conv2d: the layer producing the class scores."""
+    """(parent, name, layer) of the last Linear or Conv2d: the layer producing the class scores.
+
+    Last in definition order (``named_modules``, depth first): a head after nested
+    blocks (resnet's ``fc`` after ``layer4.1.conv2``) is found, not the blocks' last conv."""
     last = None
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, (nn.Linear, nn.Conv2d)):
-                last = (parent, child_name, child)
-    return last
+    for name, module in model.named_modules():
+        if name and isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = name
+    if last is None:
+        return None
+    parent_name, _, child_name = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child_name, getattr(parent, child_name)
 
 
 def classifier_layer(model: nn.Module) -> nn.Module:

@@ -23,8 +23,9 @@ import torch
 
 from imgcls.data.inputs import load_input_bytes
 from imgcls.errors import UsageError
-from imgcls.openset import Rejection, rejection_for
-from imgcls.predict import calibrated_logits, prediction_records
+from imgcls.openset import Rejection
+from imgcls.openset_features import HeadInputs
+from imgcls.predict import calibrated_logits, prediction_records, rejection_of
 from imgcls.predictor import Predictor, load_predictor
 
 
@@ -108,10 +109,7 @@ class ServedModel:
 
         parse_min_confidence(min_confidence, score)
         predictor = load_predictor(model, log=log)
-        rejection = rejection_for(predictor.source, min_confidence, score)
-        if rejection is not None:
-            log(f"unknown: an image whose {rejection.describe()}")
-        return cls(predictor, tta=tta, rejection=rejection)
+        return cls(predictor, tta=tta, rejection=rejection_of(predictor, min_confidence, score, log))
 
     @property
     def classes(self) -> list[str]:
@@ -138,12 +136,19 @@ class ServedModel:
         """An upload as the model's uint8 (C, H, W) input; raises DecodeError naming ``name``."""
         return load_input_bytes(data, self.predictor.preprocessing, name)
 
-    def answers(self, logits_: torch.Tensor, top_k: int, names: list[str | None]) -> list[dict]:
-        """The JSON answer per row of ``logits_`` (calibrated): predict's record
+    def answers(self, rows: torch.Tensor, top_k: int, names: list[str | None]) -> list[dict]:
+        """The JSON answer per row of ``rows`` (:meth:`logits`): predict's record
         (``imgcls predict --json``, built by :func:`imgcls.predict.prediction_records`),
         without the file name when there is none."""
+        n = len(self.classes)
+        logits_, features = rows[:, :n], (rows[:, n:] if rows.shape[1] > n else None)
         records = prediction_records(
-            self.predictor, logits_, [name or "" for name in names], top_k, rejection=self.rejection
+            self.predictor,
+            logits_,
+            [name or "" for name in names],
+            top_k,
+            rejection=self.rejection,
+            features=features,
         )
         out = []
         for record, name in zip(records, names, strict=True):
@@ -156,9 +161,17 @@ class ServedModel:
     # ------------------------------------------------------------------ the worker thread only
 
     def logits(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded images -> calibrated logits (N x classes), as ``imgcls predict`` computes them."""
+        """Decoded images -> calibrated logits (N x classes), as ``imgcls predict``
+        computes them; for a feature score (:mod:`imgcls.openset_features`), each
+        row goes on with the classifier layer's input (:meth:`answers` splits them)."""
+        x = torch.stack(batch)
         with torch.inference_mode():
-            return calibrated_logits(self.predictor, torch.stack(batch), tta=self.tta).float()
+            if self.rejection is None or self.rejection.scorer is None:
+                return calibrated_logits(self.predictor, x, tta=self.tta).float()
+            assert isinstance(self.predictor.forward, torch.nn.Module)  # a feature score: checkpoints only
+            with HeadInputs(self.predictor.forward) as heads:
+                logits_ = calibrated_logits(self.predictor, x, tta=self.tta).float()
+                return torch.cat([logits_, heads.take().to(logits_.dtype)], dim=1)
 
     def explain_png(self, pixels: torch.Tensor, target: str | None) -> tuple[bytes, str]:
         """A Grad-CAM overlay (the image, and beside it the heatmap) as PNG bytes, and the
