@@ -196,7 +196,7 @@ def test_serve_answers_unknown_as_predict_does_with_the_stored_feature_score(
     import httpx
     from test_serve import running, served_app
 
-    files = sorted(ood_folders["digits"].rglob("*.png"))[:8] + sorted(ood_folders["noise"].glob("*.png"))[:2]
+    files = sorted(ood_folders["digits"].rglob("*.png"))[:20] + sorted(ood_folders["noise"].glob("*.png"))[:2]
     args = ("predict", *map(str, files), "--model", str(shapes_run), "--min-confidence", "run", "--json")
     offline = _records(cli(*args))
     assert 0 < sum(r["unknown"] for r in offline) < len(files)
