@@ -45,6 +45,7 @@ from imgcls import interrupts
 from imgcls.data.decode import DecodeError
 from imgcls.data.inputs import decoded_batches
 from imgcls.errors import UsageError
+from imgcls.openset_features import HeadInputs
 from imgcls.pick_out import check_copy_target, copy_out
 from imgcls.predict import Failure, collect_inputs
 from imgcls.predictor import Predictor, load_predictor, predict_scores
@@ -172,32 +173,7 @@ def k_center_greedy(embeddings: torch.Tensor, n: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- embeddings
-
-
-class _HeadInputs:
-    """Records the input of a model's classifier layer during its forward passes:
-    the image's embedding (a conv head's map averaged over space)."""
-
-    def __init__(self, model: torch.nn.Module):
-        from imgcls.models.surgery import classifier_layer
-
-        self.calls: list[torch.Tensor] = []
-        self._handle = classifier_layer(model).register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args) -> None:
-        x = args[0].detach().float()
-        self.calls.append(x.mean(dim=(2, 3)) if x.ndim == 4 else x.flatten(1))
-
-    def take(self) -> torch.Tensor:
-        """The embeddings of the last batch (test-time augmentation: the mean of its passes)."""
-        if not self.calls:
-            raise UsageError(
-                "--strategy diverse: the model's classifier layer (its last Linear or Conv2d) did not run, "
-                "so there are no embeddings to spread over; use margin"
-            )
-        out = torch.stack(self.calls).mean(dim=0) if len(self.calls) > 1 else self.calls[0]
-        self.calls = []
-        return torch.nn.functional.normalize(out.cpu(), dim=1)
+# the embeddings: the classifier layer's input (openset_features.HeadInputs), L2-normalised
 
     def close(self) -> None:
         self._handle.remove()
@@ -257,7 +233,7 @@ def score_files(
     if strategy == "diverse":
         if not isinstance(predictor.forward, torch.nn.Module):
             raise UsageError(_refusal(strategy, predictor) or "--strategy diverse needs a torch model")
-        heads = _HeadInputs(predictor.forward)
+        heads = HeadInputs(predictor.forward)
     pool = _Pool(min(len(files), POOL_FACTOR * n))
     rng = np.random.default_rng(seed)
     scores, shown_idx, shown_p, good_idx = [], [], [], []
@@ -282,7 +258,7 @@ def score_files(
             else:
                 score, label = uncertainty(probs, strategy, predictor.task, predictor.thresholds)
             if heads is not None:
-                pool.add(torch.tensor(good), score, heads.take())
+                pool.add(torch.tensor(good), score, torch.nn.functional.normalize(heads.take(), dim=1))
             scores.append(score)
             shown_idx.append(label)
             shown_p.append(probs.gather(1, label.view(-1, 1)).flatten())

@@ -14,7 +14,6 @@ is called from one thread only: the batching worker (:mod:`imgcls.serve.batching
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from imgcls.data.inputs import load_input_bytes
 from imgcls.errors import UsageError
-from imgcls.openset import Rejection
+from imgcls.openset import Rejection, file_digest
 from imgcls.openset_features import HeadInputs
 from imgcls.predict import calibrated_logits, prediction_records, rejection_of
 from imgcls.predictor import Predictor, load_predictor
@@ -58,14 +57,6 @@ class ModelInfo:
         }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _describe(predictor: Predictor) -> ModelInfo:
     path = Path(predictor.source)
     exported = getattr(predictor.forward, "kind", None)
@@ -78,7 +69,7 @@ def _describe(predictor: Predictor) -> ModelInfo:
         meta, fmt = read_meta(path), "checkpoint"
     recipe = meta.get("recipe")
     name = str((recipe.get("name") if isinstance(recipe, dict) else None) or path.stem)
-    return ModelInfo(name, _sha256(path)[:12], fmt, path.name, meta)
+    return ModelInfo(name, file_digest(path)[:12], fmt, path.name, meta)
 
 
 class ServedModel:
