@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,12 @@ async def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> t
     latencies: list[float] = []
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    # TCP_NODELAY, as curl and browsers set it: without it httpx sends a request's headers and
+    # body in two writes, the body waits for the ACK the server delays, and every request on a
+    # kept-alive connection takes ~45 ms more (measured: 46-48 ms against curl's 4 ms)
+    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=nodelay)
+    async with httpx.AsyncClient(transport=transport, timeout=60) as client:
 
         async def one_client() -> None:
             for i in counter:

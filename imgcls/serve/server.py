@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ def header_deadline(seconds: float):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # asyncio sets TCP_NODELAY only on sockets made with proto IPPROTO_TCP, and the
+                # listening socket below is made with proto 0: with Nagle's algorithm on, the body
+                # of each answer on a kept-alive connection waited ~40 ms for the client's delayed
+                # ACK of its headers (measured: 44-48 ms a request; 4-5 ms with this)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
