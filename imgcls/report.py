@@ -252,7 +252,7 @@ def _training(run_dir: Path, history: list[dict]) -> list[str]:
         steps = sum(float(h.get("seconds") or 0) for h in history)
         elapsed = history[-1].get("elapsed")
         parts.append(
-            f"<p id=timing>training time {float(elapsed):.1f} s over {len(history)} epochs, of which "
+            f"<p id=timing>training time {_seconds(float(elapsed))} over {len(history)} epochs, of which "
             f"{_seconds(steps)} in training steps (the rest: data preparation, validation, checkpoints)</p>"
             if elapsed
             else f"<p id=timing>training steps {_seconds(steps)} over {len(history)} epochs</p>"

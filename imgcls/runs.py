@@ -208,7 +208,7 @@ def read_run(path: Path, root: Path | None = None) -> RunInfo:
         "val_acc": best_row.get("val_acc"),
         "val_loss": best_row.get("val_loss"),
         "test_acc": _value(evaluation, "accuracy", path / "eval" / "metrics.json", problems),
-        "seconds": round(seconds, 1) if seconds is not None else None,
+        "seconds": round(seconds, 3) if seconds is not None else None,  # ms: a tiny run takes 0.05 s
         "img_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "device": _value(info, "device", path / "run.json", problems, str),
         "precision": _value(info, "precision", path / "run.json", problems, str),
@@ -336,7 +336,7 @@ def read_cv(path: Path, root: Path | None, folds: list[dict]) -> dict:
     row: dict[str, Any] = {c: first.get(c) for c in ("date", "arch", "params", "device", "precision")}
     row.update(run=_name(path, root), epochs=None, test_acc=None, img_per_s=None)
     row.update({c: stat(c, "mean") for c in ("best_epoch", "val_acc", "val_loss")})
-    row["seconds"] = round(sum(seconds), 1) if seconds else None
+    row["seconds"] = round(sum(seconds), 3) if seconds else None
     runs = doc.get("runs") if isinstance(doc.get("runs"), list) else []
     std = {name: stat(name, "std") for name in summary}
     row["cv"] = {"folds": doc.get("folds"), "finished": len(runs or []), "std": std}
