@@ -206,7 +206,10 @@ def run(
     (default: in this process, or ``nproc`` processes). Returns cv.json's content."""
     train_fold = train_fold or _trainer(plan, nproc, log, progress)
     try:
-        _run(plan, train_fold, log)
+        with ck.holding_runs():
+            # one cross-validation writes cv.json at a time
+            ck.hold_run(plan.parent, "continue it once that has finished")
+            _run(plan, train_fold, log)
     except KeyboardInterrupt:  # between folds (a Ctrl-C in a fold stops it as imgcls train stops)
         raise Interrupted(
             f"interrupted after {len(plan.doc['runs'])} of {plan.folds} folds; finished folds are kept. "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgcls import calibration, interrupts
-from imgcls.checkpoint import BEST, LAST, RESUME, load_checkpoint, store_calibration
+from imgcls.checkpoint import BEST, LAST, RESUME, hold_run, holding_runs, load_checkpoint, store_calibration
 from imgcls.errors import DataError, PartialFailure, UsageError
 from imgcls.evaluate import class_index, labelled_items, run_split, score_items
 from imgcls.metadata import task_of
@@ -64,7 +64,13 @@ def recalibrate(
     log: Log = lambda message: None,
 ) -> CalibrateResult:
     """Fit the temperature of ``target``'s kept weights on ``data`` and store it."""
+    with holding_runs():
+        return _recalibrate(target, data, batch_size, log)
+
+
+def _recalibrate(target, data, batch_size: int, log: Log) -> CalibrateResult:
     ckpt = load_checkpoint(target)
+    hold_run(ckpt.path.parent, "calibrate it once that has finished")  # not while train writes them
     multilabel = task_of(ckpt.meta) == "multilabel"
     if data is None and ckpt.recipe.data.val_split == 0:
         raise UsageError(

@@ -327,3 +327,24 @@ def test_bad_input_is_one_line_and_exit_2(dup_set, cli, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
     after = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
     assert after == before  # nothing made
+
+
+def test_a_cross_validation_another_process_writes_is_not_continued(grouped_and_plain, cli):
+    """Two `imgcls cv --resume` at once would train the same fold into the same folder
+    and interleave cv.json: the second is refused in one line, and works once the
+    first has let go (a held folder stands for the other process)."""
+    from imgcls import checkpoint as ck
+
+    parent = grouped_and_plain["parent"]
+    before = (parent / "cv.json").read_bytes()
+    with ck.holding_runs():
+        ck.hold_run(parent, "")  # what a running `imgcls cv` holds
+        refused = cli("cv", "--resume", str(parent))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {parent}: another imgcls process is writing this run folder (training, resuming, "
+        "calibrating or cross-validating it); continue it once that has finished"
+    ]
+    assert (parent / "cv.json").read_bytes() == before
+    again = cli("cv", "--resume", str(parent), "--json")  # finished: the table again
+    assert again.returncode == 0, again.stderr

@@ -33,6 +33,38 @@ def all_finite(path: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(str(path)).values() if t.is_floating_point())
 
 
+# --------------------------------------------------------------------------- two writers
+
+
+def test_a_run_being_trained_refuses_a_second_resume_and_calibrate_until_it_ends(tmp_path, cli):
+    """`imgcls train --resume RUN` (or `imgcls calibrate RUN`) while another process
+    trains RUN used to go ahead: two trainings interleaved their checkpoints in one
+    folder, and the second one's repair_pair could roll back the first one's save.
+    The folder is held from its start to the end of train; a second writer gets one
+    line and exit 2 and changes nothing; once train ends, both work."""
+    out = tmp_path / "run"
+    seen: dict = {}
+
+    def second_writers(row: dict) -> None:
+        if row["epoch"] == 1:  # the run folder has its first checkpoint pair
+            files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+            seen["resume"] = cli("train", "--resume", str(out))
+            seen["calibrate"] = cli("calibrate", str(out))
+            seen["unchanged"] = files == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    result = train(recipe_from_dict(tiny(epochs=2)), out=out, log=quiet, on_epoch_end=second_writers)
+    held = "another imgcls process is writing this run folder (training, resuming, calibrating or cross-validating it)"
+    assert seen["resume"].returncode == 2 and seen["calibrate"].returncode == 2
+    assert seen["resume"].stderr.strip().splitlines() == [
+        f"error: {out}: {held}; resume it once that has finished"
+    ]
+    assert seen["calibrate"].stderr.strip() == f"error: {out}: {held}; calibrate it once that has finished"
+    assert seen["unchanged"]
+    assert len(result.history) == 2  # the first went on to its end
+    after = cli("calibrate", str(out))
+    assert after.returncode == 0, after.stderr
+
+
 # --------------------------------------------------------------------------- NaN / Inf
 
 

@@ -121,9 +121,10 @@ def train(
             log, progress = (lambda message: None), False
         out, resume = distributed.restart_target(group, recipe, out, resume, log)
         try:
-            result = _train(
-                recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
-            )
+            with ck.holding_runs():  # the run folder is held from its start (ck.hold_run) to its end
+                result = _train(
+                    recipe, group, base_dir, out, resume, log, progress, stop_after_steps, on_epoch_end
+                )
         except RuntimeError as exc:
             broken = distributed.broken_group(group, exc)
             if broken is None:

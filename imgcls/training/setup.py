@@ -69,6 +69,7 @@ def prepare(
     if out is not None and resume is None and group.main:
         ck.check_out_dir(out)  # a usage error before minutes of decoding, not after
     if resume is not None and group.main:  # before any rank reads the pair
+        ck.hold_run(resume, "resume it once that has finished")  # until train ends: no second writer
         ck.repair_pair(resume, log)
     data, saved_meta = _data(recipe, base_dir, resume, group, log)
     classes, input_shape = data.classes, recipe.input_shape()
@@ -287,6 +288,7 @@ def _run_folder(run: Run, out: Path | None, resume: Path | None, resolved: Recip
             run.created, run.run_dir = ck.claim_out_dir(out), out
         else:
             run.created, run.run_dir = True, ck.new_run_dir(Path(recipe.train.out), recipe.name)
+        ck.hold_run(run.run_dir, "choose another --out")  # until train ends (an --out another run took)
         try:
             run.written += ["recipe.yaml", "summary.txt", "summary.json"]
             write_text_atomic(run.run_dir / "recipe.yaml", dump_yaml(resolved))
