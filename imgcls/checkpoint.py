@@ -290,23 +290,23 @@ def new_run_dir(root: Path, name: str, prefix: str = "") -> Path:
 # and the kernel lets go when the process ends, killed or not) by the process writing
 # it: train (and resume), calibrate, cv's parent. A second writer is refused in one
 # line instead of interleaving checkpoints, or rolling back the other's save in
-# repair_pair. Held folders, by this process: path -> fd.
-_HELD: dict[Path, int] = {}
+# repair_pair. The descriptors this process holds them by, innermost last.
+_HELD: list[int] = []
 
 
 def hold_run(path: Path, advice: str) -> None:
-    """Hold run folder ``path`` until :func:`release_runs`, or refuse with one line
-    (ending with ``advice``) when another process holds it. Where the file system cannot lock (some network
-    file systems, Windows), nothing is held and nothing refused."""
+    """Hold run folder ``path`` until the enclosing :func:`holding_runs` ends, or
+    refuse in one line (ending with ``advice``) when another process holds it.
+    Where the file system cannot lock (some network ones, Windows), nothing is
+    held and nothing refused."""
     from imgcls.errors import UsageError
 
-    key = path.absolute()
     try:
         import fcntl
     except ImportError:  # Windows: no flock
         return
     try:
-        fd = os.open(key, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return  # not there (yet): what runs next says so in its own words
     try:
@@ -319,25 +319,19 @@ def hold_run(path: Path, advice: str) -> None:
                 f"calibrating or cross-validating it); {advice}"
             ) from None
         return  # a file system without locks
-    _HELD[key] = fd
-
-
-def release_runs(paths: list[Path] | None = None) -> None:
-    """Let go of the folders :func:`hold_run` holds (``paths``, or all)."""
-    for key in [p.absolute() for p in paths] if paths is not None else list(_HELD):
-        fd = _HELD.pop(key, None)
-        if fd is not None:
-            os.close(fd)  # closing the only descriptor releases the flock
+    _HELD.append(fd)
 
 
 @contextlib.contextmanager
 def holding_runs():
-    """Every folder held inside the block is released when it ends (however it ends)."""
-    before = set(_HELD)
+    """Every folder :func:`hold_run` holds inside the block is let go when it ends
+    (however it ends): closing the descriptor releases its flock."""
+    before = len(_HELD)
     try:
         yield
     finally:
-        release_runs([p for p in _HELD if p not in before])
+        while len(_HELD) > before:
+            os.close(_HELD.pop())
 
 
 def _numbered(name: str, prefix: str) -> bool:
