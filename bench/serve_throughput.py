@@ -117,13 +117,13 @@ def _client_process(url: str, bodies: list[bytes], concurrency: int, total: int,
 
 
 def drive(
-    pool, url: str, bodies: list[bytes], clients: int, total: int, **kw
+    pool, processes: int, url: str, bodies: list[bytes], clients: int, total: int, **kw
 ) -> tuple[list[float], float, float]:
-    """``clients`` concurrent clients spread over the pool's processes (one Python
+    """``clients`` concurrent clients spread over the pool's ``processes`` (one Python
     process saturates its GIL near 150 requests/s with httpx: with 32 clients in one,
     the bench measured itself, p99 1.2 s against 0.2 s over 4 processes):
     (latencies, wall time, the clients' CPU seconds)."""
-    procs = max(1, min(pool._processes, clients))
+    procs = max(1, min(processes, clients))
     shares = [
         (clients // procs + (i < clients % procs), total // procs + (i < total % procs)) for i in range(procs)
     ]
@@ -133,18 +133,21 @@ def drive(
     return latencies, wall, sum(r[3] for r in results)
 
 
-def level(pool, pid: int, url: str, bodies: list[bytes], clients: int, total: int, **kw) -> tuple:
+def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    ordered = sorted(latencies)
+    return ordered[len(ordered) // 2] * 1000, ordered[int(len(ordered) * 0.99)] * 1000
+
+
+def level(pool, processes: int, pid: int, url: str, bodies: list[bytes], clients: int, total: int) -> tuple:
     """(clients, p50 ms, p99 ms, img/s, server CPU ms/img or None, clients' CPU ms/img):
     the CPU is the server process's (its threads too) and the client processes'."""
     server_cpu = cpu_seconds(pid)
-    lat, wall, client_cpu = drive(pool, url, bodies, clients, total, **kw)
+    lat, wall, client_cpu = drive(pool, processes, url, bodies, clients, total)
     server_after = cpu_seconds(pid)
     server_ms = (
         None if server_cpu is None or server_after is None else (server_after - server_cpu) / len(lat) * 1000
     )
-    lat.sort()
-    p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
-    return clients, p50, p99, len(lat) / wall, server_ms, client_cpu / len(lat) * 1000
+    return clients, *p50_p99_ms(lat), len(lat) / wall, server_ms, client_cpu / len(lat) * 1000
 
 
 def one_forward_ms(predictor, x: torch.Tensor) -> float:
@@ -190,7 +193,8 @@ def main() -> None:
         proc, url = start_server(model, args.serve_args.split())
         pool = multiprocessing.get_context("spawn").Pool(args.client_processes)
         try:
-            drive(pool, url, bodies, args.client_processes, 4 * args.client_processes)  # the clients started
+            n = args.client_processes
+            drive(pool, n, url, bodies, n, 4 * n)  # the client processes started
             rows = []
             # the machine's load drifts: offline is measured again before and after each level,
             # and each level is compared with the mean of the two measurements around it
@@ -199,8 +203,8 @@ def main() -> None:
             offline()
             offline_cpu = (time.process_time() - offline_cpu) / len(files) * 1000
             for c in (1, 8, 32):
-                drive(pool, url, bodies, c, min(50, args.requests))  # warm-up
-                row = level(pool, proc.pid, url, bodies, c, args.requests)
+                drive(pool, n, url, bodies, c, min(50, args.requests))  # warm-up
+                row = level(pool, n, proc.pid, url, bodies, c, args.requests)
                 offline_rates.append(best_rates({"offline": offline}, len(files), args.repeat)["offline"])
                 rows.append((*row[:4], (offline_rates[-2] + offline_rates[-1]) / 2, *row[4:]))
         finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_throughput import make_checkpoint, make_jpegs  # noqa: E402
-from serve_throughput import drive, start_server  # noqa: E402
+from serve_throughput import drive, p50_p99_ms, start_server  # noqa: E402
 
 try:
     import litserve as ls
@@ -139,10 +139,9 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for name, (url, path, health) in servers.items():
                         kw = {"multipart": True, "path": path, "health": health}
-                        drive(pool, url, bodies, c, 30, **kw)  # warm-up
-                        lat, wall, _ = drive(pool, url, bodies, c, args.requests, **kw)
-                        lat.sort()
-                        row = (lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000, len(lat) / wall)
+                        drive(pool, args.client_processes, url, bodies, c, 30, **kw)  # warm-up
+                        lat, wall, _ = drive(pool, args.client_processes, url, bodies, c, args.requests, **kw)
+                        row = (*p50_p99_ms(lat), len(lat) / wall)
                         if row[2] > best.get((name, c), (0, 0, 0))[2]:
                             best[(name, c)] = row
         finally:
